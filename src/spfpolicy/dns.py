@@ -1,0 +1,338 @@
+"""The only module that talks to DNS: asynchronous lookups through aiodns
+(c-ares) behind one process-wide cache shared by every SPF evaluation.
+
+Rules the cache keeps:
+- positive answers live for the smallest TTL of the records used (CNAME links
+  included), clamped to [min_ttl, max_ttl];
+- negative answers (NXDOMAIN, NODATA) are cached too, for ``negative_ttl``
+  (RFC 2308 section 5 asks for the SOA minimum; pycares 5 hands us no response
+  on NXDOMAIN/NODATA, so the SOA is not visible here and the configured value
+  is used — c-ares' own query cache underneath does honour the SOA minimum);
+- timeouts, SERVFAIL and other server failures are temporary errors
+  (RFC 7208 section 2.6.6) and are never cached;
+- the number of entries is bounded, least recently used evicted first;
+- concurrent lookups of one (name, type) share one upstream query.
+
+Answers are returned in the shapes pyspf's own DNS drivers produce, so the
+evaluator can hand them to pyspf unchanged: A/AAAA address strings, MX
+``(preference, exchange)`` pairs, PTR names, TXT/SPF tuples of byte strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiodns
+import aiodns.error
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+import pycares
+
+from spfpolicy.cache import TtlLruCache
+
+log = logging.getLogger(__name__)
+
+QTYPES: dict[str, int] = {
+    "A": pycares.QUERY_TYPE_A,
+    "AAAA": pycares.QUERY_TYPE_AAAA,
+    "MX": pycares.QUERY_TYPE_MX,
+    "PTR": pycares.QUERY_TYPE_PTR,
+    "TXT": pycares.QUERY_TYPE_TXT,
+    "CNAME": pycares.QUERY_TYPE_CNAME,
+}
+# RFC 7208 section 3.1: the SPF RR type (99) is obsolete and not queried;
+# pyspf only asks for it in its "harsh" mode, which spfpolicy does not use.
+_CNAME = pycares.QUERY_TYPE_CNAME
+
+# pyspf follows at most 10 CNAME links (spf.MAX_CNAME) before a permerror.
+MAX_CNAME_CHAIN = 10
+
+# c-ares statuses that mean "this name has no such data": a negative answer.
+_NEGATIVE = {aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_ENODATA}
+# Names c-ares refuses to put on the wire (it rejects labels with spaces and
+# other bytes that are legal in DNS, as SPF macros can produce, RFC 7208
+# section 7.3): those lookups go through dnspython instead.
+_UNASKABLE = {aiodns.error.ARES_EBADNAME, aiodns.error.ARES_EBADSTR}
+
+
+class DnsTempError(Exception):
+    """The lookup could not be completed now (timeout, SERVFAIL, ...)."""
+
+
+class CnameChainTooLong(Exception):
+    """More than MAX_CNAME_CHAIN CNAME links: pyspf makes this a permerror."""
+
+
+Record = Any  # str | tuple[int, str] | tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAnswer:
+    """The records of one (name, type), possibly empty, and how long they live."""
+
+    records: tuple[Record, ...]
+    ttl: float
+
+    @property
+    def negative(self) -> bool:
+        return not self.records
+
+
+@dataclass(slots=True)
+class DnsStats:
+    """Counters for the metrics exporter and the periodic log line."""
+
+    hits: int = 0
+    misses: int = 0
+    upstream_queries: int = 0
+    upstream_failures: int = 0
+    shared_waits: int = 0
+
+
+def parse_nameserver(spec: str) -> str:
+    """Normalise ``HOST``, ``HOST:PORT``, ``[V6]:PORT`` for c-ares' server list."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty nameserver")
+    if spec.startswith("["):
+        host, sep, port = spec[1:].partition("]")
+        if not sep or (port and not port.startswith(":")):
+            raise ValueError(f"bad nameserver {spec!r}")
+        port = port[1:]
+        _check_port(spec, port)
+        return f"[{host}]:{port}" if port else host
+    if spec.count(":") == 1:
+        host, port = spec.split(":")
+        _check_port(spec, port)
+        return f"{host}:{port}"
+    return spec  # a bare IPv4 or IPv6 address
+
+
+def _check_port(spec: str, port: str) -> None:
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"bad port in nameserver {spec!r}")
+
+
+class Resolver:
+    """Cached, single-flight DNS lookups for the whole process."""
+
+    def __init__(
+        self,
+        nameservers: Sequence[str] | None = None,
+        *,
+        timeout: float = 5.0,
+        tries: int = 2,
+        cache_size: int = 100_000,
+        min_ttl: float = 0.0,
+        max_ttl: float = 86_400.0,
+        negative_ttl: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.nameservers = [parse_nameserver(n) for n in nameservers or ()]
+        self.timeout = timeout
+        self.tries = tries
+        self.min_ttl = min_ttl
+        self.max_ttl = max_ttl
+        self.negative_ttl = negative_ttl
+        self.cache: TtlLruCache[tuple[str, str], DnsAnswer] = TtlLruCache(cache_size, clock=clock)
+        self.stats = DnsStats()
+        self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+        self._channel: aiodns.DNSResolver | None = None
+        self._fallback: dns.asyncresolver.Resolver | None = None
+
+    # -- the cache side -----------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def cached(self, name: str, qtype: str) -> DnsAnswer | None:
+        """The cached answer, without touching the network (counts a hit)."""
+        answer = self.cache.get((name, qtype))
+        if answer is not None:
+            self.stats.hits += 1
+        return answer
+
+    def _clamp(self, ttl: float) -> float:
+        return min(max(ttl, self.min_ttl), self.max_ttl)
+
+    async def resolve(self, name: str, qtype: str) -> DnsAnswer:
+        """The records of ``name``/``qtype``; raises DnsTempError or
+        CnameChainTooLong. ``name`` is lower case without a trailing dot."""
+        key = (name, qtype)
+        answer = self.cache.get(key)
+        if answer is not None:
+            self.stats.hits += 1
+            return answer
+        future = self._inflight.get(key)
+        if future is None:
+            self.stats.misses += 1
+            future = asyncio.ensure_future(self._fetch(name, qtype))
+            self._inflight[key] = future
+            future.add_done_callback(lambda f, key=key: self._settle(key, f))
+        else:
+            self.stats.shared_waits += 1
+        # shield: one waiter giving up must not cancel the others' lookup.
+        return await asyncio.shield(future)
+
+    def prefetch(self, name: str, qtype: str) -> None:
+        """Start a lookup into the cache without waiting for it."""
+        key = (name, qtype)
+        if key in self._inflight or self.cache.get(key) is not None:
+            return
+        self.stats.misses += 1
+        future = asyncio.ensure_future(self._fetch(name, qtype))
+        self._inflight[key] = future
+        future.add_done_callback(lambda f, key=key: self._settle(key, f))
+
+    def _settle(self, key: tuple[str, str], future: asyncio.Future[DnsAnswer]) -> None:
+        self._inflight.pop(key, None)
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            answer = future.result()
+            self.cache.set(key, answer, answer.ttl)
+
+    # -- the network side ---------------------------------------------------
+
+    def _resolver(self) -> aiodns.DNSResolver:
+        if self._channel is None:
+            options: dict[str, Any] = {"timeout": self.timeout, "tries": self.tries}
+            self._channel = aiodns.DNSResolver(
+                nameservers=self.nameservers or None,
+                loop=asyncio.get_running_loop(),
+                **options,
+            )
+        return self._channel
+
+    async def _fetch(self, name: str, qtype: str) -> DnsAnswer:
+        """Ask upstream, following CNAME links the upstream left unresolved."""
+        wanted = QTYPES[qtype]
+        ttl = self.max_ttl
+        target = name
+        for _ in range(MAX_CNAME_CHAIN + 1):
+            try:
+                result = await self._query(target, qtype)
+            except _Unaskable:
+                return await self._fetch_with_dnspython(target, qtype)
+            if result is None:
+                return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
+            records: list[Record] = []
+            links: dict[str, str] = {}
+            for rr in result.answer:
+                if rr.type == wanted:
+                    records.append(_convert(qtype, rr.data))
+                    ttl = min(ttl, rr.ttl)
+                elif rr.type == _CNAME:
+                    links[rr.name.lower().rstrip(".")] = rr.data.cname.lower().rstrip(".")
+                    ttl = min(ttl, rr.ttl)
+            if records:
+                return DnsAnswer(tuple(records), self._clamp(ttl))
+            # No data of the wanted type: walk the CNAME chain the answer gave.
+            seen = {target}
+            while target in links:
+                target = links[target]
+                if target in seen:  # a loop: no data at the end of it
+                    return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
+                seen.add(target)
+            if target == name or not links:
+                return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
+            # The chain ends at a name the upstream did not resolve: ask it.
+        raise CnameChainTooLong(name)
+
+    async def _query(self, name: str, qtype: str) -> pycares.DNSResult | None:
+        """One upstream query: the result, None when negative, or DnsTempError."""
+        self.stats.upstream_queries += 1
+        try:
+            return await self._resolver().query_dns(name, qtype)
+        except aiodns.error.DNSError as exc:
+            code = exc.args[0] if exc.args else None
+            if code in _NEGATIVE:
+                return None
+            if code in _UNASKABLE:
+                raise _Unaskable from None
+            self.stats.upstream_failures += 1
+            text = exc.args[1] if len(exc.args) > 1 else str(exc)
+            raise DnsTempError(f"{text} ({qtype} {name})") from None
+
+    async def _fetch_with_dnspython(self, name: str, qtype: str) -> DnsAnswer:
+        """The same lookup through dnspython, for names c-ares will not send."""
+        if self._fallback is None:
+            resolver = dns.asyncresolver.Resolver(configure=not self.nameservers)
+            if self.nameservers:
+                resolver.nameservers = [_dnspython_server(n) for n in self.nameservers]
+            resolver.timeout = self.timeout
+            resolver.lifetime = self.timeout * max(1, self.tries)
+            resolver.cache = None
+            self._fallback = resolver
+        self.stats.upstream_queries += 1
+        qname = dns.name.Name(
+            [label.encode("utf-8", "surrogateescape") for label in name.split(".")] + [b""]
+        )
+        try:
+            answer = await self._fallback.resolve(qname, qtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
+            return DnsAnswer((), self._clamp(self.negative_ttl))
+        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+            self.stats.upstream_failures += 1
+            raise DnsTempError(f"{exc} ({qtype} {name})") from None
+        except dns.exception.DNSException:
+            return DnsAnswer((), self._clamp(self.negative_ttl))
+        records: list[Record] = []
+        for rdata in answer:
+            if qtype in ("A", "AAAA"):
+                records.append(rdata.address)
+            elif qtype == "MX":
+                records.append((rdata.preference, rdata.exchange.to_text(omit_final_dot=True)))
+            elif qtype == "PTR":
+                records.append(rdata.target.to_text(omit_final_dot=True))
+            elif qtype == "TXT":
+                records.append((b"".join(rdata.strings),))
+        return DnsAnswer(tuple(records), self._clamp(answer.rrset.ttl if answer.rrset else 0))
+
+    async def close(self) -> None:
+        for future in list(self._inflight.values()):
+            future.cancel()
+        if self._channel is not None:
+            self._channel.cancel()
+            await self._channel.close()
+            self._channel = None
+
+
+class _Unaskable(Exception):
+    """c-ares would not send this name."""
+
+
+def _dnspython_server(spec: str) -> dns.nameserver.Do53Nameserver:
+    host, port = spec, 53
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port = int(rest[1:]) if rest else 53
+    elif spec.count(":") == 1:
+        host, text = spec.split(":")
+        port = int(text)
+    return dns.nameserver.Do53Nameserver(host, port)
+
+
+def _convert(qtype: str, data: Any) -> Record:
+    if qtype in ("A", "AAAA"):
+        return data.addr
+    if qtype == "MX":
+        return (data.priority, data.exchange.rstrip("."))
+    if qtype == "PTR":
+        return data.dname.rstrip(".")
+    if qtype == "TXT":
+        # pycares joins a record's character-strings, which is what RFC 7208
+        # section 3.3 asks for; pyspf expects a sequence of byte strings.
+        return (bytes(data.data),)
+    return data

@@ -1,0 +1,235 @@
+"""SPF evaluation (RFC 7208) by pyspf, with its DNS served by the shared
+asynchronous resolver, many evaluations at once in one thread.
+
+Strategy: pyspf is synchronous code that calls ``query.dns()`` whenever it
+needs records. Each evaluation runs pyspf inside its own greenlet. When a
+lookup hits the shared cache, pyspf simply continues; on a miss the greenlet
+switches back to the asyncio task that drives it, which awaits the resolver
+and switches the answer (or a TempError) back in. So pyspf runs exactly once,
+top to bottom, as it would with blocking DNS, and hundreds of evaluations can
+wait on DNS concurrently without a thread each.
+
+Why not re-run pyspf after each cache miss, raising an exception to abort it?
+pyspf swallows exceptions in places with a bare ``except:`` (the ``exp=``
+fetch, for one), so an abort could be eaten and the evaluation carry on with
+a wrong result. Suspending instead of aborting has no such trap.
+
+Errors are delivered into pyspf the way its own DNS drivers deliver them:
+timeouts and server failures as ``spf.TempError``, NXDOMAIN/NODATA as an empty
+list, so pyspf's result is the one it would give for the same DNS data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import greenlet
+import spf
+
+from spfpolicy.dns import CnameChainTooLong, DnsAnswer, DnsTempError, Resolver
+from spfpolicy.results import Identity, SpfOutcome, SpfResult
+
+log = logging.getLogger(__name__)
+
+# RFC 7208 section 4.6.4: at most two void lookups (pyspf's default too).
+DEFAULT_VOID_LIMIT = 2
+# RFC 7208 section 4.6.4 lets evaluation time out after "at least 20 seconds".
+DEFAULT_LOOKUP_TIME = 20.0
+
+_DEADLINE_TEXT = "DNS Error: exceeded max query lookup time"
+
+
+@dataclass(frozen=True, slots=True)
+class _NeedDns:
+    """What a suspended pyspf greenlet asks its driver for."""
+
+    name: str
+    qtype: str
+
+
+class _AsyncQuery(spf.query):  # type: ignore[misc]
+    """pyspf's query with its one DNS entry point routed to the resolver.
+
+    Only ``dns()`` is replaced; every SPF rule stays pyspf's. The replacement
+    keeps pyspf's contract: names are validated and lower-cased, CNAME chains
+    followed (by the resolver), empty answers counted against the void limit.
+    """
+
+    def __init__(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        *,
+        resolver: Resolver,
+        void_limit: int,
+        receiver: str | None,
+        deadline: float,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(ip, sender, helo, receiver=receiver)
+        self._resolver = resolver
+        self._void_limit = void_limit
+        self._deadline = deadline
+        self._clock = clock
+        self.dns_lookups = 0
+        self.min_ttl: float | None = None
+
+    def dns(
+        self,
+        name: Any,
+        qtype: str,
+        cnames: Any = None,
+        ignore_void: bool = False,
+    ) -> list[Any]:
+        if not name:
+            raise spf.PermError("Invalid query: empty domain name")
+        name = str(name)
+        if name.endswith("."):
+            name = name[:-1]
+        # RFC 7208 section 4.3: a malformed domain yields no records.
+        if not all(0 < len(label) < 64 for label in name.split(".")):
+            return []
+        name = name.lower()
+        self.dns_lookups += 1
+        answer = self._resolver.cached(name, qtype)
+        if answer is None:
+            if self._clock() >= self._deadline:
+                raise spf.TempError(_DEADLINE_TEXT)
+            parent = greenlet.getcurrent().parent
+            answer = parent.switch(_NeedDns(name, qtype))
+        if self.min_ttl is None or answer.ttl < self.min_ttl:
+            self.min_ttl = answer.ttl
+        if not answer.records and not ignore_void:
+            self.void_lookups += 1
+            if self.void_lookups > self._void_limit:
+                raise spf.PermError(f"Void lookup limit of {self._void_limit} exceeded")
+        return list(answer.records)
+
+
+class SpfEvaluator:
+    """Evaluates SPF for (ip, sender, helo) against the shared resolver."""
+
+    def __init__(
+        self,
+        resolver: Resolver,
+        *,
+        void_limit: int = DEFAULT_VOID_LIMIT,
+        lookup_time: float = DEFAULT_LOOKUP_TIME,
+        receiver: str | None = None,
+        default_explanation: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.resolver = resolver
+        self.default_explanation = default_explanation
+        self.void_limit = void_limit
+        self.lookup_time = lookup_time
+        self.receiver = receiver
+        self._clock = clock
+        self.in_flight = 0
+
+    async def check(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        *,
+        lookup_time: float | None = None,
+        void_limit: int | None = None,
+    ) -> SpfOutcome:
+        """SPF for the MAIL FROM identity ``sender``, or for HELO when
+        ``sender`` is empty (checked as postmaster@helo, RFC 7208 section
+        2.3). Never raises for DNS trouble: that is a temperror outcome."""
+        started = self._clock()
+        budget = self.lookup_time if lookup_time is None else lookup_time
+        deadline = started + budget
+        identity = Identity.MAILFROM if sender else Identity.HELO
+        self.in_flight += 1
+        try:
+            query = _AsyncQuery(
+                ip,
+                sender,
+                helo,
+                resolver=self.resolver,
+                void_limit=self.void_limit if void_limit is None else void_limit,
+                receiver=self.receiver,
+                deadline=deadline,
+                clock=self._clock,
+            )
+            if self.default_explanation is not None:
+                query.set_default_explanation(self.default_explanation)
+        except spf.PermError as exc:  # e.g. an unparseable client address
+            self.in_flight -= 1
+            return SpfOutcome(
+                SpfResult.PERMERROR,
+                550,
+                f"SPF Permanent Error: {exc}",
+                identity=identity,
+                sender=sender or f"postmaster@{helo}",
+                elapsed=self._clock() - started,
+            )
+        try:
+            result, code, explanation = await self._drive(query, deadline)
+        except Exception:
+            # A pyspf bug must not take the request down with it; a
+            # temperror lets the mail be retried rather than rejected.
+            log.exception("SPF evaluation failed for ip=%s sender=%r helo=%r", ip, sender, helo)
+            result, code, explanation = "temperror", 451, "SPF Temporary Error: internal error"
+        finally:
+            self.in_flight -= 1
+        return SpfOutcome(
+            SpfResult(result),
+            code,
+            explanation,
+            mechanism=query.mechanism or "",
+            identity=identity,
+            sender=query.s,
+            domain=query.o,
+            lookups=query.dns_lookups,
+            ttl=query.min_ttl,
+            elapsed=self._clock() - started,
+        )
+
+    async def _drive(self, query: _AsyncQuery, deadline: float) -> tuple[str, int, str]:
+        """Run ``query.check()`` in a greenlet, serving its DNS requests."""
+        runner = greenlet.greenlet(query.check)
+        request: Any = runner.switch()
+        try:
+            while not runner.dead:
+                request = await self._serve(runner, request, deadline)
+        finally:
+            # Cancelled mid-lookup (request deadline, shutdown): let pyspf
+            # finish at once by failing every further lookup, so no greenlet
+            # is left suspended for the garbage collector to unwind.
+            self._abandon(runner)
+        return request  # type: ignore[no-any-return]
+
+    async def _serve(self, runner: greenlet.greenlet, need: _NeedDns, deadline: float) -> Any:
+        remaining = deadline - self._clock()
+        try:
+            if remaining <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(remaining):
+                answer: DnsAnswer = await self.resolver.resolve(need.name, need.qtype)
+        except TimeoutError:
+            return runner.throw(spf.TempError(_DEADLINE_TEXT))
+        except DnsTempError as exc:
+            return runner.throw(spf.TempError(f"DNS {exc}"))
+        except CnameChainTooLong:
+            return runner.throw(spf.PermError("Length of CNAME chain exceeds 10"))
+        return runner.switch(answer)
+
+    @staticmethod
+    def _abandon(runner: greenlet.greenlet) -> None:
+        for _ in range(10_000):
+            if runner.dead:
+                return
+            with contextlib.suppress(Exception):
+                runner.throw(spf.TempError(_DEADLINE_TEXT))
+        log.error("pyspf did not finish after repeated TempErrors; dropping it")
