@@ -23,13 +23,12 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -89,7 +88,7 @@ def rcpt_request(
     size: int = 0,
     **extra: str,
 ) -> dict[str, str]:
-    """The attributes Postfix 3.7 smtpd sends for RCPT TO, in its order.
+    """The attributes Postfix 3.7 smtpd sends for RCPT TO, in its order (as captured).
 
     Defaults are those of an unauthenticated, unencrypted ESMTP client whose
     address has no PTR record; ``extra`` overrides or adds attributes.
@@ -98,22 +97,26 @@ def rcpt_request(
         "request": "smtpd_access_policy",
         "protocol_state": "RCPT",
         "protocol_name": "ESMTP",
-        "helo_name": helo_name,
-        "queue_id": queue_id,
-        "sender": sender,
-        "recipient": recipient,
-        "recipient_count": str(recipient_count),
         "client_address": client_address,
         "client_name": client_name if client_name is not None else "unknown",
         "client_port": "40123",
         "reverse_client_name": (
             reverse_client_name if reverse_client_name is not None else "unknown"
         ),
+        "server_address": "127.0.0.1",
+        "server_port": "25",
+        "helo_name": helo_name,
+        "sender": sender,
+        "recipient": recipient,
+        "recipient_count": str(recipient_count),
+        "queue_id": queue_id,
         "instance": instance,
+        "size": str(size),
+        "etrn_domain": "",
+        "stress": "",
         "sasl_method": "",
         "sasl_username": "",
         "sasl_sender": "",
-        "size": str(size),
         "ccert_subject": "",
         "ccert_issuer": "",
         "ccert_fingerprint": "",
@@ -121,12 +124,6 @@ def rcpt_request(
         "encryption_protocol": "",
         "encryption_cipher": "",
         "encryption_keysize": "0",
-        "etrn_domain": "",
-        "stress": "",
-        "server_address": "127.0.0.1",
-        "server_port": "25",
-        "compatibility_level": "3.6",
-        "mail_version": "3.7.11",
         "policy_context": "",
     }
     attrs.update(extra)
@@ -464,16 +461,3 @@ def write_conf(path: Path, settings: Mapping[str, str]) -> Path:
     """A policyd-spf.conf with ``settings`` in order, "Name = value" per line."""
     path.write_text("".join(f"{name} = {value}\n" for name, value in settings.items()))
     return path
-
-
-@contextlib.contextmanager
-def scratch_dir(prefix: str) -> Iterator[Path]:
-    """A directory under /var/tmp that unprivileged daemons may enter; removed after."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
