@@ -1,0 +1,297 @@
+"""The shared DNS cache and the evaluation deadline, against the loopback DNS
+server (real UDP/TCP, real c-ares), with an injected clock where time matters.
+
+c-ares keeps a small answer cache of its own (on by default, no switch in
+pycares 5). Zones here use TTL 0 where a test counts the queries that reach
+the server, so only spfpolicy's cache (with ``min_ttl`` setting the lifetime)
+decides what is asked upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from spfpolicy.cache import TtlLruCache
+from spfpolicy.dns import DnsTempError, Resolver, parse_nameserver
+from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.results import SpfResult
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def resolvers():
+    made: list[Resolver] = []
+
+    def make(server, **kwargs) -> Resolver:
+        kwargs.setdefault("timeout", 0.5)
+        kwargs.setdefault("tries", 1)
+        resolver = Resolver([server.nameserver], **kwargs)
+        made.append(resolver)
+        return resolver
+
+    yield make
+    for resolver in made:
+        await resolver.close()
+
+
+# -- the cache mechanism itself (no sockets) ---------------------------------
+
+
+def test_ttl_lru_cache_expiry_and_eviction() -> None:
+    clock = FakeClock()
+    cache: TtlLruCache[str, int] = TtlLruCache(2, clock=clock)
+    cache.set("a", 1, 10)
+    cache.set("b", 2, 10)
+    assert cache.get("a") == 1  # a is now most recently used
+    cache.set("c", 3, 10)  # evicts b, the least recently used
+    assert cache.get("b") is None
+    assert (cache.get("a"), cache.get("c")) == (1, 3)
+    assert cache.evictions == 1
+    clock.now += 10
+    assert cache.get("a") is None
+    assert cache.expirations == 1
+    cache.set("z", 9, 0)  # a zero TTL stores nothing
+    assert cache.get("z") is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        pytest.param("127.0.0.1", "127.0.0.1", id="bare-v4"),
+        pytest.param("127.0.0.1:5353", "127.0.0.1:5353", id="v4-port"),
+        pytest.param("::1", "::1", id="bare-v6"),
+        pytest.param("[::1]:5353", "[::1]:5353", id="v6-port"),
+    ],
+)
+def test_parse_nameserver(spec: str, expected: str) -> None:
+    assert parse_nameserver(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["", "127.0.0.1:0", "127.0.0.1:99999", "[::1]x", "h:p"])
+def test_parse_nameserver_rejects(spec: str) -> None:
+    with pytest.raises(ValueError):
+        parse_nameserver(spec)
+
+
+# -- against the loopback DNS server ------------------------------------------
+
+
+async def test_positive_answer_cached_for_its_ttl(zone_server, resolvers) -> None:
+    server = await zone_server({"example.com": [{"TXT": "v=spf1 -all", "ttl": 120}]})
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock)
+    answer = await resolver.resolve("example.com", "TXT")
+    assert answer.records == ((b"v=spf1 -all",),)
+    assert answer.ttl == 120
+    assert resolver.cache.remaining_ttl(("example.com", "TXT")) == 120
+    await resolver.resolve("example.com", "TXT")
+    assert server.queries == 1
+    assert (resolver.stats.hits, resolver.stats.misses) == (1, 1)
+
+
+async def test_entry_expires_after_ttl(zone_server, resolvers) -> None:
+    server = await zone_server({"example.com": [{"TXT": "v=spf1 -all", "ttl": 0}]})
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock, min_ttl=30)
+    await resolver.resolve("example.com", "TXT")
+    clock.now += 29
+    await resolver.resolve("example.com", "TXT")
+    assert server.queries == 1
+    clock.now += 2  # past the 30 s lifetime
+    await resolver.resolve("example.com", "TXT")
+    assert server.queries == 2
+    assert resolver.stats.upstream_queries == 2
+
+
+async def test_ttl_clamped_to_max(zone_server, resolvers) -> None:
+    server = await zone_server({"example.com": [{"A": "192.0.2.1", "ttl": 86400}]})
+    resolver = resolvers(server, max_ttl=600)
+    answer = await resolver.resolve("example.com", "A")
+    assert answer.ttl == 600
+
+
+async def test_cname_chain_followed_with_shortest_ttl(zone_server, resolvers) -> None:
+    server = await zone_server(
+        {
+            "alias.example.com": [{"CNAME": "mid.example.com", "ttl": 50}],
+            "mid.example.com": [{"CNAME": "real.example.com", "ttl": 300}],
+            "real.example.com": [{"A": "192.0.2.7", "ttl": 900}],
+        }
+    )
+    answer = await resolvers(server).resolve("alias.example.com", "A")
+    assert answer.records == ("192.0.2.7",)
+    assert answer.ttl == 50
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param("missing.example.com", id="nxdomain"), pytest.param("example.com", id="nodata")],
+)
+async def test_negative_answers_cached(zone_server, resolvers, name: str) -> None:
+    server = await zone_server(
+        {"example.com": [{"A": "192.0.2.1", "ttl": 0}]}, soa_in_negative=False
+    )
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock, negative_ttl=45)
+    first = await resolver.resolve(name, "TXT")
+    assert first.negative and first.records == ()
+    await resolver.resolve(name, "TXT")
+    assert server.queries == 1
+    clock.now += 46
+    await resolver.resolve(name, "TXT")
+    # Asked upstream again (c-ares may still answer a NODATA from its own cache).
+    assert resolver.stats.upstream_queries == 2
+
+
+async def test_lru_bound_evicts_least_recently_used(zone_server, resolvers) -> None:
+    zone = {f"d{i}.example.com": [{"TXT": f"v=spf1 -all {i}", "ttl": 0}] for i in range(5)}
+    server = await zone_server(zone)
+    resolver = resolvers(server, cache_size=3, min_ttl=300)
+    for i in range(5):
+        await resolver.resolve(f"d{i}.example.com", "TXT")
+    assert len(resolver.cache) == 3
+    assert resolver.cache.evictions == 2
+    # d3 and d4 are still cached; d0 was evicted and must be asked again.
+    await resolver.resolve("d4.example.com", "TXT")
+    assert server.queries == 5
+    await resolver.resolve("d0.example.com", "TXT")
+    assert server.queries == 6
+
+
+async def test_single_flight_for_concurrent_evaluations(zone_server, resolvers) -> None:
+    server = await zone_server(
+        {"cold.example.com": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}]}, delay=0.2
+    )
+    resolver = resolvers(server, timeout=2.0)
+    evaluator = SpfEvaluator(resolver)
+    outcomes = await asyncio.gather(
+        *(
+            evaluator.check("192.0.2.9", "user@cold.example.com", "mx.example.org")
+            for _ in range(100)
+        )
+    )
+    assert {o.result for o in outcomes} == {SpfResult.PASS}
+    assert server.counts[("cold.example.com", "TXT")] == 1
+    assert resolver.stats.upstream_queries == 1
+    assert resolver.stats.shared_waits == 99
+    assert resolver.in_flight == 0
+
+
+@pytest.mark.parametrize("fault", ["servfail", "refused", "timeout"])
+async def test_temporary_errors_are_not_cached(zone_server, resolvers, fault: str) -> None:
+    server = await zone_server({"flaky.example.com": [{"TXT": "v=spf1 -all", "ttl": 0}]})
+    server.faults["flaky.example.com"] = fault
+    resolver = resolvers(server, timeout=0.3, min_ttl=300)
+    with pytest.raises(DnsTempError):
+        await resolver.resolve("flaky.example.com", "TXT")
+    assert resolver.stats.upstream_failures == 1
+    assert len(resolver.cache) == 0
+    del server.faults["flaky.example.com"]
+    answer = await resolver.resolve("flaky.example.com", "TXT")
+    assert answer.records == ((b"v=spf1 -all",),)
+
+
+async def test_servfail_is_temperror(zone_server, resolvers) -> None:
+    server = await zone_server({"example.com": [{"TXT": "v=spf1 -all"}]})
+    server.faults["example.com"] = "servfail"
+    outcome = await SpfEvaluator(resolvers(server)).check("192.0.2.1", "a@example.com", "h.test")
+    assert outcome.result == SpfResult.TEMPERROR
+
+
+async def test_truncated_udp_answer_retried_over_tcp(zone_server, resolvers) -> None:
+    # 700 bytes: over the 512-byte limit of a UDP answer without EDNS
+    # (RFC 1035 section 4.2.1); the server is told to truncate at 512.
+    record = "v=spf1 " + " ".join(f"ip4:198.51.100.{i}" for i in range(1, 40)) + " -all"
+    assert len(record) > 512
+    server = await zone_server({"big.example.com": [{"TXT": record}]}, udp_limit=512)
+    resolver = resolvers(server)
+    evaluator = SpfEvaluator(resolver)
+    outcome = await evaluator.check("198.51.100.39", "x@big.example.com", "h.example.com")
+    assert outcome.result == SpfResult.PASS
+    assert server.tcp_queries >= 1
+
+
+async def test_a_label_names_resolve(zone_server, resolvers) -> None:
+    server = await zone_server({"xn--bcher-kva.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}]})
+    outcome = await SpfEvaluator(resolvers(server)).check(
+        "192.0.2.3", "info@xn--bcher-kva.example", "mx.example.org"
+    )
+    assert outcome.result == SpfResult.PASS
+
+
+async def test_deadline_gives_temperror_promptly(zone_server, resolvers) -> None:
+    # A server that never answers, and c-ares retrying for far longer than
+    # the evaluation may take: the deadline must cut it short.
+    server = await zone_server({"slow.example.com": [{"TXT": "v=spf1 -all"}]})
+    server.default_fault = "timeout"
+    resolver = resolvers(server, timeout=30.0, tries=3)
+    evaluator = SpfEvaluator(resolver, lookup_time=1.0)
+    started = time.monotonic()
+    outcome = await evaluator.check("192.0.2.1", "a@slow.example.com", "h.example.com")
+    elapsed = time.monotonic() - started
+    assert outcome.result == SpfResult.TEMPERROR
+    assert "exceeded max query lookup time" in outcome.explanation
+    assert elapsed < 1.0 + 0.5
+    assert evaluator.in_flight == 0
+
+
+async def test_deadline_mid_evaluation_after_partial_answers(zone_server, resolvers) -> None:
+    server = await zone_server(
+        {
+            "example.com": [{"TXT": "v=spf1 include:slow.example.net -all"}],
+            "slow.example.net": [{"TXT": "v=spf1 -all"}],
+        }
+    )
+    server.faults["slow.example.net"] = "timeout"
+    evaluator = SpfEvaluator(resolvers(server, timeout=30.0), lookup_time=0.8)
+    outcome = await evaluator.check("192.0.2.1", "a@example.com", "h.example.com")
+    assert outcome.result == SpfResult.TEMPERROR
+    assert outcome.lookups == 2
+
+
+async def test_cancelled_evaluation_leaves_nothing_suspended(zone_server, resolvers) -> None:
+    server = await zone_server({"hang.example.com": [{"TXT": "v=spf1 -all"}]})
+    server.default_fault = "timeout"
+    evaluator = SpfEvaluator(resolvers(server, timeout=30.0), lookup_time=30.0)
+    task = asyncio.ensure_future(evaluator.check("192.0.2.1", "a@hang.example.com", "h"))
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert evaluator.in_flight == 0
+
+
+async def test_void_limit_is_configurable(zone_server, resolvers) -> None:
+    server = await zone_server(
+        {"example.com": [{"TXT": "v=spf1 a:n1.example.com a:n2.example.com a:n3.example.com ?all"}]}
+    )
+    resolver = resolvers(server)
+    default = await SpfEvaluator(resolver).check("192.0.2.1", "a@example.com", "h")
+    assert default.result == SpfResult.PERMERROR
+    assert "Void lookup limit of 2 exceeded" in default.explanation
+    relaxed = await SpfEvaluator(resolver, void_limit=3).check("192.0.2.1", "a@example.com", "h")
+    assert relaxed.result == SpfResult.NEUTRAL
+
+
+async def test_outcome_reports_mechanism_and_min_ttl(zone_server, resolvers) -> None:
+    server = await zone_server(
+        {
+            "example.com": [{"TXT": "v=spf1 include:_spf.example.net -all", "ttl": 3600}],
+            "_spf.example.net": [{"TXT": "v=spf1 ip4:192.0.2.0/24 ~all", "ttl": 120}],
+        }
+    )
+    outcome = await SpfEvaluator(resolvers(server)).check("192.0.2.5", "u@example.com", "h")
+    assert outcome.result == SpfResult.PASS
+    assert outcome.mechanism == "include:_spf.example.net"
+    assert outcome.ttl == 120
+    assert outcome.lookups == 2
