@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -84,8 +84,8 @@ def rcpt_request(
     client_name: str | None = None,
     reverse_client_name: str | None = None,
     queue_id: str = "",
-    recipient_count: int = 0,
-    size: int = 0,
+    recipient_count: str = "0",
+    size: str = "0",
     **extra: str,
 ) -> dict[str, str]:
     """The attributes Postfix 3.7 smtpd sends for RCPT TO, in its order (as captured).
@@ -108,10 +108,10 @@ def rcpt_request(
         "helo_name": helo_name,
         "sender": sender,
         "recipient": recipient,
-        "recipient_count": str(recipient_count),
+        "recipient_count": recipient_count,
         "queue_id": queue_id,
         "instance": instance,
-        "size": str(size),
+        "size": size,
         "etrn_domain": "",
         "stress": "",
         "sasl_method": "",
@@ -252,7 +252,7 @@ class PolicydSpf:
 def ask_policyd_spf(
     conf: Path,
     nameserver: str,
-    requests: list[Mapping[str, str]],
+    requests: Sequence[Mapping[str, str]],
     *,
     log_path: Path | None = None,
 ) -> list[str]:
@@ -297,7 +297,7 @@ def connect(address: str, timeout: float) -> socket.socket:
     kind, _, where = address.partition(":")
     if kind == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        target: object = where
+        target: str | tuple[str, int] = where
     elif kind == "inet":
         host, _, port = where.rpartition(":")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -313,7 +313,7 @@ def connect(address: str, timeout: float) -> socket.socket:
     return sock
 
 
-def ask_server(address: str, requests: list[Mapping[str, str]]) -> list[str]:
+def ask_server(address: str, requests: Sequence[Mapping[str, str]]) -> list[str]:
     """All requests over one connection to a policy server socket; their actions."""
     with PolicyClient(address) as client:
         return [client.ask(attrs) for attrs in requests]

@@ -251,7 +251,7 @@ smtpd_recipient_restrictions =
         messages = []
         for path in sorted(new.iterdir(), key=lambda p: p.stat().st_mtime_ns):
             message = email.message_from_bytes(path.read_bytes(), policy=email.policy.default)
-            messages.append(message)  # type: ignore[arg-type]
+            messages.append(message)
         return messages
 
     def wait_for_message(

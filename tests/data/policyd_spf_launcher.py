@@ -35,7 +35,7 @@ def _redirect_syslog(log_path: str | None) -> None:
                 log.write(f"{args[-1]}\n")
 
     syslog.openlog = lambda *args, **kwargs: None
-    syslog.syslog = _syslog
+    syslog.syslog = _syslog  # type: ignore[assignment]
 
 
 def main() -> int:
