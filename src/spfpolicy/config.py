@@ -60,6 +60,8 @@ __all__ = [
     "PerUserTable",
     "Settings",
     "load_settings",
+    "parse_listen",
+    "parse_nameservers",
 ]
 
 # Debian's policyd-spf path: a site switching keeps its file where it is.
@@ -658,3 +660,13 @@ def _load_per_user(file: Path, lineno: int | None, spec: str) -> PerUserTable:
         # The first line for a recipient wins, as in policyd-spf.
         entries.setdefault(user, tuple(changes.items()))
     return PerUserTable(str(user_file), tuple(entries.items()))
+
+
+def parse_listen(text: str) -> tuple[ListenAddress, ...]:
+    """``Listen`` syntax, for the command line's --listen (ValueError if bad)."""
+    return _listen(text)
+
+
+def parse_nameservers(text: str) -> tuple[Nameserver, ...]:
+    """``Nameservers`` syntax, for the command line's --nameserver."""
+    return _nameservers(text)

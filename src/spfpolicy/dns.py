@@ -21,6 +21,7 @@ evaluator can hand them to pyspf unchanged: A/AAAA address strings, MX
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -51,7 +52,6 @@ QTYPES: dict[str, int] = {
 }
 # RFC 7208 section 3.1: the SPF RR type (99) is obsolete and not queried;
 # pyspf only asks for it in its "harsh" mode, which spfpolicy does not use.
-_CNAME = pycares.QUERY_TYPE_CNAME
 
 # pyspf follows at most 10 CNAME links (spf.MAX_CNAME) before a permerror.
 MAX_CNAME_CHAIN = 10
@@ -175,10 +175,7 @@ class Resolver:
             return answer
         future = self._inflight.get(key)
         if future is None:
-            self.stats.misses += 1
-            future = asyncio.ensure_future(self._fetch(name, qtype))
-            self._inflight[key] = future
-            future.add_done_callback(lambda f, key=key: self._settle(key, f))
+            future = self._start(key)
         else:
             self.stats.shared_waits += 1
         # shield: one waiter giving up must not cancel the others' lookup.
@@ -187,12 +184,15 @@ class Resolver:
     def prefetch(self, name: str, qtype: str) -> None:
         """Start a lookup into the cache without waiting for it."""
         key = (name, qtype)
-        if key in self._inflight or self.cache.get(key) is not None:
-            return
+        if key not in self._inflight and self.cache.get(key) is None:
+            self._start(key)
+
+    def _start(self, key: tuple[str, str]) -> asyncio.Future[DnsAnswer]:
         self.stats.misses += 1
-        future = asyncio.ensure_future(self._fetch(name, qtype))
+        future = asyncio.ensure_future(self._fetch(*key))
         self._inflight[key] = future
-        future.add_done_callback(lambda f, key=key: self._settle(key, f))
+        future.add_done_callback(functools.partial(self._settle, key))
+        return future
 
     def _settle(self, key: tuple[str, str], future: asyncio.Future[DnsAnswer]) -> None:
         self._inflight.pop(key, None)
@@ -233,7 +233,7 @@ class Resolver:
                 if rr.type == wanted:
                     records.append(_convert(qtype, rr.data))
                     ttl = min(ttl, rr.ttl)
-                elif rr.type == _CNAME:
+                elif isinstance(rr.data, pycares.CNAMERecordData):
                     links[rr.name.lower().rstrip(".")] = rr.data.cname.lower().rstrip(".")
                     ttl = min(ttl, rr.ttl)
             if records:

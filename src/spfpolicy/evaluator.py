@@ -53,7 +53,7 @@ class _NeedDns:
     qtype: str
 
 
-class _AsyncQuery(spf.query):  # type: ignore[misc]
+class _AsyncQuery(spf.query):
     """pyspf's query with its one DNS entry point routed to the resolver.
 
     Only ``dns()`` is replaced; every SPF rule stays pyspf's. The replacement
@@ -208,7 +208,7 @@ class SpfEvaluator:
             # finish at once by failing every further lookup, so no greenlet
             # is left suspended for the garbage collector to unwind.
             self._abandon(runner)
-        return request  # type: ignore[no-any-return]
+        return request
 
     async def _serve(self, runner: greenlet.greenlet, need: _NeedDns, deadline: float) -> Any:
         remaining = deadline - self._clock()

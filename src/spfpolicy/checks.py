@@ -1,0 +1,116 @@
+"""The DNS-backed checks the policy asks for: SPF evaluations (with a short
+result cache in front of pyspf) and forward-confirmed PTR names.
+
+The result cache answers a repeated check (same client IP, sender, HELO and
+settings) without re-running pyspf. An entry never outlives the shortest TTL
+of the DNS answers its evaluation used, nor ``Result_Cache_TTL``; temperror
+outcomes are not cached, so a DNS hiccup is not remembered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+
+from spfpolicy.cache import TtlLruCache
+from spfpolicy.dns import CnameChainTooLong, DnsTempError, Resolver
+from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.results import SpfOutcome, SpfResult
+
+log = logging.getLogger(__name__)
+
+# RFC 7208 section 4.6.4 bounds a ptr mechanism to 10 PTR names; the same
+# bound keeps a hostile reverse zone from making Domain_Whitelist_PTR fan out.
+MAX_PTR_NAMES = 10
+
+_ResultKey = tuple[str, str, str, int]
+
+
+class DnsChecks:
+    """Implements ``policy.Checks`` with the shared resolver and evaluator."""
+
+    def __init__(
+        self,
+        evaluator: SpfEvaluator,
+        *,
+        void_limit: int,
+        result_cache_size: int,
+        result_cache_ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.evaluator = evaluator
+        self.resolver: Resolver = evaluator.resolver
+        self.void_limit = void_limit
+        self.result_cache_ttl = result_cache_ttl
+        self.results: TtlLruCache[_ResultKey, SpfOutcome] = TtlLruCache(
+            result_cache_size, clock=clock
+        )
+        self.result_hits = 0
+
+    async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
+        key = (ip, sender, helo.lower(), self.void_limit)
+        cached = self.results.get(key)
+        if cached is not None:
+            self.result_hits += 1
+            return cached
+        outcome = await self.evaluator.check(
+            ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
+        )
+        if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
+            ttl = self.result_cache_ttl if outcome.ttl is None else outcome.ttl
+            self.results.set(key, outcome, min(ttl, self.result_cache_ttl))
+        return outcome
+
+    async def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
+        """PTR names of ``ip`` whose A/AAAA records include ``ip``.
+
+        A name that cannot be confirmed in time, or whose lookup fails, is
+        left out: only a forward-confirmed name may whitelist a client.
+        """
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return []
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        qtype = "A" if address.version == 4 else "AAAA"
+        try:
+            async with asyncio.timeout(lookup_time):
+                ptr = await self.resolver.resolve(address.reverse_pointer, "PTR")
+                names = [str(n).lower() for n in ptr.records[:MAX_PTR_NAMES]]
+                answers = await asyncio.gather(
+                    *(self.resolver.resolve(name, qtype) for name in names),
+                    return_exceptions=True,
+                )
+        except (TimeoutError, DnsTempError, CnameChainTooLong) as exc:
+            log.debug("PTR confirmation for %s failed: %s", ip, exc)
+            return []
+        confirmed = []
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, BaseException):
+                continue
+            if any(_same_ip(address, record) for record in answer.records):
+                confirmed.append(name)
+        return confirmed
+
+    async def addresses(self, name: str, *, ipv6: bool, lookup_time: float) -> list[str]:
+        """A (or AAAA) records of ``name``; empty when missing or not in time."""
+        try:
+            async with asyncio.timeout(lookup_time):
+                answer = await self.resolver.resolve(
+                    name.lower().rstrip("."), "AAAA" if ipv6 else "A"
+                )
+        except (TimeoutError, DnsTempError, CnameChainTooLong) as exc:
+            log.debug("address lookup of %s failed: %s", name, exc)
+            return []
+        return [str(record) for record in answer.records]
+
+
+def _same_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address, record: str) -> bool:
+    try:
+        return ipaddress.ip_address(record) == address
+    except ValueError:
+        return False

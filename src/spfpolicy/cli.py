@@ -1,0 +1,152 @@
+"""Command line: ``spfpolicy check`` (one SPF evaluation, for administrators)
+and ``spfpolicy serve`` (the policy server).
+
+The parser is built by ``_parser()`` and ``main(argv)`` takes argv, so tests
+drive the command line without a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from spfpolicy import __version__
+from spfpolicy.dns import parse_nameserver
+
+if TYPE_CHECKING:
+    from spfpolicy.config import Settings
+
+
+def _nameserver(value: str) -> str:
+    try:
+        return parse_nameserver(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ip(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {value!r}") from None
+
+
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {value!r}")
+    return seconds
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spfpolicy", description="Asynchronous SPF policy server for Postfix."
+    )
+    parser.add_argument("--version", action="version", version=f"spfpolicy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = commands.add_parser(
+        "check",
+        help="evaluate SPF once and print the result",
+        description="Evaluate SPF for one client. The first output line is the bare result "
+        "keyword (pass, fail, softfail, neutral, none, permerror, temperror).",
+    )
+    check.add_argument("--ip", required=True, type=_ip, help="SMTP client IP address")
+    check.add_argument(
+        "--sender",
+        required=True,
+        help="MAIL FROM address; empty checks postmaster@HELO (RFC 7208 section 2.3)",
+    )
+    check.add_argument("--helo", required=True, help="HELO/EHLO name")
+    _add_common(check)
+    check.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="evaluation time limit (default: Lookup_Time from the configuration, 20)",
+    )
+
+    serve = commands.add_parser("serve", help="run the policy server")
+    _add_common(serve)
+    serve.add_argument(
+        "--listen",
+        action="append",
+        metavar="ADDR",
+        help="unix:PATH or inet:HOST:PORT (repeatable; overrides Listen)",
+    )
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    from spfpolicy.config import DEFAULT_CONFIG_PATH
+
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help=f"policyd-spf.conf style configuration (default {DEFAULT_CONFIG_PATH} if present)",
+    )
+    parser.add_argument(
+        "--nameserver",
+        action="append",
+        type=_nameserver,
+        metavar="HOST[:PORT]",
+        help="DNS server to ask (repeatable; default: /etc/resolv.conf)",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from spfpolicy.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"spfpolicy: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check":
+        return asyncio.run(_check(args, settings))
+    from spfpolicy.config import parse_listen, parse_nameservers
+    from spfpolicy.server import run_server
+
+    try:
+        listen = [a for spec in args.listen or () for a in parse_listen(spec)]
+        nameservers = [n for spec in args.nameserver or () for n in parse_nameservers(spec)]
+    except ValueError as exc:
+        parser.error(str(exc))
+    return run_server(settings, listen=listen, nameservers=nameservers)
+
+
+async def _check(args: argparse.Namespace, settings: Settings) -> int:
+    from spfpolicy.dns import Resolver
+    from spfpolicy.evaluator import SpfEvaluator
+
+    lookup_time = args.timeout or float(settings.lookup_time)
+    nameservers = args.nameserver or [
+        f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}"
+        for n in settings.nameservers
+    ]
+    resolver = Resolver(nameservers, timeout=min(5.0, lookup_time))
+    evaluator = SpfEvaluator(resolver, void_limit=settings.void_limit, lookup_time=lookup_time)
+    started = time.perf_counter()
+    try:
+        outcome = await evaluator.check(args.ip, args.sender, args.helo)
+    finally:
+        await resolver.close()
+    elapsed = time.perf_counter() - started
+    print(outcome.result.value)
+    print(f"explanation: {outcome.explanation}")
+    print(f"mechanism: {outcome.mechanism or '(none)'}")
+    print(f"identity: {outcome.identity.value} ({outcome.sender})")
+    print(f"dns lookups: {outcome.lookups} (upstream queries: {resolver.stats.upstream_queries})")
+    print(f"time: {elapsed:.3f} s")
+    return 0
