@@ -155,6 +155,20 @@ class Resolver:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    def counters(self) -> dict[str, int]:
+        """Cache and upstream counters, for metrics and the stats log line."""
+        stats = self.stats
+        return {
+            "hits": stats.hits,
+            "misses": stats.misses,
+            "upstream_queries": stats.upstream_queries,
+            "upstream_failures": stats.upstream_failures,
+            "shared_waits": stats.shared_waits,
+            "in_flight": len(self._inflight),
+            "evictions": self.cache.evictions,
+            "entries": len(self.cache),
+        }
+
     def cached(self, name: str, qtype: str) -> DnsAnswer | None:
         """The cached answer, without touching the network (counts a hit)."""
         answer = self.cache.get((name, qtype))

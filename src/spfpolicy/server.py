@@ -30,7 +30,7 @@ from spfpolicy.checks import DnsChecks
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
 from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
-from spfpolicy.policy import Decision, InstanceMemory, decide, fallback_decision
+from spfpolicy.policy import InstanceMemory, decide, fallback_decision
 from spfpolicy.protocol import (
     REQUEST_TYPE,
     PolicyRequest,
@@ -202,7 +202,13 @@ class PolicyServer:
                     request.sender,
                 )
                 decision = fallback_decision(self.settings, request)
-            _log_decision(decision)
+            log.info(
+                "%s client=%s helo=%r sender=%r",
+                decision.log_message(),
+                request.client_address or "-",
+                request.helo_name,
+                request.sender,
+            )
             return decision.action
         finally:
             self._busy.discard(task)
@@ -232,10 +238,6 @@ class PolicyServer:
         self._servers.clear()
         self._unix_paths.clear()
         await self.resolver.close()
-
-
-def _log_decision(decision: Decision) -> None:
-    log.info("%s", decision.log_message())
 
 
 def _nameserver_text(server: Nameserver) -> str:
