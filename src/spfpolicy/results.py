@@ -40,7 +40,9 @@ class SpfOutcome:
     matched), empty when no record was evaluated. ``lookups`` counts the DNS
     lookups the evaluation made (from cache or not); ``ttl`` is the shortest
     TTL among the DNS answers it used (``None`` when it used none), so a
-    cached copy of this outcome never outlives its data.
+    cached copy of this outcome never outlives its data. ``record`` is the
+    SPF record text published by the checked domain itself (not by includes),
+    empty when it has none; policy.py needs it for No_Mail ("v=spf1 -all").
     """
 
     result: SpfResult
@@ -53,3 +55,4 @@ class SpfOutcome:
     lookups: int = 0
     ttl: float | None = None
     elapsed: float = 0.0
+    record: str = ""
