@@ -393,3 +393,12 @@ def test_settings_are_frozen_and_replace_works() -> None:
         s.debug_level = 2  # type: ignore[misc]
     assert s.replace(debug_level=2).debug_level == 2
     assert s.debug_level == 1
+
+
+def test_cli_parsers() -> None:
+    assert config.parse_listen("inet:[::1]:10023") == (
+        ListenAddress(ListenFamily.INET, host="::1", port=10023),
+    )
+    assert config.parse_nameservers("192.0.2.53:5353") == (Nameserver("192.0.2.53", 5353),)
+    with pytest.raises(ValueError, match="expected unix: or inet:"):
+        config.parse_listen("udp:1.2.3.4:5")
