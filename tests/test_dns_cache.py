@@ -206,6 +206,7 @@ async def test_servfail_is_temperror(zone_server, resolvers) -> None:
     server.faults["example.com"] = "servfail"
     outcome = await SpfEvaluator(resolvers(server)).check("192.0.2.1", "a@example.com", "h.test")
     assert outcome.result == SpfResult.TEMPERROR
+    assert outcome.explanation == "SPF Temporary Error: DNS SERVFAIL"
 
 
 async def test_truncated_udp_answer_retried_over_tcp(zone_server, resolvers) -> None:
@@ -240,7 +241,7 @@ async def test_deadline_gives_temperror_promptly(zone_server, resolvers) -> None
     outcome = await evaluator.check("192.0.2.1", "a@slow.example.com", "h.example.com")
     elapsed = time.monotonic() - started
     assert outcome.result == SpfResult.TEMPERROR
-    assert "exceeded max query lookup time" in outcome.explanation
+    assert outcome.explanation == "SPF Temporary Error: DNS Timeout"
     assert elapsed < 1.0 + 0.5
     assert evaluator.in_flight == 0
 
@@ -295,3 +296,4 @@ async def test_outcome_reports_mechanism_and_min_ttl(zone_server, resolvers) -> 
     assert outcome.mechanism == "include:_spf.example.net"
     assert outcome.ttl == 120
     assert outcome.lookups == 2
+    assert outcome.record == "v=spf1 include:_spf.example.net -all"

@@ -65,7 +65,23 @@ _UNASKABLE = {aiodns.error.ARES_EBADNAME, aiodns.error.ARES_EBADSTR}
 
 
 class DnsTempError(Exception):
-    """The lookup could not be completed now (timeout, SERVFAIL, ...)."""
+    """The lookup could not be completed now (timeout, SERVFAIL, ...).
+
+    ``str()`` is the short reason pyspf-style texts use ("Timeout",
+    "SERVFAIL"); ``detail`` names the query.
+    """
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.detail = detail
+
+
+_REASONS = {
+    aiodns.error.ARES_ETIMEOUT: "Timeout",
+    aiodns.error.ARES_ESERVFAIL: "SERVFAIL",
+    aiodns.error.ARES_EREFUSED: "REFUSED",
+    aiodns.error.ARES_ECONNREFUSED: "connection refused",
+}
 
 
 class CnameChainTooLong(Exception):
@@ -277,7 +293,7 @@ class Resolver:
                 raise _Unaskable from None
             self.stats.upstream_failures += 1
             text = exc.args[1] if len(exc.args) > 1 else str(exc)
-            raise DnsTempError(f"{text} ({qtype} {name})") from None
+            raise DnsTempError(_REASONS.get(code, text), f"{qtype} {name}: {text}") from None
 
     async def _fetch_with_dnspython(self, name: str, qtype: str) -> DnsAnswer:
         """The same lookup through dnspython, for names c-ares will not send."""
@@ -297,9 +313,12 @@ class Resolver:
             answer = await self._fallback.resolve(qname, qtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
             return DnsAnswer((), self._clamp(self.negative_ttl))
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        except dns.exception.Timeout:
             self.stats.upstream_failures += 1
-            raise DnsTempError(f"{exc} ({qtype} {name})") from None
+            raise DnsTempError("Timeout", f"{qtype} {name}") from None
+        except dns.resolver.NoNameservers as exc:
+            self.stats.upstream_failures += 1
+            raise DnsTempError("SERVFAIL", f"{qtype} {name}: {exc}") from None
         except dns.exception.DNSException:
             return DnsAnswer((), self._clamp(self.negative_ttl))
         records: list[Record] = []

@@ -42,7 +42,9 @@ DEFAULT_VOID_LIMIT = 2
 # RFC 7208 section 4.6.4 lets evaluation time out after "at least 20 seconds".
 DEFAULT_LOOKUP_TIME = 20.0
 
-_DEADLINE_TEXT = "DNS Error: exceeded max query lookup time"
+# What pyspf says when its DNS driver times out (py3dns and dnspython both
+# surface it as "DNS Timeout"); policyd-spf copies it into defer texts.
+_TIMEOUT_TEXT = "DNS Timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,15 @@ class _AsyncQuery(spf.query):
         self._clock = clock
         self.dns_lookups = 0
         self.min_ttl: float | None = None
+        self.top_record: str | None = None
+
+    def dns_spf(self, domain: str) -> Any:
+        # The first record fetched is the checked domain's own: policy's
+        # No_Mail compares it with "v=spf1 -all".
+        record = super().dns_spf(domain)
+        if self.top_record is None:
+            self.top_record = record or ""
+        return record
 
     def dns(
         self,
@@ -101,7 +112,7 @@ class _AsyncQuery(spf.query):
         answer = self._resolver.cached(name, qtype)
         if answer is None:
             if self._clock() >= self._deadline:
-                raise spf.TempError(_DEADLINE_TEXT)
+                raise spf.TempError(_TIMEOUT_TEXT)
             parent = greenlet.getcurrent().parent
             answer = parent.switch(_NeedDns(name, qtype))
         if self.min_ttl is None or answer.ttl < self.min_ttl:
@@ -192,6 +203,7 @@ class SpfEvaluator:
             sender=query.s,
             domain=query.o,
             lookups=query.dns_lookups,
+            record=query.top_record or "",
             ttl=query.min_ttl,
             elapsed=self._clock() - started,
         )
@@ -218,7 +230,7 @@ class SpfEvaluator:
             async with asyncio.timeout(remaining):
                 answer: DnsAnswer = await self.resolver.resolve(need.name, need.qtype)
         except TimeoutError:
-            return runner.throw(spf.TempError(_DEADLINE_TEXT))
+            return runner.throw(spf.TempError(_TIMEOUT_TEXT))
         except DnsTempError as exc:
             return runner.throw(spf.TempError(f"DNS {exc}"))
         except CnameChainTooLong:
@@ -231,5 +243,5 @@ class SpfEvaluator:
             if runner.dead:
                 return
             with contextlib.suppress(Exception):
-                runner.throw(spf.TempError(_DEADLINE_TEXT))
+                runner.throw(spf.TempError(_TIMEOUT_TEXT))
         log.error("pyspf did not finish after repeated TempErrors; dropping it")
