@@ -93,7 +93,10 @@ def test_server_defaults() -> None:
     assert (s.dns_timeout, s.dns_cache_size) == (5.0, 100_000)
     assert (s.dns_min_ttl, s.dns_max_ttl, s.dns_negative_ttl) == (0, 86_400, 300)
     assert (s.result_cache_size, s.result_cache_ttl) == (10_000, 60)
-    assert s.max_connections == 1000
+    assert s.max_connections == 4096
+    assert (s.max_in_flight, s.idle_timeout) == (1000, 600.0)
+    assert s.idle_timeout > 300  # Postfix max_idle
+    assert (s.max_line_length, s.max_attributes, s.max_request_size) == (8192, 128, 65536)
     assert s.request_timeout == 60.0
     assert s.request_timeout < 100  # Postfix smtpd_policy_service_timeout
     assert s.request_timeout > 2 * s.lookup_time + s.whitelist_lookup_time
@@ -246,6 +249,11 @@ EVERY_KEY = [
     pytest.param("Result_Cache_TTL", "0", "result_cache_ttl", 0, id="Result_Cache_TTL"),
     pytest.param("Max_Connections", "50", "max_connections", 50, id="Max_Connections"),
     pytest.param("Request_Timeout", "45", "request_timeout", 45.0, id="Request_Timeout"),
+    pytest.param("Max_In_Flight", "200", "max_in_flight", 200, id="Max_In_Flight"),
+    pytest.param("Idle_Timeout", "900", "idle_timeout", 900.0, id="Idle_Timeout"),
+    pytest.param("Max_Line_Length", "4096", "max_line_length", 4096, id="Max_Line_Length"),
+    pytest.param("Max_Attributes", "64", "max_attributes", 64, id="Max_Attributes"),
+    pytest.param("Max_Request_Size", "32768", "max_request_size", 32768, id="Max_Request_Size"),
     pytest.param("Instance_Cache_Size", "5", "instance_cache_size", 5, id="Instance_Cache_Size"),
     pytest.param("Instance_TTL", "60", "instance_ttl", 60, id="Instance_TTL"),
     pytest.param(

@@ -235,10 +235,24 @@ class Settings:
     dns_negative_ttl: int = 300  # DNS_Negative_TTL
     result_cache_size: int = 10_000  # Result_Cache_Size
     result_cache_ttl: int = 60  # Result_Cache_TTL (0 disables)
-    max_connections: int = 1000  # Max_Connections
+    # Max_Connections: open client connections; one more is closed at once
+    # (logged). Postfix holds one per smtpd process (default_process_limit
+    # 100), so this is far above what a site needs and below the fd limit
+    # the systemd unit sets.
+    max_connections: int = 4096
     # Whole-request deadline: below Postfix's smtpd_policy_service_timeout
     # (100 s) and above 2 x Lookup_Time + Whitelist_Lookup_Time (50 s).
     request_timeout: float = 60.0  # Request_Timeout
+    # Max_In_Flight: requests evaluated at once; more wait for a slot (within
+    # their Request_Timeout), bounding memory under a flood.
+    max_in_flight: int = 1000
+    # Idle_Timeout: a connection with no request for this long is closed;
+    # above Postfix's max_idle (300 s) so Postfix normally closes first.
+    idle_timeout: float = 600.0
+    # Protocol limits (see protocol.RequestParser for the reasons).
+    max_line_length: int = 8192  # Max_Line_Length, bytes
+    max_attributes: int = 128  # Max_Attributes per request
+    max_request_size: int = 65536  # Max_Request_Size, bytes
     instance_cache_size: int = 10_000  # Instance_Cache_Size
     instance_ttl: int = 1800  # Instance_TTL, seconds
     log_target: tuple[LogTarget, ...] = (LogTarget.SYSLOG,)  # Log_Target
@@ -529,6 +543,11 @@ _KEYS: Mapping[str, _Key] = {
     "Result_Cache_TTL": _Key("result_cache_ttl", _int(0)),
     "Max_Connections": _Key("max_connections", _int(1)),
     "Request_Timeout": _Key("request_timeout", _seconds),
+    "Max_In_Flight": _Key("max_in_flight", _int(1)),
+    "Idle_Timeout": _Key("idle_timeout", _seconds),
+    "Max_Line_Length": _Key("max_line_length", _int(256)),
+    "Max_Attributes": _Key("max_attributes", _int(16)),
+    "Max_Request_Size": _Key("max_request_size", _int(1024)),
     "Instance_Cache_Size": _Key("instance_cache_size", _int(0)),
     "Instance_TTL": _Key("instance_ttl", _int(0)),
     "Log_Target": _Key("log_target", _log_target),

@@ -83,8 +83,10 @@ class PolicyServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._busy: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
         self.requests = 0
         self.errors = 0
+        self.refused_connections = 0
 
     # -- listeners ----------------------------------------------------------
 
@@ -136,18 +138,34 @@ class PolicyServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        if len(self._connections) >= self.settings.max_connections:
-            log.warning(
-                "connection refused: %d connections open (Max_Connections)",
-                len(self._connections),
-            )
+        settings = self.settings
+        if len(self._connections) >= settings.max_connections:
+            self.refused_connections += 1
+            # One line per 100 refusals: a flood must not flood the log too.
+            if self.refused_connections % 100 == 1:
+                log.warning(
+                    "connection refused: %d connections open (Max_Connections); %d refused so far",
+                    len(self._connections),
+                    self.refused_connections,
+                )
             writer.close()
             return
         self._connections.add(task)
-        parser = RequestParser()
+        parser = RequestParser(
+            max_line_length=settings.max_line_length,
+            max_attributes=settings.max_attributes,
+            max_request_size=settings.max_request_size,
+        )
         try:
             while not self._stopping.is_set():
-                data = await reader.read(READ_SIZE)
+                try:
+                    async with asyncio.timeout(settings.idle_timeout):
+                        data = await reader.read(READ_SIZE)
+                except TimeoutError:
+                    log.info(
+                        "closing connection idle for %ss (Idle_Timeout)", settings.idle_timeout
+                    )
+                    break
                 if not data:
                     break
                 parser.feed(data)
@@ -183,7 +201,7 @@ class PolicyServer:
                 log.warning("unsupported request type %r: answering DUNNO", request.request)
                 return "DUNNO"
             try:
-                async with asyncio.timeout(self.settings.request_timeout):
+                async with asyncio.timeout(self.settings.request_timeout), self._slots:
                     decision = await decide(request, self.settings, self.checks, self.memory)
             except TimeoutError:
                 self.errors += 1
