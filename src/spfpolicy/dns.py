@@ -24,7 +24,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +164,7 @@ class Resolver:
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
         self._channel: aiodns.DNSResolver | None = None
         self._fallback: dns.asyncresolver.Resolver | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- the cache side -----------------------------------------------------
 
@@ -216,6 +217,12 @@ class Resolver:
         key = (name, qtype)
         if key not in self._inflight and self.cache.get(key) is None:
             self._start(key)
+
+    def background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run lookups nobody waits for (prefetches); ended by ``close()``."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _start(self, key: tuple[str, str]) -> asyncio.Future[DnsAnswer]:
         self.stats.misses += 1
@@ -334,6 +341,10 @@ class Resolver:
         return DnsAnswer(tuple(records), self._clamp(answer.rrset.ttl if answer.rrset else 0))
 
     async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
         for future in list(self._inflight.values()):
             future.cancel()
         if self._channel is not None:

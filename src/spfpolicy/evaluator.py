@@ -33,6 +33,7 @@ import greenlet
 import spf
 
 from spfpolicy.dns import CnameChainTooLong, DnsAnswer, DnsTempError, Resolver
+from spfpolicy.prefetch import SpfPrefetcher
 from spfpolicy.results import Identity, SpfOutcome, SpfResult
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,11 @@ class SpfEvaluator:
         lookup_time: float = DEFAULT_LOOKUP_TIME,
         receiver: str | None = None,
         default_explanation: str | None = None,
+        prefetch: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.resolver = resolver
+        self.prefetcher = SpfPrefetcher(resolver) if prefetch else None
         self.default_explanation = default_explanation
         self.void_limit = void_limit
         self.lookup_time = lookup_time
@@ -185,6 +188,10 @@ class SpfEvaluator:
                 sender=sender or f"postmaster@{helo}",
                 elapsed=self._clock() - started,
             )
+        if self.prefetcher is not None:
+            domain = str(query.d).lower().rstrip(".")
+            if domain and all(0 < len(label) < 64 for label in domain.split(".")):
+                self.prefetcher.start(domain, query.A)
         try:
             result, code, explanation = await self._drive(query, deadline)
         except Exception:
