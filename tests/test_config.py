@@ -102,6 +102,14 @@ def test_server_defaults() -> None:
     assert s.request_timeout > 2 * s.lookup_time + s.whitelist_lookup_time
     assert (s.instance_cache_size, s.instance_ttl) == (10_000, 1800)
     assert s.log_target == (LogTarget.SYSLOG,)
+    assert s.user == s.group == ""
+    assert s.shutdown_grace == 30.0
+    assert s.stats_interval is None
+    assert s.effective_stats_interval == 300.0  # debugLevel 1
+    assert s.replace(debug_level=0).effective_stats_interval == 0.0
+    assert s.replace(debug_level=0, stats_interval=60.0).effective_stats_interval == 60.0
+    assert s.replace(stats_interval=0.0).effective_stats_interval == 0.0
+    assert s.metrics_listen is None
 
 
 def test_empty_file_gives_defaults_with_hostname(tmp_path: Path) -> None:
@@ -263,6 +271,19 @@ EVERY_KEY = [
         (LogTarget.SYSLOG, LogTarget.STDERR),
         id="Log_Target",
     ),
+    pytest.param("User", "nobody", "user", "nobody", id="User"),
+    pytest.param("Group", "nogroup", "group", "nogroup", id="Group"),
+    pytest.param("Shutdown_Grace", "5.5", "shutdown_grace", 5.5, id="Shutdown_Grace"),
+    pytest.param("Stats_Interval", "60", "stats_interval", 60.0, id="Stats_Interval"),
+    pytest.param("Stats_Interval", "0", "stats_interval", 0.0, id="Stats_Interval-off"),
+    pytest.param("Stats_Interval", "", "stats_interval", None, id="Stats_Interval-unset"),
+    pytest.param(
+        "Metrics_Listen", "127.0.0.1:9469", "metrics_listen", ("127.0.0.1", 9469), id="Metrics"
+    ),
+    pytest.param(
+        "Metrics_Listen", "inet:[::1]:9469", "metrics_listen", ("::1", 9469), id="Metrics-v6"
+    ),
+    pytest.param("Metrics_Listen", "", "metrics_listen", None, id="Metrics-off"),
 ]
 
 
@@ -320,6 +341,9 @@ BAD = [
     pytest.param("Request_Timeout = soon", "expected a number", id="Request_Timeout"),
     pytest.param("Max_Connections = 0", "must be at least 1", id="Max_Connections"),
     pytest.param("Log_Target = file", "bad log target 'file'", id="Log_Target"),
+    pytest.param("Shutdown_Grace = 0", "positive number", id="Shutdown_Grace"),
+    pytest.param("Stats_Interval = -1", "must be 0 (off)", id="Stats_Interval"),
+    pytest.param("Metrics_Listen = 9469", "missing port", id="Metrics_Listen-port"),
     pytest.param("DNS_Min_TTL = 100\nDNS_Max_TTL = 10", "larger than DNS_Max_TTL", id="ttl"),
     pytest.param("Authserv_Id =\nHeader_Type = AR", "needs a non-empty Authserv_Id", id="AR-id"),
 ]

@@ -72,6 +72,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # Authserv_Id value that stands for "this host's name".
 AUTHSERV_HOSTNAME = "HOSTNAME"
 
+# Stats_Interval when the key is unset and debugLevel >= 1.
+DEFAULT_STATS_INTERVAL = 300.0
+
 DEFAULT_REASON_MESSAGE = "Message {rejectdefer} due to: {spf}. Please see {url}"
 # Positional fields: {0} scope (helo/mfrom), {1} identity, {2} ip, {3} recipient.
 DEFAULT_REASON_URL = "http://www.openspf.net/Why?s={0};id={1};ip={2};r={3}"
@@ -256,6 +259,27 @@ class Settings:
     instance_cache_size: int = 10_000  # Instance_Cache_Size
     instance_ttl: int = 1800  # Instance_TTL, seconds
     log_target: tuple[LogTarget, ...] = (LogTarget.SYSLOG,)  # Log_Target
+    # User/Group: started as root (without systemd), switch to these after
+    # binding the sockets ("" = stay). Not policyd-spf's UserID, which only
+    # its milter reads and which defaults to a user most hosts do not have.
+    user: str = ""  # User
+    group: str = ""  # Group ("" = the user's primary group)
+    # Shutdown_Grace: on SIGTERM, seconds for requests already read to be
+    # answered (those still evaluating at the end get the fallback answer).
+    # Below systemd's TimeoutStopSec (the unit sets 45 s).
+    shutdown_grace: float = 30.0
+    # Stats_Interval: seconds between one-line stats summaries in the log;
+    # 0 = off; unset = DEFAULT_STATS_INTERVAL at debugLevel >= 1, off at 0.
+    stats_interval: float | None = None
+    # Metrics_Listen: host:port of the Prometheus endpoint (None = off).
+    metrics_listen: tuple[str, int] | None = None
+
+    @property
+    def effective_stats_interval(self) -> float:
+        """Stats_Interval with its debugLevel-dependent default resolved."""
+        if self.stats_interval is not None:
+            return self.stats_interval
+        return DEFAULT_STATS_INTERVAL if self.debug_level >= 1 else 0.0
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (for CLI overrides and per-user settings)."""
@@ -459,6 +483,24 @@ def _host_port(text: str, default_port: int | None) -> tuple[str, int]:
     return host, port
 
 
+def _interval(text: str) -> float | None:
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError("expected a number of seconds (0 = off)") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be 0 (off) or a positive number of seconds")
+    return value
+
+
+def _metrics_listen(text: str) -> tuple[str, int] | None:
+    if not text:
+        return None
+    return _host_port(text.removeprefix("inet:"), None)
+
+
 def _nameservers(text: str) -> tuple[Nameserver, ...]:
     servers = []
     for item in _items(text):
@@ -551,6 +593,11 @@ _KEYS: Mapping[str, _Key] = {
     "Instance_Cache_Size": _Key("instance_cache_size", _int(0)),
     "Instance_TTL": _Key("instance_ttl", _int(0)),
     "Log_Target": _Key("log_target", _log_target),
+    "User": _Key("user", _text),
+    "Group": _Key("group", _text),
+    "Shutdown_Grace": _Key("shutdown_grace", _seconds),
+    "Stats_Interval": _Key("stats_interval", _interval),
+    "Metrics_Listen": _Key("metrics_listen", _metrics_listen),
 }
 
 # The per-user parser of policyd-spf 3.0.4 knows "Authserv-Id" (with a hyphen)
