@@ -58,6 +58,19 @@ class Fault(enum.StrEnum):
     TIMEOUT = "timeout"  # never answer
     SERVFAIL = "servfail"
     REFUSED = "refused"
+    NXDOMAIN = "nxdomain"  # the name does not exist, whatever the zone says
+    # Broken answers, as from a buggy middlebox or an off-path attacker:
+    MALFORMED = "malformed"  # bytes that are no DNS message at all
+    WRONG_ID = "wrong_id"  # a correct answer with another query's ID
+    TRUNCATED_WIRE = "truncated_wire"  # a correct answer cut short, TC not set
+    # TC over UDP (the client must retry over TCP), then no answer over TCP.
+    TC_TCP_TIMEOUT = "tc_tcp_timeout"
+
+
+# Fault.MALFORMED: the query's ID and a response's flags (so the client does
+# try to parse it), then section counts of 0xFFFF with junk where the records
+# should be.
+_GARBAGE = b"\x81\x80" + b"\xff" * 8 + bytes(range(0x80, 0xC0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,6 +308,7 @@ class ZoneServer:
         self.soa_in_negative = soa_in_negative
         self.udp_limit = udp_limit
         self.faults: dict[str, str] = {}  # name as in counts -> a Fault value
+        self.delays: dict[str, float] = {}  # name as in counts -> seconds, instead of delay
         self.default_fault: str | None = None
         self.queries = 0
         self.tcp_queries = 0
@@ -381,15 +395,18 @@ class ZoneServer:
         reply = self._reply(query, tcp=tcp)
         if reply is None:
             return
-        if self.delay > 0:
-            task = asyncio.get_running_loop().create_task(self._send_later(send, reply))
+        delay = self.delay
+        if self.delays and query.question:
+            delay = self.delays.get(_name_key(query.question[0].name), delay)
+        if delay > 0:
+            task = asyncio.get_running_loop().create_task(self._send_later(send, reply, delay))
             self._delayed.add(task)
             task.add_done_callback(self._delayed.discard)
         else:
             send(reply)
 
-    async def _send_later(self, send: Callable[[bytes], None], reply: bytes) -> None:
-        await asyncio.sleep(self.delay)
+    async def _send_later(self, send: Callable[[bytes], None], reply: bytes, delay: float) -> None:
+        await asyncio.sleep(delay)
         send(reply)
 
     def _reply(self, query: dns.message.Message, *, tcp: bool) -> bytes | None:
@@ -409,17 +426,35 @@ class ZoneServer:
             response.set_rcode(dns.rcode.REFUSED)
             return response.to_wire()
         result = self.zone.resolve(question.name, question.rdtype, self._runtime_fault)
-        if result.fault is Fault.TIMEOUT:
+        fault = result.fault
+        if fault is None:
+            pass
+        elif fault is Fault.TIMEOUT or (fault is Fault.TC_TCP_TIMEOUT and tcp):
             return None
-        if result.fault is not None:
-            rcode = dns.rcode.SERVFAIL if result.fault is Fault.SERVFAIL else dns.rcode.REFUSED
+        elif fault is Fault.TC_TCP_TIMEOUT:
+            response.flags |= dns.flags.TC
+            return response.to_wire()
+        elif fault is Fault.MALFORMED:
+            return struct.pack("!H", query.id) + _GARBAGE
+        elif fault in (Fault.SERVFAIL, Fault.REFUSED):
+            rcode = dns.rcode.SERVFAIL if fault is Fault.SERVFAIL else dns.rcode.REFUSED
             response.set_rcode(rcode)
             return response.to_wire()
+        else:  # NXDOMAIN, or a real answer to be broken on the way out
+            result = self.zone.resolve(question.name, question.rdtype)
+            if fault is Fault.NXDOMAIN:
+                result = Resolution(dns.rcode.NXDOMAIN, negative=True, final_name=question.name)
         response.set_rcode(result.rcode)
         response.answer.extend(result.answer)
         if result.negative and self.soa_in_negative:
             response.authority.append(self._soa(result.final_name))
-        return self._to_wire(response, query, tcp=tcp)
+        wire = self._to_wire(response, query, tcp=tcp)
+        if fault is Fault.WRONG_ID:
+            (ident,) = struct.unpack_from("!H", wire)
+            return struct.pack("!H", ident ^ 0x5A5A) + wire[2:]
+        if fault is Fault.TRUNCATED_WIRE:
+            return wire[: max(12, len(wire) // 2)]  # the header survives, the rest is cut
+        return wire
 
     def _runtime_fault(self, name: dns.name.Name) -> Fault | None:
         fault = self.faults.get(_name_key(name)) if self.faults else None
