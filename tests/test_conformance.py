@@ -82,11 +82,11 @@ def _plain_pyspf(port: int, case: dict[str, Any]) -> tuple[str, str]:
     resolver = dns.resolver.Resolver(configure=False)
     resolver.nameservers = ["127.0.0.1"]
     resolver.port = port
-    resolver.timeout = resolver.lifetime = 1.0
+    resolver.timeout = resolver.lifetime = 3.0
     saved = dns.resolver.default_resolver
     dns.resolver.default_resolver = resolver
     try:
-        query = spf.query(case["host"], case["mailfrom"], case["helo"], querytime=3)
+        query = spf.query(case["host"], case["mailfrom"], case["helo"], querytime=10)
         query.set_default_explanation("DEFAULT")
         result, _code, explanation = query.check()
     finally:
@@ -114,6 +114,10 @@ async def test_rfc7208(index: int, name: str, case: dict[str, Any]) -> None:
 
     if name in ORACLE_DRIVER_DIFFERENCES:
         assert outcome.result != pyspf_result, f"{name}: drop it from ORACLE_DRIVER_DIFFERENCES"
+    elif isinstance(case["result"], list) and {outcome.result, pyspf_result} <= set(case["result"]):
+        # The suite allows several results where record order decides
+        # (ptr-limit: "the SPF result is effectively randomized").
+        pass
     else:
         assert outcome.result == pyspf_result, "differs from plain pyspf on the same DNS data"
     expected = _expected(case)
