@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import os
 import resource
+import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,11 @@ def header(result: str, sender: str, ip: str = BAD_IP, helo: str = HELO) -> str:
     )
 
 
+# Unicode categories no answer may contain: controls, format characters,
+# surrogates, private use, unassigned, line and paragraph separators.
+_UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
 class MalformedResponse(AssertionError):
     """The server wrote something that is not exactly one clean action line."""
 
@@ -74,9 +80,10 @@ class MalformedResponse(AssertionError):
 def check_response_block(block: bytes) -> str:
     """The action of one response block (its bytes up to and including "\\n\\n").
 
-    Strict: exactly one line, ``action=`` then printable UTF-8 with no control
-    character (C0, DEL, C1), at most MAX_RESPONSE_LINE bytes; the project's
-    ResponseParser must read the same action from it.
+    Strict: exactly one line, ``action=`` then printable UTF-8: no control
+    (C0, DEL, C1), line or paragraph separator, format character (bidi,
+    zero-width), surrogate, private-use or unassigned character; at most
+    MAX_RESPONSE_LINE bytes; the project's ResponseParser reads the same action.
     """
     if not block.endswith(b"\n\n") or block.count(b"\n") != 2:
         raise MalformedResponse(f"not one line and a blank line: {block[:300]!r}")
@@ -89,8 +96,9 @@ def check_response_block(block: bytes) -> str:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedResponse(f"not UTF-8: {line[:300]!r}") from exc
-    if not text.isprintable():
-        raise MalformedResponse(f"unprintable character: {text[:300]!r}")
+    bad = [c for c in text if unicodedata.category(c) in _UNPRINTABLE]
+    if bad:
+        raise MalformedResponse(f"unprintable characters {bad!r}: {text[:300]!r}")
     action = text.removeprefix("action=")
     if not action.strip():
         raise MalformedResponse("empty action")
