@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import os
 import resource
+import socket
 import unicodedata
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -68,22 +69,29 @@ def header(result: str, sender: str, ip: str = BAD_IP, helo: str = HELO) -> str:
     )
 
 
-# Unicode categories no answer may contain: controls, format characters,
-# surrogates, private use, unassigned, line and paragraph separators.
-_UNPRINTABLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+# Unicode characters that break no line for Postfix or SMTP but are not
+# printable either: line and paragraph separators, format characters (bidi
+# overrides, zero-width), surrogates. A MUA or log viewer may break or reorder
+# text there.
+_INVISIBLE = {"Zl", "Zp", "Cf", "Cs"}
 
 
 class MalformedResponse(AssertionError):
     """The server wrote something that is not exactly one clean action line."""
 
 
-def check_response_block(block: bytes) -> str:
+class UnprintableResponse(MalformedResponse):
+    """One clean action line, but with Unicode separators or format characters."""
+
+
+def check_response_block(block: bytes, *, invisibles: list[str] | None = None) -> str:
     """The action of one response block (its bytes up to and including "\\n\\n").
 
-    Strict: exactly one line, ``action=`` then printable UTF-8: no control
-    (C0, DEL, C1), line or paragraph separator, format character (bidi,
-    zero-width), surrogate, private-use or unassigned character; at most
-    MAX_RESPONSE_LINE bytes; the project's ResponseParser reads the same action.
+    Strict: exactly one line, ``action=`` then UTF-8 with no control character
+    (C0, DEL, C1), at most MAX_RESPONSE_LINE bytes; the project's
+    ResponseParser reads the same action. Unicode separators and format
+    characters raise UnprintableResponse, or are appended to ``invisibles``
+    when a list is given.
     """
     if not block.endswith(b"\n\n") or block.count(b"\n") != 2:
         raise MalformedResponse(f"not one line and a blank line: {block[:300]!r}")
@@ -96,9 +104,8 @@ def check_response_block(block: bytes) -> str:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MalformedResponse(f"not UTF-8: {line[:300]!r}") from exc
-    bad = [c for c in text if unicodedata.category(c) in _UNPRINTABLE]
-    if bad:
-        raise MalformedResponse(f"unprintable characters {bad!r}: {text[:300]!r}")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise MalformedResponse(f"control character: {text[:300]!r}")
     action = text.removeprefix("action=")
     if not action.strip():
         raise MalformedResponse("empty action")
@@ -106,7 +113,68 @@ def check_response_block(block: bytes) -> str:
     parser.feed(block)
     if parser.next_response() != action or parser.next_response() is not None:
         raise MalformedResponse(f"ResponseParser reads it otherwise: {block[:300]!r}")
+    bad = [c for c in text if unicodedata.category(c) in _INVISIBLE]
+    if bad:
+        if invisibles is None:
+            raise UnprintableResponse(f"Unicode separators/format characters {bad!r}: {text!r}")
+        invisibles.append(text)
     return action
+
+
+class RawClient:
+    """A connection on a plain non-blocking socket, for the fuzzer.
+
+    Unlike asyncio streams, a failed write (the server closed on a limit while
+    we still sent) does not discard answers already received.
+    """
+
+    def __init__(self, sock: socket.socket, invisibles: list[str] | None = None) -> None:
+        self.sock = sock
+        self._buffer = b""
+        # Answers with Unicode separators/format characters, recorded, not raised.
+        self.invisibles: list[str] = [] if invisibles is None else invisibles
+
+    @classmethod
+    async def connect(cls, path: Path | str, invisibles: list[str] | None = None) -> RawClient:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock, invisibles)
+
+    async def send(self, data: bytes) -> bool:
+        """False if the server closed before taking it all."""
+        try:
+            await asyncio.get_running_loop().sock_sendall(self.sock, data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+    async def _recv(self) -> bytes:
+        try:
+            return await asyncio.get_running_loop().sock_recv(self.sock, 65536)
+        except ConnectionResetError:
+            return b""
+
+    async def answer(self, bound: float = ANSWER_TIMEOUT) -> str:
+        async with asyncio.timeout(bound):
+            while (end := self._buffer.find(b"\n\n")) < 0:
+                data = await self._recv()
+                if not data:
+                    raise EOFError(f"server closed the connection; unanswered: {self._buffer!r}")
+                self._buffer += data
+        block, self._buffer = self._buffer[: end + 2], self._buffer[end + 2 :]
+        return check_response_block(block, invisibles=self.invisibles)
+
+    async def closed_by_server(self, bound: float = 5.0) -> bool:
+        async with asyncio.timeout(bound):
+            return not await self._recv() and not self._buffer
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Client:
@@ -145,7 +213,7 @@ class Client:
         try:
             async with asyncio.timeout(bound):
                 data = await self.reader.read(65536)
-        except ConnectionResetError:
+        except ConnectionError:
             return True
         return not data and not self._buffer
 

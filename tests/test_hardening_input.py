@@ -13,7 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -380,3 +383,85 @@ def test_check_response_block_refuses_bad_blocks() -> None:
         with pytest.raises(AssertionError):
             check_response_block(bad)
     assert check_response_block(b"action=DUNNO\n\n") == "DUNNO"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (evaluator/policy): a scoped IPv6 client_address ('fe80::1%lo') passes "
+    "ipaddress but pyspf's set_ip raises AddressValueError outside the evaluator's try; the "
+    "server logs 'policy evaluation failed' with a traceback and answers the fallback",
+)
+@pytest.mark.parametrize("ip", ["fe80::1%lo", "2001:db8::1%eth0"])
+async def test_scoped_ipv6_client_address_is_no_error(
+    servers: InProcessServers, caplog: pytest.LogCaptureFixture, ip: str
+) -> None:
+    running = await servers.start(ZONE, lookup_time=2)
+    client = await running.connect()
+    await client.ask(request(ip=ip), bound=10.0)
+    assert running.server.errors == 0
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug (dns.py _fetch_with_dnspython): a name c-ares refuses and longer than 255 "
+    "octets (from a macro, e.g. exists:%{l}.%{d} with a long local part) makes dns.name.Name "
+    "raise NameTooLong outside the try: 'SPF evaluation failed' traceback, temperror "
+    "'internal error' (RFC 7208 7.3 truncates such names on the left)",
+)
+async def test_overlong_macro_name_is_no_internal_error(
+    servers: InProcessServers, caplog: pytest.LogCaptureFixture
+) -> None:
+    zone = ZONE | {"macro.example": [{"TXT": "v=spf1 exists:%{l}.%{d} -all"}]}
+    running = await servers.start(zone, lookup_time=2)
+    client = await running.connect()
+    local = ".".join(["l" * 60] * 5)  # 304 characters, every label legal
+    action = await client.ask(request(f"{local}@macro.example", ip=BAD_IP), bound=10.0)
+    assert "internal error" not in action
+    assert "Temperror" not in action
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
+
+
+# -- the fuzz script, briefly ----------------------------------------------------------
+
+FUZZ_SCRIPT = Path(__file__).parent / "fuzz" / "fuzz_server.py"
+FUZZ_REQUESTS = 3000
+
+
+@pytest.fixture(scope="module")
+def fuzz_report() -> dict[str, Any]:
+    """One short run of tests/fuzz/fuzz_server.py (a real server subprocess)."""
+    done = subprocess.run(
+        [sys.executable, str(FUZZ_SCRIPT), "--requests", str(FUZZ_REQUESTS), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=110,
+        check=False,
+    )
+    assert done.stdout.strip(), done.stderr[-3000:]
+    report: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return report
+
+
+@pytest.mark.slow
+def test_fuzz_short_run(fuzz_report: dict[str, Any]) -> None:
+    """No crash, no hang, every answer one clean line as predicted, RSS bounded."""
+    report = fuzz_report
+    assert report["failures"] == []
+    assert report["requests"] == FUZZ_REQUESTS
+    assert report["answers"] > FUZZ_REQUESTS // 2
+    assert report["closes"] > 0  # limits were broken, and only those connections closed
+    assert report["final_answer_ok"]
+    assert report["rss_after_mb"] <= report["rss_limit_mb"]
+    assert report["ok"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bugs above: server tracebacks (IDNA UnicodeError, scoped IPv6, NameTooLong) "
+    "and U+2028 in answers",
+)
+def test_fuzz_short_run_clean(fuzz_report: dict[str, Any]) -> None:
+    assert fuzz_report["traceback_kinds"] == {}
+    assert fuzz_report["invisible_examples"] == []
