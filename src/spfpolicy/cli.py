@@ -82,6 +82,17 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="unix:PATH or inet:HOST:PORT (repeatable; overrides Listen)",
     )
+
+    from spfpolicy.bench import add_arguments as add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench",
+        help="load generator: loopback DNS, servers, workloads, reports",
+        description="Send Postfix-like policy traffic to spfpolicy, the bare DUNNO server, a "
+        "running server or a spawn(8)-style program, against a generated SPF zone on "
+        "loopback DNS, and report throughput, latency, correctness, DNS queries and memory.",
+    )
+    add_bench_arguments(bench)
     return parser
 
 
@@ -106,6 +117,10 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        from spfpolicy.bench import run_bench
+
+        return run_bench(args)
     from spfpolicy.config import ConfigError, load_settings
 
     try:

@@ -1,0 +1,299 @@
+"""spfpolicy bench: small, fast runs of every workload and target, the answer
+checks, the JSON report, and the spawn(8) baseline mode. No timing assertions:
+speed is measured by running the bench, not by the test suite.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from spfpolicy import cli
+from spfpolicy.bench import (
+    BenchConfig,
+    BenchError,
+    baseline_argv,
+    classify,
+    launcher_path,
+    run_sync,
+    write_plot,
+)
+from spfpolicy.benchzone import Workload, WorkloadKind, helo_address, helo_name, parse_mix
+from spfpolicy.protocol import RequestParser
+
+SMALL = {"requests": 300, "concurrency": 10, "dns_delay": 0.001, "progress": False}
+POLICYD_SPF = Path("/usr/bin/policyd-spf")
+
+
+def _run(**changes: object) -> dict:
+    return run_sync(BenchConfig(**{**SMALL, **changes}))  # type: ignore[arg-type]
+
+
+def _only(data: dict) -> dict:
+    (target,) = data["targets"]
+    return target
+
+
+# ------------------------------------------------------------------ pure parts
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        pytest.param("dunno", ("dunno", None), id="dunno"),
+        pytest.param("DUNNO", ("dunno", None), id="DUNNO"),
+        pytest.param(
+            "prepend Received-SPF: Pass (mailfrom) identity=mailfrom; client-ip=10.0.0.1 ",
+            ("prepend", "pass"),
+            id="received-spf",
+        ),
+        pytest.param(
+            "prepend Authentication-Results: mx.example; spf=softfail smtp.mailfrom=a@b.example",
+            ("prepend", "softfail"),
+            id="authentication-results",
+        ),
+        pytest.param("550 5.7.23 Message rejected due to: SPF fail", ("reject", "fail"), id="fail"),
+        pytest.param("550 5.7.24 Message rejected", ("reject", "permerror"), id="permerror"),
+        pytest.param("defer_if_permit 4.7.24 later", ("defer", "temperror"), id="defer"),
+        pytest.param("OK", ("other", None), id="other"),
+    ],
+)
+def test_classify(action: str, expected: tuple[str, str | None]) -> None:
+    assert classify(action) == expected
+
+
+def test_parse_mix() -> None:
+    mix = parse_mix("pass=1, fail=3")
+    assert mix["pass"] == 1 and mix["fail"] == 3 and mix["none"] == 0
+    for bad in ("pass", "bogus=1", "pass=-1", "pass=0", "pass=x"):
+        with pytest.raises(ValueError):
+            parse_mix(bad)
+
+
+def test_helo_names_round_trip() -> None:
+    for ip in ("100.64.0.7", "fd99::1:1"):
+        assert helo_address(helo_name(ip)) == ip
+
+
+@pytest.mark.parametrize("kind", list(WorkloadKind))
+def test_workload_is_deterministic_and_parses(kind: WorkloadKind) -> None:
+    def first(seed: int) -> list[bytes]:
+        messages = itertools.islice(Workload(kind=kind, seed=seed).messages(), 200)
+        return [r.data for m in messages for r in m.requests]
+
+    data = first(7)
+    assert data == first(7)
+    assert data != first(8)
+    parser = RequestParser()
+    parser.feed(b"".join(data))
+    requests = []
+    while (request := parser.next_request()) is not None:
+        requests.append(request)
+    assert len(requests) == len(data)
+    for request in requests:
+        assert request.request == "smtpd_access_policy"
+        assert request.protocol_state == "RCPT"
+        assert request.client_address and request.helo_name and request.instance
+        assert not request.warnings
+
+
+def test_multi_recipient_messages_share_the_instance() -> None:
+    messages = list(itertools.islice(Workload(seed=3).messages(), 300))
+    multi = [m for m in messages if len(m.requests) > 1]
+    assert multi
+    for message in multi[:20]:
+        instances = {_attr(r.data, "instance") for r in message.requests}
+        assert len(instances) == 1
+        assert [r.first for r in message.requests] == [True] + [False] * (len(message.requests) - 1)
+
+
+def _attr(data: bytes, name: str) -> str:
+    for line in data.decode().splitlines():
+        key, _, value = line.partition("=")
+        if key == name:
+            return value
+    raise KeyError(name)
+
+
+def test_baseline_argv_wraps_python_programs(tmp_path: Path) -> None:
+    script = tmp_path / "policy"
+    script.write_text("#!/usr/bin/env python3\n")
+    argv = baseline_argv(f"{script} conf", "127.0.0.1:5300", None)
+    assert argv == [
+        "python3",
+        str(launcher_path()),
+        "--dns",
+        "127.0.0.1:5300",
+        "--",
+        str(script),
+        "conf",
+    ]
+    assert baseline_argv("prog --ns {dns} {conf}", "127.0.0.1:53", tmp_path / "c") == [
+        "prog",
+        "--ns",
+        "127.0.0.1:53",
+        str(tmp_path / "c"),
+    ]
+    with pytest.raises(BenchError, match="not a Python program"):
+        baseline_argv("/bin/cat", "127.0.0.1:53", None)
+
+
+def test_plot_without_matplotlib_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(BenchError, match="pip install"):
+        write_plot({"raw": [], "config": {}}, "x.png")
+
+
+# ------------------------------------------------------------------ runs
+
+
+@pytest.mark.parametrize("workload", list(WorkloadKind))
+def test_spfpolicy_answers_agree_with_the_zone(workload: WorkloadKind) -> None:
+    target = _only(_run(workload=workload, seed=5))
+    assert target["name"] == "spfpolicy"
+    assert target["requests"] >= 300
+    assert target["errors"] == 0 and target["timeouts"] == 0
+    assert target["contradictions"] == 0, target["contradiction_examples"]
+    assert target["unclassified"] == 0, target["contradiction_examples"]
+    assert target["results"] == target["expected_results"]
+    assert target["dns_queries"] > 0
+    assert target["peak_rss_bytes"] > 0
+    assert target["connections"] >= 10
+
+
+def test_same_seed_same_results() -> None:
+    one = _only(_run(seed=11, requests=200))
+    two = _only(_run(seed=11, requests=200))
+    for key in ("requests", "messages", "results", "expected_results", "actions"):
+        assert one[key] == two[key]
+
+
+def test_bare_and_spfpolicy_in_one_run_with_ratios() -> None:
+    data = _run(workload=WorkloadKind.HOT, targets=["spfpolicy", "bare"])
+    _, bare = data["targets"]
+    assert bare["name"] == "bare"
+    assert bare["actions"] == {"dunno": bare["requests"]}
+    assert bare["contradictions"] == 0 and bare["dns_queries"] == 0
+    (ratios,) = data["ratios"]
+    assert ratios["target"] == "spfpolicy" and ratios["versus"] == "bare"
+    assert ratios["requests_per_s"] > 0
+
+
+def test_connect_to_a_running_server(tmp_path: Path) -> None:
+    socket_path = tmp_path / "bare.sock"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "spfpolicy.bare", "--listen", f"unix:{socket_path}"]
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        target = _only(_run(targets=[], connect=f"unix:{socket_path}"))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert target["kind"] == "connect"
+    assert target["requests"] >= 300 and target["errors"] == 0
+    assert target["actions"] == {"dunno": target["requests"]}
+
+
+def test_connect_refuses_non_loopback() -> None:
+    with pytest.raises(BenchError, match="loopback"):
+        _run(targets=[], connect="inet:192.0.2.1:10027")
+
+
+FAKE_POLICY = textwrap.dedent(
+    """\
+    import os, sys
+    log, served = sys.argv[1], 0
+    for line in sys.stdin:
+        if line.strip() == "":
+            served += 1
+            sys.stdout.write("action=DUNNO\\n\\n")
+            sys.stdout.flush()
+    with open(log, "a") as out:
+        out.write(f"{os.getpid()} {served}\\n")
+    """
+)
+
+
+@pytest.mark.parametrize("templated", [True, False], ids=["dns-placeholder", "launcher"])
+def test_baseline_spawns_one_process_per_connection(tmp_path: Path, templated: bool) -> None:
+    program = tmp_path / "fake_policy.py"
+    program.write_text(FAKE_POLICY)
+    log = tmp_path / "served.log"
+    dns = " {dns}" if templated else ""
+    command = f"{sys.executable} {program} {log}{dns}"
+    data = _run(targets=["spfpolicy"], baseline_cmd=command, baseline_name="fake", max_use=7)
+    _, fake = data["targets"]
+    assert fake["kind"] == "baseline" and fake["name"] == "fake"
+    assert fake["errors"] == 0 and fake["timeouts"] == 0
+    served = [int(line.split()[1]) for line in log.read_text().splitlines()]
+    assert len(served) == fake["processes"] == fake["connections"]
+    assert sum(served) == fake["requests"]
+    # A message's recipients stay on one connection: up to 4 over max_use.
+    assert max(served) <= 7 + 4
+    assert fake["peak_rss_bytes"] > 0
+    assert fake["unclassified"] > 0  # DUNNO to a first recipient carries no result
+    assert data["ratios"][0]["versus"] == "fake"
+
+
+def test_cli_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "report.json"
+    argv = ["bench", "-n", "200", "-c", "5", "--dns-delay", "0.001", "--seed", "2"]
+    assert cli.main([*argv, "--no-progress", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "spfpolicy" in printed and "req/s" in printed
+    data = json.loads(out.read_text())
+    assert data["schema"] == 1
+    assert set(data["config"]) >= {"workload", "seed", "mix", "concurrency", "max_use"}
+    (target,) = data["targets"]
+    assert set(target) >= {
+        "name",
+        "requests",
+        "requests_per_s",
+        "latency_ms",
+        "errors",
+        "timeouts",
+        "actions",
+        "results",
+        "contradictions",
+        "dns_queries",
+        "peak_rss_bytes",
+    }
+    assert set(target["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
+    assert target["contradictions"] == 0
+
+
+def test_cli_rejects_unbounded_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["bench", "-n", "0", "-d", "0"]) == 2
+    assert "limit" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not POLICYD_SPF.exists(), reason="postfix-policyd-spf-python not installed")
+def test_baseline_real_policyd_spf() -> None:
+    # py3dns (policyd-spf's DNS) reports SERVFAIL as "none", not temperror:
+    # leave temperror out so every answer can be checked.
+    mix = parse_mix("pass=60,fail=10,softfail=10,neutral=5,none=10,permerror=5")
+    data = _run(
+        targets=[],
+        baseline_cmd=f"{POLICYD_SPF} {{conf}}",
+        mix=mix,
+        requests=200,
+        concurrency=4,
+    )
+    target = _only(data)
+    assert target["name"] == "baseline"
+    assert target["errors"] == 0 and target["timeouts"] == 0
+    assert target["contradictions"] == 0, target["contradiction_examples"]
+    assert target["results"] == target["expected_results"]
+    assert target["processes"] >= 4
+    assert target["peak_rss_bytes"] > 0
