@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="unix:PATH or inet:HOST:PORT (repeatable; overrides Listen)",
     )
+    serve.add_argument(
+        "--log-target",
+        metavar="TARGET",
+        help="syslog, stderr or syslog,stderr (overrides Log_Target; the systemd unit "
+        "uses stderr, for the journal)",
+    )
 
     from spfpolicy.bench import add_arguments as add_bench_arguments
 
@@ -130,15 +136,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "check":
         return asyncio.run(_check(args, settings))
-    from spfpolicy.config import parse_listen, parse_nameservers
+    from spfpolicy.config import parse_listen, parse_log_target, parse_nameservers
     from spfpolicy.server import run_server
 
     try:
         listen = [a for spec in args.listen or () for a in parse_listen(spec)]
         nameservers = [n for spec in args.nameserver or () for n in parse_nameservers(spec)]
+        log_target = parse_log_target(args.log_target) if args.log_target else None
     except ValueError as exc:
         parser.error(str(exc))
-    return run_server(settings, listen=listen, nameservers=nameservers)
+    return run_server(
+        settings,
+        listen=listen,
+        nameservers=nameservers,
+        log_target=log_target,
+        load=lambda: load_settings(args.config),
+    )
 
 
 async def _check(args: argparse.Namespace, settings: Settings) -> int:

@@ -61,6 +61,7 @@ __all__ = [
     "Settings",
     "load_settings",
     "parse_listen",
+    "parse_log_target",
     "parse_nameservers",
 ]
 
@@ -731,6 +732,11 @@ def _load_per_user(file: Path, lineno: int | None, spec: str) -> PerUserTable:
 def parse_listen(text: str) -> tuple[ListenAddress, ...]:
     """``Listen`` syntax, for the command line's --listen (ValueError if bad)."""
     return _listen(text)
+
+
+def parse_log_target(text: str) -> tuple[LogTarget, ...]:
+    """``Log_Target`` syntax, for the command line's --log-target."""
+    return _log_target(text)
 
 
 def parse_nameservers(text: str) -> tuple[Nameserver, ...]:

@@ -1,11 +1,18 @@
-"""The policy server: listeners, connections, the start/stop order and the
-signals. The only module that knows the lifecycle.
+"""The policy server: listeners, connections, reload, the start/stop order
+and the signals. The only module that knows the lifecycle.
 
 Every smtpd connection is served concurrently in one process; requests on a
 connection are answered in order. A request that fails in any way is still
 answered (DUNNO, or the TempError action when TempError_Defer is set), and
-the connection and the server live on. Shutdown: stop accepting, let requests
-already read finish within a bounded grace, close connections, exit 0.
+the connection and the server live on.
+
+Start: bind (or take systemd's sockets), start the metrics endpoint, drop
+privileges, install signal handlers, start the background tasks, READY=1.
+SIGHUP: RELOADING=1, load and apply the file (or keep the old one), READY=1.
+Stop (SIGTERM/SIGINT): STOPPING=1; stop accepting; stop reading; answer
+every request already read (within Shutdown_Grace; the fallback answers what
+is still evaluating at its end); close connections; stop the background
+tasks, the metrics endpoint and the resolver; restore the signal handlers.
 """
 
 from __future__ import annotations
@@ -22,14 +29,30 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
+from typing import Any, cast
 
 from spfpolicy import logs
 from spfpolicy.checks import DnsChecks
-from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
+from spfpolicy.config import (
+    ConfigError,
+    ListenAddress,
+    ListenFamily,
+    LogTarget,
+    Nameserver,
+    Settings,
+)
 from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.metrics import (
+    MetricsEndpoint,
+    MetricsUnavailable,
+    ServerStats,
+    Snapshot,
+    status_line,
+    summary_line,
+)
 from spfpolicy.policy import InstanceMemory, decide, fallback_decision
 from spfpolicy.protocol import (
     REQUEST_TYPE,
@@ -38,17 +61,172 @@ from spfpolicy.protocol import (
     RequestParser,
     encode_response,
 )
+from spfpolicy.systemd import InheritedSocket, Notifier, listen_fds, watchdog_interval
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(logs.REQUEST_LOGGER)
+stats_log = logging.getLogger(logs.STATS_LOGGER)
 
-READ_SIZE = 65536
-# Requests already read get this long to finish when the server stops.
-SHUTDOWN_GRACE = 10.0
+# Requests already read get this long to finish when stop() is not told.
+SHUTDOWN_GRACE = 30.0
+# How often STATUS= is refreshed for `systemctl status` (when under systemd).
+STATUS_INTERVAL = 10.0
+
+# Keys a SIGHUP cannot change in a running process: the sockets are bound
+# and privileges dropped, and the DNS channel (servers, timeout) and cache
+# size belong to the cache a reload keeps. Changing one is logged; the
+# running value stays until a restart.
+RESTART_ONLY = {
+    "listen": "Listen",
+    "socket_mode": "Socket_Mode",
+    "socket_owner": "Socket_Owner",
+    "socket_group": "Socket_Group",
+    "user": "User",
+    "group": "Group",
+    "metrics_listen": "Metrics_Listen",
+    "nameservers": "Nameservers",
+    "dns_timeout": "DNS_Timeout",
+    "dns_cache_size": "DNS_Cache_Size",
+}
 
 
-class ListenError(Exception):
+class StartupError(Exception):
+    """The server cannot start; the message says what to do."""
+
+
+class ListenError(StartupError):
     """A listener could not be set up; the message says what to do."""
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection.
+
+    Bytes go straight into the sans-IO parser as they arrive; one task takes
+    complete requests from it and answers them in order. Because the parser
+    holds everything read, "stop reading, then answer what was read" is
+    exact at shutdown: nothing read is lost in a stream buffer.
+    """
+
+    def __init__(self, server: PolicyServer) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._parser: RequestParser | None = None
+        self._wakeup = asyncio.Event()  # data, EOF or shutdown
+        self._writable = asyncio.Event()  # transport flow control
+        self._writable.set()
+        self._closing = False  # nothing more will be read
+        self._lost = False
+        self._paused = False
+        self.task: asyncio.Task[None] | None = None
+
+    # -- transport callbacks --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        server = self._server
+        settings = server.settings
+        if server.stopping or len(server.connections) >= settings.max_connections:
+            server.refuse(self)
+            transport.close()
+            return
+        self._parser = RequestParser(
+            max_line_length=settings.max_line_length,
+            max_attributes=settings.max_attributes,
+            max_request_size=settings.max_request_size,
+        )
+        server.connections.add(self)
+        self.task = asyncio.get_running_loop().create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._closing:
+            return
+        # A ProtocolError is raised again by next_request(), after the
+        # requests before it: the serving task logs it and closes.
+        with contextlib.suppress(ProtocolError):
+            parser.feed(data)
+        # Backpressure on a client that pipelines faster than we answer.
+        if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
+            self._set_reading(False)
+        self._wakeup.set()
+
+    def eof_received(self) -> bool:
+        self._closing = True
+        self._wakeup.set()
+        return True  # keep our side open to answer what was already sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = self._closing = True
+        self._writable.set()
+        self._wakeup.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # -- the server's side -------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Read nothing more; what was read is still answered, then close."""
+        self._closing = True
+        if self._transport is not None and not self._lost:
+            self._set_reading(False)
+        self._wakeup.set()
+
+    def _set_reading(self, on: bool) -> None:
+        assert self._transport is not None
+        with contextlib.suppress(RuntimeError):  # transport already closing
+            if on:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+        self._paused = not on
+
+    async def _serve(self) -> None:
+        server = self._server
+        parser = self._parser
+        transport = self._transport
+        assert parser is not None and transport is not None
+        try:
+            while not self._lost:
+                try:
+                    request = parser.next_request()
+                except ProtocolError as exc:
+                    log.warning("closing connection: %s", exc)
+                    break
+                if request is None:
+                    if self._closing:
+                        break
+                    if self._paused:
+                        self._set_reading(True)
+                    self._wakeup.clear()
+                    idle = server.settings.idle_timeout
+                    try:
+                        async with asyncio.timeout(idle):
+                            await self._wakeup.wait()
+                    except TimeoutError:
+                        log.info("closing connection idle for %ss (Idle_Timeout)", idle)
+                        break
+                    continue
+                action = await server.answer(request)
+                if self._lost:
+                    break
+                transport.write(encode_response(action))
+                if not self._writable.is_set():
+                    try:
+                        async with asyncio.timeout(server.settings.idle_timeout):
+                            await self._writable.wait()
+                    except TimeoutError:
+                        log.info("closing connection: the client does not read its answers")
+                        break
+        except Exception:
+            log.exception("connection handler failed; closing that connection")
+        finally:
+            server.connections.discard(self)
+            transport.close()
 
 
 class PolicyServer:
@@ -71,39 +249,112 @@ class PolicyServer:
             # policyd-spf leaves pyspf's receiver (the %{r} macro) at its
             # default, "unknown"; so do we, for the same exp= texts.
         )
-        self.checks = DnsChecks(
+        self.checks = self._make_checks(settings)
+        self.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
+        self.stats = ServerStats()
+        self.connections: set[_Connection] = set()
+        self.metrics: MetricsEndpoint | None = None
+        self._servers: list[asyncio.Server] = []
+        self._unix_paths: list[str] = []
+        self._deadlines: set[asyncio.Timeout] = set()  # of requests being answered
+        self._stop_deadline: float | None = None  # loop time answers are due by
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._result_hits_before = 0  # of result caches replaced by reloads
+
+    # Counters the tests and the old API read directly.
+    @property
+    def requests(self) -> int:
+        return self.stats.requests
+
+    @property
+    def errors(self) -> int:
+        return self.stats.errors
+
+    @property
+    def refused_connections(self) -> int:
+        return self.stats.refused_connections
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_deadline is not None
+
+    @property
+    def requests_in_flight(self) -> int:
+        return len(self._deadlines)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(
+            stats=self.stats,
+            dns=self.resolver.counters(),
+            result_cache_hits=self._result_hits_before + self.checks.result_hits,
+            result_cache_entries=len(self.checks.results),
+            connections=len(self.connections),
+            requests_in_flight=self.requests_in_flight,
+            evaluations_in_flight=self.evaluator.in_flight,
+        )
+
+    def _make_checks(self, settings: Settings) -> DnsChecks:
+        return DnsChecks(
             self.evaluator,
             void_limit=settings.void_limit,
             result_cache_size=settings.result_cache_size,
             result_cache_ttl=settings.result_cache_ttl,
         )
-        self.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
-        self._servers: list[asyncio.Server] = []
-        self._unix_paths: list[str] = []
-        self._connections: set[asyncio.Task[None]] = set()
-        self._busy: set[asyncio.Task[None]] = set()
-        self._stopping = asyncio.Event()
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
-        self.requests = 0
-        self.errors = 0
-        self.refused_connections = 0
 
     # -- listeners ----------------------------------------------------------
 
-    async def start(self, listen: Sequence[ListenAddress]) -> None:
+    async def start(
+        self, listen: Sequence[ListenAddress], inherited: Sequence[InheritedSocket] = ()
+    ) -> None:
+        """Listen on ``inherited`` sockets (systemd's) if any, else on ``listen``."""
+        loop = asyncio.get_running_loop()
         try:
-            for address in listen:
-                if address.family is ListenFamily.UNIX:
-                    await self._listen_unix(address.path)
-                else:
-                    server = await asyncio.start_server(
-                        self._connection, address.host, address.port, reuse_address=True
-                    )
+            if inherited:
+                for item in inherited:
+                    if item.sock.family == socket.AF_UNIX:
+                        server = await loop.create_unix_server(self._protocol, sock=item.sock)
+                    else:
+                        server = await loop.create_server(self._protocol, sock=item.sock)
                     self._servers.append(server)
-                log.info("listening on %s", address)
+                    log.info("listening on %s, passed by systemd", item.describe())
+                if listen:
+                    log.info(
+                        "socket activation: not listening on %s (Listen)",
+                        ", ".join(str(a) for a in listen),
+                    )
+            else:
+                for address in listen:
+                    if address.family is ListenFamily.UNIX:
+                        await self._listen_unix(address.path)
+                    else:
+                        server = await loop.create_server(
+                            self._protocol, address.host, address.port, reuse_address=True
+                        )
+                        self._servers.append(server)
+                    log.info("listening on %s", address)
         except BaseException:
             await self.close()
             raise
+
+    def _protocol(self) -> _Connection:
+        return _Connection(self)
+
+    async def start_metrics(self) -> None:
+        """The Prometheus endpoint, when Metrics_Listen is set (before dropping privileges)."""
+        if self.settings.metrics_listen is None:
+            return
+        host, port = self.settings.metrics_listen
+        try:
+            self.metrics = MetricsEndpoint(self.snapshot)
+            await self.metrics.start(host, port)
+        except MetricsUnavailable as exc:
+            self.metrics = None
+            raise StartupError(str(exc)) from None
+        except OSError as exc:
+            self.metrics = None
+            message = f"cannot serve metrics on {host}:{port} (Metrics_Listen): {exc}"
+            raise StartupError(message) from None
+        log.info("metrics on http://%s:%d/metrics", _host_text(host), self.metrics.port)
 
     @property
     def inet_ports(self) -> list[int]:
@@ -123,7 +374,7 @@ class PolicyServer:
                 "--listen unix:/path/to/socket or --listen inet:127.0.0.1:PORT"
             )
         _remove_stale_socket(path)
-        server = await asyncio.start_unix_server(self._connection, path)
+        server = await asyncio.get_running_loop().create_unix_server(self._protocol, path)
         self._servers.append(server)
         self._unix_paths.append(path)
         settings = self.settings
@@ -133,128 +384,151 @@ class PolicyServer:
             gid = grp.getgrnam(settings.socket_group).gr_gid if settings.socket_group else -1
             os.chown(path, uid, gid)
 
-    # -- connections ----------------------------------------------------------
+    # -- requests -----------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        settings = self.settings
-        if len(self._connections) >= settings.max_connections:
-            self.refused_connections += 1
-            # One line per 100 refusals: a flood must not flood the log too.
-            if self.refused_connections % 100 == 1:
-                log.warning(
-                    "connection refused: %d connections open (Max_Connections); %d refused so far",
-                    len(self._connections),
-                    self.refused_connections,
-                )
-            writer.close()
-            return
-        self._connections.add(task)
-        parser = RequestParser(
-            max_line_length=settings.max_line_length,
-            max_attributes=settings.max_attributes,
-            max_request_size=settings.max_request_size,
-        )
-        try:
-            while not self._stopping.is_set():
-                try:
-                    async with asyncio.timeout(settings.idle_timeout):
-                        data = await reader.read(READ_SIZE)
-                except TimeoutError:
-                    log.info(
-                        "closing connection idle for %ss (Idle_Timeout)", settings.idle_timeout
-                    )
-                    break
-                if not data:
-                    break
-                parser.feed(data)
-                while (request := parser.next_request()) is not None:
-                    action = await self._answer(request)
-                    writer.write(encode_response(action))
-                await writer.drain()
-        except ProtocolError as exc:
-            log.warning("closing connection: %s", exc)
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        except Exception:
-            log.exception("connection handler failed; closing that connection")
-        finally:
-            self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+    def refuse(self, connection: _Connection) -> None:
+        if self.stopping:
+            return  # a connection in the accept queue at shutdown: not a refusal
+        self.stats.refused_connections += 1
+        # One line per 100 refusals: a flood must not flood the log too.
+        if self.stats.refused_connections % 100 == 1:
+            log.warning(
+                "connection refused: %d connections open (Max_Connections); %d refused so far",
+                len(self.connections),
+                self.stats.refused_connections,
+            )
 
-    async def _answer(self, request: PolicyRequest) -> str:
+    async def answer(self, request: PolicyRequest) -> str:
         """One request in, one action out, whatever happens on the way."""
-        task = asyncio.current_task()
-        assert task is not None
-        self._busy.add(task)
-        self.requests += 1
+        settings = self.settings  # a reload during this request does not affect it
+        started = time.perf_counter()
+        self.stats.requests += 1
+        for warning in request.warnings:
+            log.warning("malformed request line ignored: %s", warning)
+        if request_log.isEnabledFor(logging.DEBUG):
+            for name, value in request.attributes.items():
+                request_log.debug("%s=%r", name, value)
+        if request.request != REQUEST_TYPE:
+            log.warning("unsupported request type %r: answering DUNNO", request.request)
+            self.stats.record("DUNNO", None, time.perf_counter() - started)
+            return "DUNNO"
+        loop = asyncio.get_running_loop()
+        when = loop.time() + settings.request_timeout
+        if self._stop_deadline is not None:
+            when = min(when, self._stop_deadline)
+        deadline = asyncio.timeout_at(when)
+        self._deadlines.add(deadline)
         try:
-            for warning in request.warnings:
-                log.warning("malformed request line ignored: %s", warning)
-            if request_log.isEnabledFor(logging.DEBUG):
-                for name, value in request.attributes.items():
-                    request_log.debug("%s=%r", name, value)
-            if request.request != REQUEST_TYPE:
-                log.warning("unsupported request type %r: answering DUNNO", request.request)
-                return "DUNNO"
-            try:
-                async with asyncio.timeout(self.settings.request_timeout), self._slots:
-                    decision = await decide(request, self.settings, self.checks, self.memory)
-            except TimeoutError:
-                self.errors += 1
+            async with deadline, self._slots:
+                decision = await decide(request, settings, self.checks, self.memory)
+        except TimeoutError:
+            self.stats.errors += 1
+            if self.stopping:
+                log.error(
+                    "Shutdown_Grace ending for queue id %s: answering as TempError",
+                    request.queue_id or "-",
+                )
+            else:
                 log.error(
                     "request deadline (%ss) reached for queue id %s: answering as TempError",
-                    self.settings.request_timeout,
+                    settings.request_timeout,
                     request.queue_id or "-",
                 )
-                decision = fallback_decision(self.settings, request)
-            except Exception:
-                self.errors += 1
-                log.exception(
-                    "policy evaluation failed for queue id %s, client %s, sender %r",
-                    request.queue_id or "-",
-                    request.client_address,
-                    request.sender,
-                )
-                decision = fallback_decision(self.settings, request)
-            log.info(
-                "%s client=%s helo=%r sender=%r",
-                decision.log_message(),
-                request.client_address or "-",
-                request.helo_name,
+            decision = fallback_decision(settings, request)
+        except Exception:
+            self.stats.errors += 1
+            log.exception(
+                "policy evaluation failed for queue id %s, client %s, sender %r",
+                request.queue_id or "-",
+                request.client_address,
                 request.sender,
             )
-            return decision.action
+            decision = fallback_decision(settings, request)
         finally:
-            self._busy.discard(task)
+            self._deadlines.discard(deadline)
+        result = None if decision.result is None else str(decision.result)
+        self.stats.record(decision.action, result, time.perf_counter() - started)
+        log.info(
+            "%s client=%s helo=%r sender=%r",
+            decision.log_message(),
+            request.client_address or "-",
+            request.helo_name,
+            request.sender,
+        )
+        return decision.action
+
+    # -- reload -------------------------------------------------------------
+
+    def reload(self, new: Settings) -> list[str]:
+        """Apply new settings to requests read from now on; the DNS cache stays.
+
+        Returns the restart-only keys that changed (they keep their running
+        values). Requests already being evaluated finish with the old settings.
+        """
+        old = self.settings
+        ignored = [
+            key for name, key in RESTART_ONLY.items() if getattr(old, name) != getattr(new, name)
+        ]
+        new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY})
+        resolver = self.resolver
+        resolver.min_ttl, resolver.max_ttl = new.dns_min_ttl, new.dns_max_ttl
+        resolver.negative_ttl = new.dns_negative_ttl
+        self.evaluator.void_limit, self.evaluator.lookup_time = new.void_limit, new.lookup_time
+        checks = self._make_checks(new)
+        if new.result_cache_size == old.result_cache_size:
+            # Results are keyed by everything they depend on (Void_Limit too).
+            checks.results = self.checks.results
+        self._result_hits_before += self.checks.result_hits
+        self.checks = checks
+        if (new.instance_cache_size, new.instance_ttl) != (
+            old.instance_cache_size,
+            old.instance_ttl,
+        ):
+            self.memory = InstanceMemory(new.instance_cache_size, new.instance_ttl)
+        if new.max_in_flight != old.max_in_flight:
+            self._slots = asyncio.Semaphore(new.max_in_flight)
+        self.settings = new
+        return ignored
 
     # -- lifecycle ----------------------------------------------------------
 
-    async def stop(self, grace: float = SHUTDOWN_GRACE) -> None:
-        """Stop accepting, let requests in progress finish, close the rest."""
-        self._stopping.set()
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting and reading; answer what was read; close."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        # Checks still running near the end of the grace get the fallback
+        # answer, leaving a moment to write it.
+        self._stop_deadline = loop.time() + grace - min(1.0, grace / 4)
         for server in self._servers:
             server.close()
-        deadline = time.monotonic() + grace
-        while self._busy and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        for task in list(self._connections):
-            task.cancel()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=grace)
+        for deadline in list(self._deadlines):
+            when = deadline.when()
+            if when is None or when > self._stop_deadline:
+                deadline.reschedule(self._stop_deadline)
+        for connection in list(self.connections):
+            connection.shutdown()
+        tasks = [c.task for c in self.connections if c.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:
+                log.warning("closing %d connections still busy after the grace", len(pending))
+                for task in pending:
+                    task.cancel()
+                await asyncio.wait(pending, timeout=1.0)
         await self.close()
 
     async def close(self) -> None:
         for server in self._servers:
             server.close()
         for path in self._unix_paths:
-            with contextlib.suppress(FileNotFoundError):
+            # After dropping privileges the socket directory may not be ours.
+            with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(path)
         self._servers.clear()
         self._unix_paths.clear()
+        if self.metrics is not None:
+            await self.metrics.close()
+            self.metrics = None
         await self.resolver.close()
 
 
@@ -292,43 +566,193 @@ def _event_loop_factory() -> type[asyncio.AbstractEventLoop] | None:
     return uvloop.Loop
 
 
+def drop_privileges(user: str, group: str) -> None:
+    """As root, become ``user``/``group`` (the sockets are bound by now)."""
+    if not user and not group:
+        return
+    try:
+        entry = pwd.getpwnam(user) if user else None
+        gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else os.getgid())
+    except KeyError as exc:
+        raise StartupError(f"cannot switch to User {user!r} / Group {group!r}: {exc}") from None
+    uid = entry.pw_uid if entry else os.getuid()
+    if os.geteuid() != 0:
+        if (uid, gid) != (os.geteuid(), os.getegid()):
+            log.warning(
+                "not started as root: User/Group (%s/%s) ignored, running as uid %d gid %d",
+                user or "-",
+                group or "-",
+                os.geteuid(),
+                os.getegid(),
+            )
+        return
+    # Supplementary groups first (root's would otherwise stay), then the
+    # group while we still may, then the user: the order matters.
+    if entry is not None:
+        os.initgroups(entry.pw_name, gid)
+    else:
+        os.setgroups([gid])
+    os.setgid(gid)
+    if entry is not None:
+        os.setuid(uid)
+    log.info("running as uid %d gid %d", os.getuid(), os.getgid())
+
+
 def run_server(
     settings: Settings,
     *,
     listen: Sequence[ListenAddress] | None = None,
     nameservers: Sequence[Nameserver] | None = None,
+    log_target: Sequence[LogTarget] | None = None,
+    load: Callable[[], Settings] | None = None,
 ) -> int:
-    """Run until SIGTERM/SIGINT; the exit status for the command line."""
+    """Run until SIGTERM/SIGINT; the exit status for the command line.
+
+    ``load`` reads the configuration again on SIGHUP (the command-line
+    overrides ``listen``, ``nameservers`` and ``log_target`` apply to it too).
+    """
+    overrides: dict[str, Any] = {}
     if listen:
-        settings = replace(settings, listen=tuple(listen))
+        overrides["listen"] = tuple(listen)
     if nameservers:
-        settings = replace(settings, nameservers=tuple(nameservers))
+        overrides["nameservers"] = tuple(nameservers)
+    if log_target:
+        overrides["log_target"] = tuple(log_target)
+    settings = replace(settings, **overrides)
+    reload = (lambda: replace(load(), **overrides)) if load is not None else None
     logs.configure(settings.debug_level, settings.log_target)
     loop_factory = _event_loop_factory()
     runner = asyncio.Runner(loop_factory=loop_factory) if loop_factory else asyncio.Runner()
     with runner:
         try:
-            return runner.run(_serve(settings))
-        except ListenError as exc:
+            return runner.run(_serve(settings, reload))
+        except StartupError as exc:
             log.error("%s", exc)
             print(f"spfpolicy: {exc}", file=sys.stderr)
             return 1
 
 
-async def _serve(settings: Settings) -> int:
+async def _serve(settings: Settings, load: Callable[[], Settings] | None) -> int:
+    notifier = Notifier.from_environment()
     server = PolicyServer(settings)
-    await server.start(settings.listen)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    log.info("spfpolicy ready (event loop %s)", type(loop).__module__.split(".")[0])
     try:
-        await stop.wait()
-        log.info("stopping: finishing requests in progress")
-        await server.stop()
+        await server.start(settings.listen, listen_fds())
+        await server.start_metrics()
+        drop_privileges(settings.user, settings.group)
+    except BaseException:
+        await server.close()
+        notifier.close()
+        raise
+    try:
+        return await _Lifecycle(server, notifier, load).run()
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-    log.info("stopped after %d requests", server.requests)
-    return 0
+        notifier.close()
+
+
+class _Lifecycle:
+    """Signals, background tasks and systemd notifications around one server."""
+
+    def __init__(
+        self, server: PolicyServer, notifier: Notifier, load: Callable[[], Settings] | None
+    ) -> None:
+        self.server = server
+        self.notifier = notifier
+        self.load = load
+        self.stop_requested = asyncio.Event()
+        self.reloaded = asyncio.Event()  # wakes the stats task to re-read its interval
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        server = self.server
+        handlers: dict[signal.Signals, Callable[[], None]] = {
+            signal.SIGTERM: self.stop_requested.set,
+            signal.SIGINT: self.stop_requested.set,
+            signal.SIGHUP: self.reload,
+        }
+        for signum, handler in handlers.items():
+            loop.add_signal_handler(signum, handler)
+        try:
+            self._spawn(self._stats_loop())
+            interval = watchdog_interval()
+            if self.notifier.enabled:
+                self._spawn(self._status_loop(interval))
+            self.notifier.ready(status_line(server.snapshot()))
+            log.info("spfpolicy ready (event loop %s)", type(loop).__module__.split(".")[0])
+            await self.stop_requested.wait()
+            log.info("stopping: finishing requests already read")
+            self.notifier.stopping(f"stopping after {server.requests} requests")
+            # Signals stay handled while draining: a second SIGTERM must not
+            # kill the process halfway through (systemd sends SIGKILL later).
+            await server.stop()
+        finally:
+            for task in self.tasks:
+                task.cancel()
+            if self.tasks:
+                await asyncio.wait(self.tasks)
+            for signum in handlers:
+                loop.remove_signal_handler(signum)
+        log.info("stopped after %d requests", server.requests)
+        return 0
+
+    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def reload(self) -> None:
+        """SIGHUP: a valid file applies to new requests; a bad one changes nothing."""
+        if self.stop_requested.is_set():
+            return
+        if self.load is None:
+            log.warning("SIGHUP: no configuration loader; nothing reloaded")
+            return
+        server = self.server
+        self.notifier.reloading()
+        try:
+            new = self.load()
+        except ConfigError as exc:
+            server.stats.reload_failures += 1
+            log.error("configuration not reloaded, the previous one stays: %s", exc)
+        except Exception:
+            server.stats.reload_failures += 1
+            log.exception("configuration not reloaded, the previous one stays")
+        else:
+            ignored = server.reload(new)
+            logs.configure(new.debug_level, new.log_target)
+            server.stats.reloads += 1
+            if ignored:
+                log.warning(
+                    "configuration reloaded, but %s changed: restart spfpolicy to apply",
+                    ", ".join(ignored),
+                )
+            else:
+                log.info("configuration reloaded")
+            self.reloaded.set()
+        self.notifier.ready(status_line(server.snapshot()))
+
+    async def _stats_loop(self) -> None:
+        while True:
+            interval = self.server.settings.effective_stats_interval
+            self.reloaded.clear()
+            try:
+                async with asyncio.timeout(interval if interval > 0 else None):
+                    await self.reloaded.wait()
+                continue  # reloaded: read the interval again
+            except TimeoutError:
+                stats_log.info("%s", summary_line(self.server.snapshot()))
+
+    async def _status_loop(self, watchdog: float | None) -> None:
+        """STATUS= for `systemctl status`, and WATCHDOG=1 at half of WATCHDOG_USEC."""
+        period = min(STATUS_INTERVAL, watchdog) if watchdog else STATUS_INTERVAL
+        if watchdog:
+            log.info("pinging the systemd watchdog every %.1fs", watchdog)
+        while True:
+            if watchdog:
+                self.notifier.watchdog()
+            self.notifier.status(status_line(self.server.snapshot()))
+            await asyncio.sleep(period)
+
+
+def _host_text(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
