@@ -267,12 +267,6 @@ async def test_all_faults_at_once_leave_no_task_behind(servers: InProcessServers
     assert running.server.evaluator.in_flight == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (dns.py): one unparseable UDP answer makes c-ares fail every lookup in flight "
-    "on the shared socket with EBADRESP ('Misformatted DNS reply'), so unrelated requests "
-    "get temperror; a lookup failed with EBADRESP is not retried",
-)
 @pytest.mark.parametrize("fault", GARBAGE_FAULTS)
 async def test_garbage_answer_fails_only_its_own_lookup(
     servers: InProcessServers, fault: str

@@ -320,12 +320,6 @@ UNICODE_INVISIBLES = [
 ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (protocol.encode_response / headers): U+2028, U+2029, bidi overrides and other "
-    "Unicode format characters from helo_name/sender reach the action line and the header "
-    "unchanged (only C0, DEL and C1 controls are replaced)",
-)
 @pytest.mark.parametrize("value", UNICODE_INVISIBLES)
 async def test_no_unicode_invisibles_in_answers(servers: InProcessServers, value: bytes) -> None:
     running = await servers.start(ZONE, lookup_time=2)
@@ -336,13 +330,6 @@ async def test_no_unicode_invisibles_in_answers(servers: InProcessServers, value
         await client.answer(bound=10.0)  # check_response_block: printable
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (evaluator): a HELO name or sender domain IDNA cannot encode (U+FFFD from "
-    "invalid UTF-8; U+2028 too) makes pyspf raise UnicodeError; it is logged as 'SPF evaluation "
-    "failed' with a traceback and answered as temperror 'internal error' (deferred under "
-    "TempError_Defer), where RFC 7208 4.3 gives None for a malformed domain",
-)
 @pytest.mark.parametrize(
     "domain",
     [
@@ -385,12 +372,6 @@ def test_check_response_block_refuses_bad_blocks() -> None:
     assert check_response_block(b"action=DUNNO\n\n") == "DUNNO"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (evaluator/policy): a scoped IPv6 client_address ('fe80::1%lo') passes "
-    "ipaddress but pyspf's set_ip raises AddressValueError outside the evaluator's try; the "
-    "server logs 'policy evaluation failed' with a traceback and answers the fallback",
-)
 @pytest.mark.parametrize("ip", ["fe80::1%lo", "2001:db8::1%eth0"])
 async def test_scoped_ipv6_client_address_is_no_error(
     servers: InProcessServers, caplog: pytest.LogCaptureFixture, ip: str
@@ -402,13 +383,6 @@ async def test_scoped_ipv6_client_address_is_no_error(
     assert [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")] == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (dns.py _fetch_with_dnspython): a name c-ares refuses and longer than 255 "
-    "octets (from a macro, e.g. exists:%{l}.%{d} with a long local part) makes dns.name.Name "
-    "raise NameTooLong outside the try: 'SPF evaluation failed' traceback, temperror "
-    "'internal error' (RFC 7208 7.3 truncates such names on the left)",
-)
 async def test_overlong_macro_name_is_no_internal_error(
     servers: InProcessServers, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -457,11 +431,6 @@ def test_fuzz_short_run(fuzz_report: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bugs above: server tracebacks (IDNA UnicodeError, scoped IPv6, NameTooLong) "
-    "and U+2028 in answers",
-)
 def test_fuzz_short_run_clean(fuzz_report: dict[str, Any]) -> None:
     assert fuzz_report["traceback_kinds"] == {}
     assert fuzz_report["invisible_examples"] == []

@@ -447,7 +447,8 @@ RESPONSE_CASES = [
     pytest.param(
         "550 caf\u00e9 \u2603", "action=550 caf\u00e9 \u2603\n\n".encode(), id="non-ascii"
     ),
-    pytest.param("550 \udcff", b"action=550 ?\n\n", id="lone-surrogate"),
+    pytest.param("550 \udcff x", b"action=550   x\n\n", id="lone-surrogate"),
+    pytest.param("550 a\u2028b\u202ec", b"action=550 a b c\n\n", id="unicode-invisibles"),
     pytest.param(
         "550 " + "x" * 5000,
         b"action=550 " + b"x" * (MAX_RESPONSE_LINE - 11) + b"\n\n",

@@ -260,7 +260,7 @@ class Resolver:
         for _ in range(MAX_CNAME_CHAIN + 1):
             try:
                 result = await self._query(target, qtype)
-            except _Unaskable:
+            except _UseDnspython:
                 return await self._fetch_with_dnspython(target, qtype)
             if result is None:
                 return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
@@ -292,12 +292,22 @@ class Resolver:
         self.stats.upstream_queries += 1
         try:
             return await self._resolver().query_dns(name, qtype)
+        except UnicodeError:
+            # pycares IDNA-encodes names; one it cannot encode (U+FFFD from a
+            # non-UTF-8 sender, say) is malformed: no records (RFC 7208 4.3).
+            return None
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
             if code in _NEGATIVE:
                 return None
             if code in _UNASKABLE:
-                raise _Unaskable from None
+                raise _UseDnspython from None
+            if code == aiodns.error.ARES_EBADRESP:
+                # c-ares shares one UDP socket between lookups, and one
+                # garbage datagram fails every lookup in flight on it, not
+                # just the one it answered. Asking again on a socket of its
+                # own isolates the culprit: only its own lookup fails.
+                raise _UseDnspython from None
             self.stats.upstream_failures += 1
             text = exc.args[1] if len(exc.args) > 1 else str(exc)
             raise DnsTempError(_REASONS.get(code, text), f"{qtype} {name}: {text}") from None
@@ -313,9 +323,13 @@ class Resolver:
             resolver.cache = None
             self._fallback = resolver
         self.stats.upstream_queries += 1
-        qname = dns.name.Name(
-            [label.encode("utf-8", "surrogateescape") for label in name.split(".")] + [b""]
-        )
+        try:
+            labels = [label.encode("utf-8", "surrogateescape") for label in name.split(".")]
+            qname = dns.name.Name([*labels, b""])
+        except (dns.exception.DNSException, UnicodeError):
+            # Longer than 255 octets (a long macro expansion, say): such a
+            # name cannot exist, so it has no records.
+            return DnsAnswer((), self._clamp(self.negative_ttl))
         try:
             answer = await self._fallback.resolve(qname, qtype, search=False)
         except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
@@ -353,8 +367,9 @@ class Resolver:
             self._channel = None
 
 
-class _Unaskable(Exception):
-    """c-ares would not send this name."""
+class _UseDnspython(Exception):
+    """c-ares cannot do this lookup (a name it will not send, or a malformed
+    reply on its shared socket): dnspython asks instead."""
 
 
 def _dnspython_server(spec: str) -> dns.nameserver.Do53Nameserver:

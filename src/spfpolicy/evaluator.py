@@ -161,6 +161,9 @@ class SpfEvaluator:
         ``sender`` is empty (checked as postmaster@helo, RFC 7208 section
         2.3). Never raises for DNS trouble: that is a temperror outcome."""
         started = self._clock()
+        # RFC 4007 zone index ("fe80::1%eth0") names an interface, not part
+        # of the address SPF compares; pyspf's parser rejects it.
+        ip = ip.split("%", 1)[0]
         budget = self.lookup_time if lookup_time is None else lookup_time
         deadline = started + budget
         identity = Identity.MAILFROM if sender else Identity.HELO
@@ -178,7 +181,7 @@ class SpfEvaluator:
             )
             if self.default_explanation is not None:
                 query.set_default_explanation(self.default_explanation)
-        except spf.PermError as exc:  # e.g. an unparseable client address
+        except (spf.PermError, ValueError) as exc:  # e.g. an unparseable client address
             self.in_flight -= 1
             return SpfOutcome(
                 SpfResult.PERMERROR,

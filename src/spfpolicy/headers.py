@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 
+from spfpolicy.protocol import INVISIBLE_CATEGORIES
 from spfpolicy.results import SpfResult
 
 __all__ = [
@@ -35,8 +37,13 @@ _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`{|}~-]+")
 
 
 def clean(text: str) -> str:
-    """Replace control characters with '?'; non-ASCII text is kept (sent as UTF-8)."""
-    return _CONTROL.sub("?", text)
+    """Replace control characters with '?'; other non-ASCII text is kept (sent
+    as UTF-8), except invisible and line-breaking characters (see
+    protocol.INVISIBLE_CATEGORIES), which become '?' too."""
+    text = _CONTROL.sub("?", text)
+    if text.isascii():
+        return text
+    return "".join("?" if unicodedata.category(c) in INVISIBLE_CATEGORIES else c for c in text)
 
 
 class Bypass(enum.StrEnum):

@@ -8,6 +8,7 @@ trips is the same however its bytes were chunked.
 
 from __future__ import annotations
 
+import unicodedata
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ _WARNING_LENGTH = 200
 # C0 controls, DEL and C1 controls: any of them could end the reply line early
 # (LF, CR), truncate it in C code (NUL) or mangle a terminal reading the log.
 _CONTROLS = dict.fromkeys([*range(0x20), *range(0x7F, 0xA0)], " ")
+# Beyond ASCII: line/paragraph separators (U+2028/9), format characters (bidi
+# overrides, zero-width joiners, BOM) and lone surrogates. None ends a line
+# for Postfix, but a mail reader or log viewer may break or reorder the text
+# there, so they never leave the server either.
+INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 
 
 class ProtocolError(Exception):
@@ -338,6 +344,8 @@ def encode_response(action: str) -> bytes:
     always a bug of ours, hence ValueError.
     """
     text = action.translate(_CONTROLS)
+    if not text.isascii():
+        text = "".join(" " if unicodedata.category(c) in INVISIBLE_CATEGORIES else c for c in text)
     if not text.strip():
         raise ValueError(f"empty action: {action!r}")
     # "replace": a lone surrogate must not turn into an exception at write time.
