@@ -69,6 +69,9 @@ stats_log = logging.getLogger(logs.STATS_LOGGER)
 
 # Requests already read get this long to finish when stop() is not told.
 SHUTDOWN_GRACE = 30.0
+# Listen backlog: a Postfix restart reconnects every smtpd (default_process_limit
+# 100, often raised) at once.
+BACKLOG = 1024
 # How often STATUS= is refreshed for `systemctl status` (when under systemd).
 STATUS_INTERVAL = 10.0
 
@@ -328,7 +331,11 @@ class PolicyServer:
                         await self._listen_unix(address.path)
                     else:
                         server = await loop.create_server(
-                            self._protocol, address.host, address.port, reuse_address=True
+                            self._protocol,
+                            address.host,
+                            address.port,
+                            reuse_address=True,
+                            backlog=BACKLOG,
                         )
                         self._servers.append(server)
                     log.info("listening on %s", address)
@@ -374,15 +381,37 @@ class PolicyServer:
                 "--listen unix:/path/to/socket or --listen inet:127.0.0.1:PORT"
             )
         _remove_stale_socket(path)
-        server = await asyncio.get_running_loop().create_unix_server(self._protocol, path)
+        # Bind, chmod/chown and listen under a temporary name, then rename:
+        # the socket appears at its path only once it accepts connections
+        # with its final mode and owner (Postfix, or a test waiting for the
+        # path, never meets a socket that refuses or has the wrong mode).
+        temporary = f"{path}~{os.getpid()}"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            sock.bind(temporary)
+            try:
+                settings = self.settings
+                os.chmod(temporary, settings.socket_mode)
+                if settings.socket_owner or settings.socket_group:
+                    owner, group = settings.socket_owner, settings.socket_group
+                    uid = pwd.getpwnam(owner).pw_uid if owner else -1
+                    gid = grp.getgrnam(group).gr_gid if group else -1
+                    os.chown(temporary, uid, gid)
+                sock.listen(BACKLOG)
+                os.rename(temporary, path)
+            except BaseException:
+                os.unlink(temporary)
+                raise
+        except BaseException:
+            sock.close()
+            raise
+        server = await asyncio.get_running_loop().create_unix_server(
+            self._protocol, sock=sock, backlog=BACKLOG
+        )
         self._servers.append(server)
         self._unix_paths.append(path)
-        settings = self.settings
-        os.chmod(path, settings.socket_mode)
-        if settings.socket_owner or settings.socket_group:
-            uid = pwd.getpwnam(settings.socket_owner).pw_uid if settings.socket_owner else -1
-            gid = grp.getgrnam(settings.socket_group).gr_gid if settings.socket_group else -1
-            os.chown(path, uid, gid)
 
     # -- requests -----------------------------------------------------------
 
