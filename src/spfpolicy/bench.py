@@ -56,6 +56,7 @@ START_TIMEOUT = 30.0  # a server process or the DNS server becoming ready
 STOP_TIMEOUT = 15.0
 PREFILL = 200_000  # requests generated before the clock starts
 RSS_SAMPLE_INTERVAL = 0.1
+CONNECT_RETRY_DELAY = 0.1  # after a refused connect (full listen backlog, ...)
 JSON_SCHEMA_VERSION = 1
 
 # The policyd-spf.conf the bench gives spfpolicy (and the baseline when its
@@ -111,13 +112,15 @@ class TargetResult:
     messages: int = 0
     elapsed: float = 0.0
     latencies: array = field(default_factory=lambda: array("d"))
-    errors: int = 0
+    errors: int = 0  # requests that failed (connection lost, protocol error)
+    connect_errors: int = 0  # refused connects, retried like smtpd does
     timeouts: int = 0
     error_examples: list[str] = field(default_factory=list)
     actions: Counter[str] = field(default_factory=Counter)
     results: Counter[str] = field(default_factory=Counter)
     expected: Counter[str] = field(default_factory=Counter)
     contradictions: int = 0
+    contradiction_pairs: Counter[str] = field(default_factory=Counter)  # "expected->got"
     unclassified: int = 0
     contradiction_examples: list[dict[str, str]] = field(default_factory=list)
     connections: int = 0
@@ -158,12 +161,14 @@ class TargetResult:
                 "mean": _ms(sum(values) / len(values) if values else None),
             },
             "errors": self.errors,
+            "connect_errors": self.connect_errors,
             "timeouts": self.timeouts,
             "error_examples": self.error_examples,
             "actions": dict(self.actions),
             "results": dict(self.results),
             "expected_results": dict(self.expected),
             "contradictions": self.contradictions,
+            "contradiction_pairs": dict(self.contradiction_pairs),
             "unclassified": self.unclassified,
             "contradiction_examples": self.contradiction_examples,
             "connections": self.connections,
@@ -171,6 +176,9 @@ class TargetResult:
             "dns_queries": self.dns_queries,
             "peak_rss_bytes": self.peak_rss,
             "cpu_s": None if self.cpu_seconds is None else round(self.cpu_seconds, 3),
+            "cpu_us_per_request": None
+            if self.cpu_seconds is None or not self.requests
+            else round(self.cpu_seconds / self.requests * 1e6, 1),
             "loadgen_cpu_s": round(self.loadgen_cpu_seconds, 3),
             "dns_server_cpu_s": None
             if self.dns_cpu_seconds is None
@@ -666,12 +674,18 @@ class Bench:
                 item = next_message()
                 if item is None:
                     return
-                try:
-                    connection = await target.connect()
-                except OSError as exc:
-                    _error(result, f"connect: {exc}")
-                    await asyncio.sleep(0.1)
-                    continue
+                connection = None
+                while connection is None:
+                    try:
+                        connection = await target.connect()
+                    except OSError as exc:
+                        # Like smtpd: the message waits and the connect is retried.
+                        result.connect_errors += 1
+                        if len(result.error_examples) < 5:
+                            result.error_examples.append(f"connect: {exc}")
+                        if deadline is not None and time.perf_counter() >= deadline:
+                            return
+                        await asyncio.sleep(CONNECT_RETRY_DELAY)
                 result.connections += 1
                 used = 0
                 try:
@@ -746,6 +760,7 @@ def _check(result: TargetResult, request: Request, action: str, first_kind: str)
             result.results[word] += 1
             if word != request.expected:
                 result.contradictions += 1
+                result.contradiction_pairs[f"{request.expected}->{word}"] += 1
                 _contradiction(result, request, action, counted=True)
         return kind
     # Later recipients of a message: the first answer's reject again, or DUNNO
@@ -753,6 +768,7 @@ def _check(result: TargetResult, request: Request, action: str, first_kind: str)
     consistent = kind == first_kind if first_kind in ("reject", "defer") else kind == "dunno"
     if not consistent:
         result.contradictions += 1
+        result.contradiction_pairs[f"{first_kind}->{kind} (later recipient)"] += 1
         _contradiction(result, request, action, counted=True)
     return first_kind
 
@@ -944,18 +960,19 @@ def format_report(data: dict[str, Any]) -> str:
         f"max_use {c['max_use']}, DNS delay {c['dns_delay_s'] * 1000:g} ms, "
         f"bounds {c['requests'] or 'no'} requests / {c['duration_s']:g} s, {c['cpus']} CPUs",
         "",
-        f"{'target':<14}{'requests':>9}{'req/s':>10}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
-        f"{'max ms':>9}{'err':>6}{'t/o':>5}{'contra':>7}{'DNS q':>8}{'RSS MB':>8}{'CPU s':>7}",
+        f"{'target':<14}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
+        f"{'max ms':>10}{'err':>6}{'t/o':>5}{'contra':>7}{'DNS q':>9}{'RSS MB':>9}"
+        f"{'CPU s':>7}{'CPU us/req':>11}",
     ]
     for t in data["targets"]:
         lat = t["latency_ms"]
         rss = t["peak_rss_bytes"]
         lines.append(
-            f"{t['name'][:13]:<14}{t['requests']:>9}{t['requests_per_s']:>10,.0f}"
-            f"{_num(lat['p50']):>9}{_num(lat['p90']):>9}{_num(lat['p99']):>9}{_num(lat['max']):>9}"
-            f"{t['errors']:>6}{t['timeouts']:>5}{t['contradictions']:>7}"
-            f"{_num(t['dns_queries'], 0):>8}{_num(rss / 2**20 if rss else None, 1):>8}"
-            f"{_num(t['cpu_s'], 1):>7}"
+            f"{t['name'][:13]:<14}{t['requests']:>9}{t['requests_per_s']:>9,.0f}"
+            f"{_num(lat['p50'], 1):>9}{_num(lat['p90'], 1):>9}{_num(lat['p99'], 1):>9}"
+            f"{_num(lat['max'], 0):>10}{t['errors']:>6}{t['timeouts']:>5}{t['contradictions']:>7}"
+            f"{_num(t['dns_queries'], 0):>9}{_num(rss / 2**20 if rss else None, 1):>9}"
+            f"{_num(t['cpu_s'], 1):>7}{_num(t['cpu_us_per_request'], 0):>11}"
         )
     lines.append("")
     for t in data["targets"]:
@@ -964,8 +981,13 @@ def format_report(data: dict[str, Any]) -> str:
         lines.append(f"{t['name']}: actions: {actions}")
         lines.append(f"{' ' * len(t['name'])}  results (first recipients): {results}")
         extra = [f"{t['connections']} connections"]
+        if t["connect_errors"]:
+            extra.append(f"{t['connect_errors']} refused connects (retried)")
         if t["processes"] is not None and t["kind"] == "baseline":
             extra.append(f"{t['processes']} processes")
+        if t["contradiction_pairs"]:
+            pairs = ", ".join(f"{k} {v}" for k, v in sorted(t["contradiction_pairs"].items()))
+            extra.append(f"contradictions (expected->answered): {pairs}")
         if t["unclassified"]:
             extra.append(f"{t['unclassified']} answers without an SPF result")
         extra.append(f"load generator CPU {t['loadgen_cpu_s']:.1f} s")
@@ -1002,8 +1024,8 @@ def _x(value: float | None) -> str:
     return f"{value:.2f}x" if value >= 1 else f"{value:.3f}x (1/{1 / value:.1f})"
 
 
-def write_plot(data: dict[str, Any], path: str) -> None:
-    """Latency distribution per target (CDF on a log axis)."""
+def _plotting() -> Any:
+    """matplotlib.pyplot on the Agg backend; BenchError when it is not installed."""
     try:
         import matplotlib
 
@@ -1013,6 +1035,12 @@ def write_plot(data: dict[str, Any], path: str) -> None:
         raise BenchError(
             "--plot needs matplotlib: pip install 'spfpolicy[plot]' (or pip install matplotlib)"
         ) from None
+    return plt
+
+
+def write_plot(data: dict[str, Any], path: str) -> None:
+    """Latency distribution per target (CDF on a log axis)."""
+    plt = _plotting()
     fig, ax = plt.subplots(figsize=(8, 5))
     for result in data["raw"]:
         values = sorted(result.latencies)
@@ -1139,7 +1167,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         choices=["spfpolicy", "bare"],
         help="servers the bench starts itself, in order (repeatable; "
-        "default spfpolicy unless --connect or --baseline-cmd is given)",
+        "default spfpolicy unless --connect is given)",
     )
     parser.add_argument(
         "--connect",
@@ -1183,7 +1211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     targets = args.target
     if targets is None:
-        targets = [] if (args.connect or args.baseline_cmd) else ["spfpolicy"]
+        targets = [] if args.connect else ["spfpolicy"]
     return BenchConfig(
         workload=WorkloadKind(args.workload),
         seed=args.seed,
@@ -1215,15 +1243,17 @@ def run_bench(args: argparse.Namespace) -> int:
         print("spfpolicy bench: give --requests or --duration a limit", file=sys.stderr)
         return 2
     try:
-        data = run_sync(config)
         if config.plot_path:
-            write_plot(data, config.plot_path)
+            _plotting()  # fail before the run, not after it
+        data = run_sync(config)
     except BenchError as exc:
         print(f"spfpolicy bench: {exc}", file=sys.stderr)
         return 1
-    print(format_report(data))
+    print(format_report(data), flush=True)
     if config.json_path:
         write_json(data, config.json_path)
+    if config.plot_path:
+        write_plot(data, config.plot_path)
     return 0
 
 
