@@ -120,7 +120,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="spfpolicy-soak-") as tmp:
         work = Path(tmp)
         conf = work / "spfpolicy.conf"
-        conf.write_text(CONF)
+        conf.write_text(CONF.replace("debugLevel = 0", f"debugLevel = {args.debug_level}"))
         sock = work / "soak.sock"
         bench_json = work / "bench.json"
         zone_argv = [python, "-m", "spfpolicy.benchzone", "--seed", str(args.seed)]
@@ -164,6 +164,8 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
             stop(zone)
             server_log.close()
         log = (work / "server.log").read_text(errors="replace")
+        if args.server_log is not None:
+            args.server_log.write_text(log)
         if bench.returncode not in (0, 1) or not bench_json.exists():
             raise RuntimeError(f"bench failed ({bench.returncode}): {bench.stderr[-2000:]}")
         data = json.loads(bench_json.read_text())
@@ -205,6 +207,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample-interval", type=float, default=2.0, help="RSS sample period")
     parser.add_argument("--rss-limit-mb", type=float, default=300.0)
     parser.add_argument("--json", type=Path, help="also write the report here")
+    parser.add_argument("--server-log", type=Path, help="copy the server's log here")
+    parser.add_argument(
+        "--debug-level", type=int, default=0, help="the server's debugLevel (default 0: errors)"
+    )
     return parser
 
 
