@@ -1,10 +1,9 @@
 """The shared DNS cache and the evaluation deadline, against the loopback DNS
 server (real UDP/TCP, real c-ares), with an injected clock where time matters.
 
-c-ares keeps a small answer cache of its own (on by default, no switch in
-pycares 5). Zones here use TTL 0 where a test counts the queries that reach
-the server, so only spfpolicy's cache (with ``min_ttl`` setting the lifetime)
-decides what is asked upstream.
+c-ares' own answer cache is switched off by the resolver (it would hold
+entries outside DNS_Cache_Size), so the queries the server counts are exactly
+the ones spfpolicy's cache decided to send.
 """
 
 from __future__ import annotations
@@ -149,8 +148,21 @@ async def test_negative_answers_cached(zone_server, resolvers, name: str) -> Non
     assert server.queries == 1
     clock.now += 46
     await resolver.resolve(name, "TXT")
-    # Asked upstream again (c-ares may still answer a NODATA from its own cache).
-    assert resolver.stats.upstream_queries == 2
+    assert server.queries == 2
+
+
+async def test_cares_query_cache_is_off(zone_server, resolvers) -> None:
+    # A negative answer with an SOA (minimum 300 s) and a 1 s record: c-ares
+    # would answer both from its own cache; only spfpolicy's may.
+    server = await zone_server({"example.com": [{"A": "192.0.2.1", "ttl": 1}]})
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock, negative_ttl=5)
+    for _ in range(3):
+        await resolver.resolve("missing.example.com", "TXT")
+        await resolver.resolve("example.com", "A")
+        clock.now += 10
+    assert server.counts[("missing.example.com", "TXT")] == 3
+    assert server.counts[("example.com", "A")] == 3
 
 
 async def test_lru_bound_evicts_least_recently_used(zone_server, resolvers) -> None:

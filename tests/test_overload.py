@@ -316,14 +316,6 @@ def test_random_domain_flood_rss_bounded(flood_report: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug (dns.py): RSS grows linearly in a unique-domain flood (~1.6 MB per 1,000 "
-    "requests, +11 MB in the last third of 20,000) although DNS_Cache_Size, Result_Cache_Size "
-    "and Instance_Cache_Size are full and evicting; Python's traced heap stays flat. c-ares' "
-    "own query cache (not bounded by DNS_Cache_Size, entries kept up to their TTL) holds most "
-    "of it: with negative TTL 0 the growth falls to about a third",
-)
 def test_random_domain_flood_rss_flattens(flood_report: dict[str, Any]) -> None:
     rss = [mb for _, mb in flood_report["rss_mb"]]
     third = len(rss) // 3

@@ -21,10 +21,11 @@ evaluator can hand them to pyspf unchanged: A/AAAA address strings, MX
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,11 +246,12 @@ class Resolver:
     def _resolver(self) -> aiodns.DNSResolver:
         if self._channel is None:
             options: dict[str, Any] = {"timeout": self.timeout, "tries": self.tries}
-            self._channel = aiodns.DNSResolver(
-                nameservers=self.nameservers or None,
-                loop=asyncio.get_running_loop(),
-                **options,
-            )
+            with _without_cares_query_cache():
+                self._channel = aiodns.DNSResolver(
+                    nameservers=self.nameservers or None,
+                    loop=asyncio.get_running_loop(),
+                    **options,
+                )
         return self._channel
 
     async def _fetch(self, name: str, qtype: str) -> DnsAnswer:
@@ -365,6 +367,43 @@ class Resolver:
             self._channel.cancel()
             await self._channel.close()
             self._channel = None
+
+
+# c-ares (1.31 and later) keeps a query cache of its own, on by default, with
+# no bound on entries: under a flood of new domains it grows with the rate
+# times the TTLs, outside DNS_Cache_Size. This cache is the one that counts,
+# so c-ares' is switched off with its documented option (qcache_max_ttl = 0,
+# ARES_OPT_QUERY_CACHE). pycares 5 does not expose that option, so for the
+# moment a channel is created, its call to ares_init_options is given it.
+_ARES_OPT_QUERY_CACHE = 1 << 21
+
+
+class _InitOptionsWithoutQueryCache:
+    """pycares' C library, with ares_init_options disabling the query cache."""
+
+    def __init__(self, lib: Any) -> None:
+        self._lib = lib
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+    def ares_init_options(self, channel: Any, options: Any, optmask: int) -> int:
+        options.qcache_max_ttl = 0
+        result: int = self._lib.ares_init_options(channel, options, optmask | _ARES_OPT_QUERY_CACHE)
+        return result
+
+
+@contextlib.contextmanager
+def _without_cares_query_cache() -> Iterator[None]:
+    lib = getattr(pycares, "_lib", None)
+    if lib is None or not hasattr(lib, "ares_init_options"):
+        yield  # another pycares layout: keep its default
+        return
+    pycares._lib = _InitOptionsWithoutQueryCache(lib)
+    try:
+        yield
+    finally:
+        pycares._lib = lib
 
 
 class _UseDnspython(Exception):
