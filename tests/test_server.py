@@ -535,22 +535,12 @@ async def test_socket_owner_and_group(policy_server: Any) -> None:
     assert (info.st_uid, info.st_gid) == (os.getuid(), os.getgid())
 
 
-@pytest.mark.xfail(
-    raises=KeyError,
-    strict=True,
-    reason="bug: an unknown Socket_Owner escapes start() as KeyError, not ListenError",
-)
 async def test_unknown_socket_owner_is_a_listen_error(policy_server: Any, tmp_path: Path) -> None:
     with pytest.raises(ListenError, match="no-such-user-spfpolicy"):
         await policy_server(socket_owner="no-such-user-spfpolicy")
     assert not (tmp_path / "p0.sock").exists()
 
 
-@pytest.mark.xfail(
-    raises=OSError,
-    strict=True,
-    reason="bug: a port in use escapes start() as OSError, not ListenError",
-)
 async def test_port_in_use_is_a_listen_error(zone_server: Any, tmp_path: Path) -> None:
     dns = await zone_server(ZONE)
     with socket.socket() as taken:

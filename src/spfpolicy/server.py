@@ -327,17 +327,20 @@ class PolicyServer:
                     )
             else:
                 for address in listen:
-                    if address.family is ListenFamily.UNIX:
-                        await self._listen_unix(address.path)
-                    else:
-                        server = await loop.create_server(
-                            self._protocol,
-                            address.host,
-                            address.port,
-                            reuse_address=True,
-                            backlog=BACKLOG,
-                        )
-                        self._servers.append(server)
+                    try:
+                        if address.family is ListenFamily.UNIX:
+                            await self._listen_unix(address.path)
+                        else:
+                            server = await loop.create_server(
+                                self._protocol,
+                                address.host,
+                                address.port,
+                                reuse_address=True,
+                                backlog=BACKLOG,
+                            )
+                            self._servers.append(server)
+                    except OSError as exc:  # in use, no permission, no such address
+                        raise ListenError(f"cannot listen on {address}: {exc}") from None
                     log.info("listening on %s", address)
         except BaseException:
             await self.close()
@@ -396,8 +399,14 @@ class PolicyServer:
                 os.chmod(temporary, settings.socket_mode)
                 if settings.socket_owner or settings.socket_group:
                     owner, group = settings.socket_owner, settings.socket_group
-                    uid = pwd.getpwnam(owner).pw_uid if owner else -1
-                    gid = grp.getgrnam(group).gr_gid if group else -1
+                    try:
+                        uid = pwd.getpwnam(owner).pw_uid if owner else -1
+                        gid = grp.getgrnam(group).gr_gid if group else -1
+                    except KeyError as exc:
+                        raise ListenError(
+                            f"cannot listen on unix:{path}: no such user or group {exc} "
+                            "(Socket_Owner / Socket_Group)"
+                        ) from None
                     os.chown(temporary, uid, gid)
                 sock.listen(BACKLOG)
                 os.rename(temporary, path)
