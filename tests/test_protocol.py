@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import unicodedata
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -15,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spfpolicy.protocol import (
+    INVISIBLE_CATEGORIES,
     MAX_RESPONSE_LINE,
     REQUEST_TYPE,
     PolicyRequest,
@@ -586,7 +588,11 @@ def test_property_request_round_trip(attributes: dict[str, str]) -> None:
 
 
 def is_control(char: str) -> bool:
-    return ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0
+    """What encode_response blanks: C0/C1 controls and DEL, and beyond ASCII
+    the invisible and line-breaking categories."""
+    if ord(char) < 0x20 or 0x7F <= ord(char) < 0xA0:
+        return True
+    return unicodedata.category(char) in INVISIBLE_CATEGORIES
 
 
 @settings(max_examples=300, deadline=None)
