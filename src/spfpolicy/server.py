@@ -120,6 +120,9 @@ class _Connection(asyncio.Protocol):
         self._closing = False  # nothing more will be read
         self._lost = False
         self._paused = False
+        self._last_read = 0.0  # loop time of the last bytes received
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_expired = False
         self.task: asyncio.Task[None] | None = None
 
     # -- transport callbacks --------------------------------------------------
@@ -139,12 +142,18 @@ class _Connection(asyncio.Protocol):
             max_request_size=settings.max_request_size,
         )
         server.connections.add(self)
-        self.task = asyncio.get_running_loop().create_task(self._serve())
+        loop = asyncio.get_running_loop()
+        # Idle_Timeout: one timer per connection, re-armed only when it fires
+        # early (cheaper than a timeout around every wait for data).
+        self._last_read = loop.time()
+        self._idle_timer = loop.call_later(settings.idle_timeout, self._check_idle)
+        self.task = loop.create_task(self._serve())
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
         if parser is None or self._closing:
             return
+        self._last_read = asyncio.get_running_loop().time()
         # A ProtocolError is raised again by next_request(), after the
         # requests before it: the serving task logs it and closes.
         with contextlib.suppress(ProtocolError):
@@ -169,6 +178,17 @@ class _Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._writable.set()
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self._server.settings.idle_timeout
+        quiet_until = self._last_read + idle
+        if loop.time() < quiet_until:
+            self._idle_timer = loop.call_at(quiet_until, self._check_idle)
+            return
+        self._idle_timer = None
+        self._idle_expired = True
+        self._wakeup.set()
 
     # -- the server's side -------------------------------------------------
 
@@ -205,14 +225,12 @@ class _Connection(asyncio.Protocol):
                         break
                     if self._paused:
                         self._set_reading(True)
-                    self._wakeup.clear()
-                    idle = server.settings.idle_timeout
-                    try:
-                        async with asyncio.timeout(idle):
-                            await self._wakeup.wait()
-                    except TimeoutError:
+                    if self._idle_expired:
+                        idle = server.settings.idle_timeout
                         log.info("closing connection idle for %ss (Idle_Timeout)", idle)
                         break
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
                     continue
                 action = await server.answer(request)
                 if self._lost:
@@ -228,6 +246,8 @@ class _Connection(asyncio.Protocol):
         except Exception:
             log.exception("connection handler failed; closing that connection")
         finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
             server.connections.discard(self)
             transport.close()
 
