@@ -191,10 +191,7 @@ class SpfEvaluator:
                 sender=sender or f"postmaster@{helo}",
                 elapsed=self._clock() - started,
             )
-        if self.prefetcher is not None:
-            domain = str(query.d).lower().rstrip(".")
-            if domain and all(0 < len(label) < 64 for label in domain.split(".")):
-                self.prefetcher.start(domain, query.A)
+        self._prefetch(str(query.d), query.A)
         try:
             result, code, explanation = await self._drive(query, deadline)
         except Exception:
@@ -217,6 +214,23 @@ class SpfEvaluator:
             ttl=query.min_ttl,
             elapsed=self._clock() - started,
         )
+
+    def hint(self, ip: str, sender: str, helo: str) -> None:
+        """Start fetching the SPF trees a request will need, before its checks
+        run: policyd-spf checks HELO first and MAIL FROM after it, so without
+        this the sender's lookups would wait for the HELO check's."""
+        qtype = "AAAA" if ":" in ip and "." not in ip else "A"
+        if helo:
+            self._prefetch(helo, qtype)
+        if sender:
+            self._prefetch(sender.rpartition("@")[2], qtype)
+
+    def _prefetch(self, domain: str, qtype: str) -> None:
+        if self.prefetcher is None:
+            return
+        domain = domain.lower().rstrip(".")
+        if "." in domain and all(0 < len(label) < 64 for label in domain.split(".")):
+            self.prefetcher.start(domain, qtype)
 
     async def _drive(self, query: _AsyncQuery, deadline: float) -> tuple[str, int, str]:
         """Run ``query.check()`` in a greenlet, serving its DNS requests."""
