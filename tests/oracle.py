@@ -4,7 +4,7 @@ oracle, and the processes it is compared with.
 - ``PolicydSpf`` runs /usr/bin/policyd-spf's code (spf_engine.policyd_spf.main)
   the way Postfix's spawn(8) does: one fresh process per policy connection,
   requests written to its stdin, ``action=...`` replies read from its stdout.
-  tests/data/policyd_spf_launcher.py points its DNS (py3dns) at our loopback
+  src/spfpolicy/pyspf_launcher.py points its DNS (py3dns) at our loopback
   server and sends its syslog lines to a file; see that file for why.
 - ``DnsServerProcess`` serves a YAML zone with ``python -m spfpolicy.dnsserver``.
 - ``SpfpolicyServer`` runs ``spfpolicy serve`` as a real subprocess.
@@ -33,11 +33,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import spfpolicy
 from spfpolicy.protocol import encode_request
 
 DATA = Path(__file__).parent / "data"
 ZONE_FILE = DATA / "spf_zone.yaml"
-LAUNCHER = DATA / "policyd_spf_launcher.py"
+# The package's own launcher, the one `spfpolicy bench --baseline-cmd` uses.
+LAUNCHER = Path(spfpolicy.__file__).parent / "pyspf_launcher.py"
+POLICYD_SPF = "/usr/bin/policyd-spf"
 # policyd-spf is a system package: it runs with the system interpreter and its
 # dist-packages (spf, DNS, authres, spf_engine), never with the project's venv.
 SYSTEM_PYTHON = Path("/usr/bin/python3")
@@ -178,14 +181,15 @@ class PolicydSpf:
         self._reader = _ReplyReader()
 
     def __enter__(self) -> Self:
-        argv = [str(SYSTEM_PYTHON), str(LAUNCHER), self.nameserver, str(self.conf)]
+        argv = [str(SYSTEM_PYTHON), str(LAUNCHER), "--dns", self.nameserver]
         if self.log_path is not None:
-            argv.append(str(self.log_path))
+            argv += ["--syslog", str(self.log_path)]
+        if self.hostname:
+            argv += ["--hostname", self.hostname]
+        argv += ["--", POLICYD_SPF, str(self.conf)]
         # spawn(8) passes a minimal environment (export_environment); so do we,
         # which also keeps the venv's PYTHONPATH & co. away from the system Python.
         env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
-        if self.hostname:
-            env["POLICYD_SPF_HOSTNAME"] = self.hostname
         # stderr goes to a file: a pipe nobody reads could fill and block the process.
         stderr_path = self.log_path.with_suffix(".stderr") if self.log_path else None
         self._stderr = open(stderr_path, "w+b") if stderr_path else None
