@@ -90,7 +90,7 @@ def test_server_defaults() -> None:
     assert s.socket_mode == 0o666
     assert s.socket_owner == s.socket_group == ""
     assert s.nameservers == ()
-    assert (s.dns_timeout, s.dns_cache_size) == (5.0, 100_000)
+    assert (s.dns_timeout, s.dns_cache_size) == (2.0, 100_000)
     assert (s.dns_min_ttl, s.dns_max_ttl, s.dns_negative_ttl) == (0, 86_400, 300)
     assert (s.result_cache_size, s.result_cache_ttl) == (10_000, 60)
     assert s.max_connections == 4096

@@ -163,7 +163,7 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
         f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}"
         for n in settings.nameservers
     ]
-    resolver = Resolver(nameservers, timeout=min(5.0, lookup_time))
+    resolver = Resolver(nameservers, timeout=min(settings.dns_timeout, lookup_time))
     evaluator = SpfEvaluator(resolver, void_limit=settings.void_limit, lookup_time=lookup_time)
     started = time.perf_counter()
     try:

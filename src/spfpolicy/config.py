@@ -232,7 +232,10 @@ class Settings:
     socket_owner: str = ""  # Socket_Owner ("" = leave as created)
     socket_group: str = ""  # Socket_Group
     nameservers: tuple[Nameserver, ...] = ()  # Nameservers (empty = resolv.conf)
-    dns_timeout: float = 5.0  # DNS_Timeout, seconds per upstream attempt
+    # DNS_Timeout: seconds for the first try of an upstream query (c-ares'
+    # default); c-ares doubles it for each retry (4 tries: 2+4+8+16 s at most)
+    # and shortens it to what the server's measured response times suggest.
+    dns_timeout: float = 2.0
     dns_cache_size: int = 100_000  # DNS_Cache_Size, entries
     dns_min_ttl: int = 0  # DNS_Min_TTL
     dns_max_ttl: int = 86_400  # DNS_Max_TTL

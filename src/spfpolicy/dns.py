@@ -146,8 +146,12 @@ class Resolver:
         self,
         nameservers: Sequence[str] | None = None,
         *,
-        timeout: float = 5.0,
-        tries: int = 2,
+        timeout: float = 2.0,
+        # c-ares adapts each try's timeout to the server's measured response
+        # times; a server that is briefly slower than usual (a load spike)
+        # then misses a try, so allow enough tries that only a server that
+        # stays silent for most of Lookup_Time gives a temperror.
+        tries: int = 4,
         cache_size: int = 100_000,
         min_ttl: float = 0.0,
         max_ttl: float = 86_400.0,
@@ -312,6 +316,7 @@ class Resolver:
                 raise _UseDnspython from None
             self.stats.upstream_failures += 1
             text = exc.args[1] if len(exc.args) > 1 else str(exc)
+            log.debug("DNS %s %s failed: %s (c-ares status %s)", qtype, name, text, code)
             raise DnsTempError(_REASONS.get(code, text), f"{qtype} {name}: {text}") from None
 
     async def _fetch_with_dnspython(self, name: str, qtype: str) -> DnsAnswer:
