@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import grp
 import ipaddress
-import itertools
 import os
 import pwd
 import signal
@@ -30,6 +29,7 @@ from typing import Any
 import pytest
 
 import spfpolicy.server
+from hardening import BAD_IP, GOOD_IP, HELO, header, request
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
 from spfpolicy.dnsserver import ZoneServer
 from spfpolicy.protocol import ResponseParser, encode_request
@@ -44,49 +44,6 @@ ZONE: dict[str, Any] = {
     "perm.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 bogus:x -all"}],
     "temp.example": ["servfail"],
 }
-
-GOOD_IP = "192.0.2.10"  # authorized by pass.example
-BAD_IP = "198.51.100.1"  # not authorized anywhere
-HELO = "mx.client.example"  # no such name: the HELO check gives None
-RECIPIENT = "user@rcpt.example"
-
-_instances = itertools.count(1)
-
-
-def request(
-    sender: str = "a@pass.example",
-    ip: str = BAD_IP,
-    helo: str = HELO,
-    *,
-    instance: str | None = None,
-    recipient: str = RECIPIENT,
-    **extra: str,
-) -> dict[str, str]:
-    """A request as Postfix sends it at RCPT; a fresh instance (message) unless given."""
-    return {
-        "request": "smtpd_access_policy",
-        "protocol_state": "RCPT",
-        "protocol_name": "ESMTP",
-        "client_address": ip,
-        "client_name": "unknown",
-        "reverse_client_name": "unknown",
-        "helo_name": helo,
-        "sender": sender,
-        "recipient": recipient,
-        "recipient_count": "0",
-        "queue_id": "",
-        "instance": instance or f"inst.{next(_instances)}",
-        "size": "0",
-        **extra,
-    }
-
-
-def header(result: str, sender: str, ip: str = BAD_IP, helo: str = HELO) -> str:
-    return (
-        f"prepend Received-SPF: {result} (mailfrom) identity=mailfrom; client-ip={ip}; "
-        f"helo={helo}; envelope-from={sender}; receiver=rcpt.example "
-    )
-
 
 PASS = header("Pass", "a@pass.example", GOOD_IP)
 FAIL = (
