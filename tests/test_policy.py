@@ -112,11 +112,11 @@ async def two_recipients(
 ) -> tuple[Decision, Decision]:
     """The same message asked about twice (two recipients), as Postfix does."""
     memory = InstanceMemory()
-    one = await decide(first, settings, checks, memory, receiver="mx.example.net")
+    one = await decide(first, settings, checks, memory)
     attributes = dict(first.attributes)
     if attributes.get("recipient"):
         attributes["recipient"] = "c@example.net"
-    two = await decide(PolicyRequest(attributes), settings, checks, memory, receiver="mx")
+    two = await decide(PolicyRequest(attributes), settings, checks, memory)
     return one, two
 
 

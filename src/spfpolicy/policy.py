@@ -657,16 +657,12 @@ async def decide(
     settings: Settings,
     checks: Checks,
     memory: InstanceMemory,
-    *,
-    receiver: str = "",
 ) -> Decision:
     """Answer one policy request.
 
-    ``receiver`` is accepted for the server's convenience but not written
-    anywhere: policyd-spf 3.0.4 puts the recipient's domain into receiver=,
-    and so do we (see ``header_receiver``).
+    The header's receiver= field is not this host's name: policyd-spf 3.0.4
+    puts the recipient's domain there, and so do we (see ``header_receiver``).
     """
-    del receiver
     if settings.mock:
         return Decision(MOCK_ACTION)
     view = read_request(request)
