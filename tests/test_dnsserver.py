@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import struct
 import sys
 import time
@@ -16,17 +17,19 @@ from typing import Any
 
 import aiodns
 import dns.asyncquery
+import dns.edns
 import dns.exception
 import dns.flags
 import dns.message
 import dns.name
 import dns.rcode
+import dns.rdataset
 import dns.rdatatype
 import dns.rrset
 import pytest
 import yaml
 
-from spfpolicy.dnsserver import Zone, ZoneServer
+from spfpolicy.dnsserver import Fault, Zone, ZoneServer, _parse_query
 
 RFC7208_TESTS = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc7208-tests.yml"
 
@@ -426,3 +429,120 @@ async def test_cli(tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert await asyncio.wait_for(process.wait(), timeout=10) == 0
+
+
+# The fast path (hand-written codec) against the dnspython path it stands in for:
+# byte for byte, once dnspython's shuffling of the records in an RRset is off.
+
+_TYPES = ("TXT", "A", "AAAA", "MX", "PTR", "CNAME", "SPF", "NS", "SOA", "ANY", "TYPE65400")
+
+
+def _both_replies(server: ZoneServer, wire: bytes, *, tcp: bool) -> tuple[list[bytes], list[bytes]]:
+    fast: list[bytes] = []
+    reference: list[bytes] = []
+    server.handle(wire, fast.append, tcp=tcp)
+    server._handle_unusual(wire, reference.append, tcp=tcp)
+    return fast, reference
+
+
+_EDNS = ((False, 0), (0, 1232), (0, 512), (0, 4096), (0, 100))
+
+
+def _queries(
+    names: list[str], types: tuple[str, ...] = _TYPES, edns_variants: tuple[Any, ...] = _EDNS
+) -> list[tuple[str, bytes]]:
+    queries = []
+    for name in names:
+        for rdtype in types:
+            for edns, payload in edns_variants:
+                query = dns.message.make_query(name, rdtype, use_edns=edns, payload=payload)
+                query.id = 4242
+                queries.append((f"{name}/{rdtype}/edns={edns},{payload}", query.to_wire()))
+    return queries
+
+
+def _assert_same(server: ZoneServer, names: list[str], **variants: Any) -> int:
+    answered = 0
+    for what, wire in _queries(names, **variants):
+        if re.fullmatch(r"[\w.-]+", what.partition("/")[0]):
+            assert _parse_query(wire) is not None, what
+        for tcp in (False, True):
+            fast, reference = _both_replies(server, wire, tcp=tcp)
+            assert fast == reference, f"{what} tcp={tcp}"
+            answered += len(fast)
+    return answered
+
+
+@pytest.fixture
+def unshuffled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dns.rdataset.random, "shuffle", lambda items: None)
+
+
+@pytest.mark.usefixtures("unshuffled")
+@pytest.mark.parametrize("fault", [None, *Fault], ids=lambda f: f"fault={f}")
+def test_fast_path_matches_dnspython(fault: Fault | None) -> None:
+    names = [*ZONE, "EXAMPLE.com", "nope.example.com", "ent.example.com", "x.deep.ent.example.com"]
+    settings: list[dict[str, Any]] = [{}]
+    if fault is None:
+        settings += [{"udp_limit": 700}, {"udp_limit": 100}, {"soa_in_negative": False}]
+    for kwargs in settings:
+        server = ZoneServer(Zone.from_dict(ZONE), negative_ttl=60, **kwargs)  # type: ignore[arg-type]
+        server.default_fault = fault
+        assert _assert_same(server, names) > 0 or fault in (Fault.TIMEOUT,)
+
+
+@pytest.mark.usefixtures("unshuffled")
+def test_fast_path_matches_dnspython_on_rfc7208_zones() -> None:
+    for scenario in _rfc7208_scenarios():
+        server = ZoneServer(Zone.from_rfc7208(scenario["zonedata"]))
+        names = [str(name).rstrip(".") for name in scenario["zonedata"]]
+        _assert_same(
+            server,
+            [*names, "nonexistent.example.com"],
+            types=("TXT", "SPF", "A", "AAAA", "MX", "PTR"),
+            edns_variants=_EDNS[:2],
+        )
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        pytest.param(
+            b"\x12\x34\x81\x00" + b"\x00\x01" + b"\x00" * 6 + b"\x00\x00\x10\x00\x01", id="qr"
+        ),
+        pytest.param(
+            b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b"\xc0\x0c\x00\x10\x00\x01", id="pointer"
+        ),
+        pytest.param(
+            b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b"\x01a\x00\x00\x10\x00\x03", id="chaos"
+        ),
+        pytest.param(
+            b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b"\x01a\x00\x00\x10\x00\x01x", id="junk"
+        ),
+        pytest.param(
+            b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b"\x03a.b\x00\x00\x10\x00\x01", id="dot"
+        ),
+        pytest.param(
+            b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b"\x00\x00\x10\x00\x01", id="root"
+        ),
+        pytest.param(b"\x12\x34\x01\x00\x00\x01" + b"\x00" * 6 + b"\x05a", id="short"),
+    ],
+)
+def test_unusual_queries_take_the_dnspython_path(wire: bytes) -> None:
+    assert _parse_query(wire) is None
+
+
+@pytest.mark.usefixtures("unshuffled")
+def test_edns_variants_match_dnspython() -> None:
+    server = ZoneServer(Zone.from_dict(ZONE))
+    for options in (
+        [],
+        [dns.edns.GenericOption(10, b"12345678")],
+        [dns.edns.GenericOption(12, b"")],
+    ):
+        for version in (0, 1):
+            query = dns.message.make_query(
+                "example.com", "MX", use_edns=version, options=options, payload=1400
+            )
+            fast, reference = _both_replies(server, query.to_wire(), tcp=False)
+            assert fast == reference and len(fast) == 1

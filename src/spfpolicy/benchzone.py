@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
-import contextlib
 import enum
 import hashlib
 import ipaddress
@@ -37,7 +36,10 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.TXT
+import dns.rdtypes.IN.A
+import dns.rdtypes.IN.AAAA
 import dns.rrset
 
 from spfpolicy.dnsserver import Fault, Resolution, Zone, ZoneServer
@@ -418,19 +420,50 @@ def _txt(value: str) -> dns.rdata.Rdata:
     return dns.rdtypes.ANY.TXT.TXT(dns.rdataclass.IN, dns.rdatatype.TXT, chunks)
 
 
-def _rrsets(name: dns.name.Name, records: list[tuple[str, str]], ttl: int) -> dict[int, Any]:
-    rrsets: dict[int, dns.rrset.RRset] = {}
+def _rdata(rdtype: int, value: str) -> dns.rdata.Rdata:
+    # The types the generator writes, built directly: parsing zone-file text
+    # costs several times as much, once per unique name of the workload.
+    if rdtype == dns.rdatatype.TXT:
+        return _txt(value)
+    if rdtype == dns.rdatatype.A:
+        return dns.rdtypes.IN.A.A(dns.rdataclass.IN, rdtype, value)
+    if rdtype == dns.rdatatype.AAAA:
+        return dns.rdtypes.IN.AAAA.AAAA(dns.rdataclass.IN, rdtype, value)
+    if rdtype == dns.rdatatype.MX:
+        preference, exchange = value.split()
+        return dns.rdtypes.ANY.MX.MX(
+            dns.rdataclass.IN, rdtype, int(preference), dns.name.from_text(exchange)
+        )
+    return dns.rdata.from_text(
+        dns.rdataclass.IN,
+        dns.rdatatype.RdataType.make(rdtype),
+        value,
+        origin=dns.name.root,
+        relativize=False,
+    )
+
+
+def _rrset(name: dns.name.Name, rdtype: int, values: list[str], ttl: int) -> dns.rrset.RRset:
+    rrset = dns.rrset.RRset(name, dns.rdataclass.IN, dns.rdatatype.RdataType.make(rdtype))
+    for value in values:
+        rrset.add(_rdata(rdtype, value), ttl)
+    return rrset
+
+
+# A built node: its records by type, as text; made into an RRset when asked for.
+_Records = dict[int, list[str]]
+
+
+def _by_type(records: list[tuple[str, str]]) -> _Records:
+    by_type: _Records = {}
     for rtype, value in records:
-        rdtype = dns.rdatatype.from_text(rtype)
-        if rdtype == dns.rdatatype.TXT:
-            rdata = _txt(value)
-        else:
-            rdata = dns.rdata.from_text(
-                dns.rdataclass.IN, rdtype, value, origin=dns.name.root, relativize=False
-            )
-        rrset = rrsets.setdefault(rdtype, dns.rrset.RRset(name, dns.rdataclass.IN, rdtype))
-        rrset.add(rdata, ttl)
-    return rrsets
+        by_type.setdefault(_RDTYPES[rtype], []).append(value)
+    return by_type
+
+
+_RDTYPES = {
+    text: dns.rdatatype.from_text(text) for text in ("A", "AAAA", "MX", "TXT", "CNAME", "NS")
+}
 
 
 class BenchZone(Zone):
@@ -442,18 +475,27 @@ class BenchZone(Zone):
         super().__init__({})
         self.seed = seed
         self.origin = dns.name.from_text("example.")
-        self._providers = {
-            dns.name.from_text(name): _rrsets(dns.name.from_text(name), records, PROVIDER_TTL)
-            for name, records in PROVIDERS.items()
-        }
+        self._providers: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
+        for text, records in PROVIDERS.items():
+            name = dns.name.from_text(text)
+            self._providers[name] = {
+                rdtype: _rrset(name, rdtype, values, PROVIDER_TTL)
+                for rdtype, values in _by_type(records).items()
+            }
         self._provider_ancestors = {
             ancestor for name in self._providers for ancestor in _ancestors(name)
         }
-        self._built: OrderedDict[dns.name.Name, dict[int, Any] | Fault | None] = OrderedDict()
+        self._built: OrderedDict[dns.name.Name, _Records | Fault | None] = OrderedDict()
 
     def resolve(
         self, qname: dns.name.Name, rdtype: int, fault_for: Callable[..., Any] | None = None
     ) -> Resolution:
+        provider = self._providers.get(qname)
+        if provider is not None:
+            found = provider.get(rdtype)
+            if found is None:
+                return Resolution(negative=True, final_name=qname)
+            return Resolution(answer=(found,), final_name=qname)
         node = self._node(qname)
         if isinstance(node, Fault):
             return Resolution(fault=node, final_name=qname)
@@ -461,33 +503,30 @@ class BenchZone(Zone):
             exists = qname in self._provider_ancestors
             rcode = dns.rcode.NOERROR if exists else dns.rcode.NXDOMAIN
             return Resolution(rcode, negative=True, final_name=qname)
-        found = node.get(rdtype)
-        if found is None:
+        values = node.get(rdtype)
+        if values is None:
             return Resolution(negative=True, final_name=qname)
-        return Resolution(answer=(found,), final_name=qname)
+        return Resolution(answer=(_rrset(qname, rdtype, values, DOMAIN_TTL),), final_name=qname)
 
-    def _node(self, qname: dns.name.Name) -> dict[int, Any] | Fault | None:
-        provider = self._providers.get(qname)
-        if provider is not None:
-            return provider
-        if qname in self._built:
-            self._built.move_to_end(qname)
-            return self._built[qname]
+    def _node(self, qname: dns.name.Name) -> _Records | Fault | None:
+        built = self._built
+        if qname in built:
+            built.move_to_end(qname)
+            return built[qname]
         node = self._build(qname)
-        self._built[qname] = node
-        if len(self._built) > self.node_cache_size:
-            self._built.popitem(last=False)
+        built[qname] = node
+        if len(built) > self.node_cache_size:
+            built.popitem(last=False)
         return node
 
-    def _build(self, qname: dns.name.Name) -> dict[int, Any] | Fault | None:
+    def _build(self, qname: dns.name.Name) -> _Records | Fault | None:
         text = qname.to_text(omit_final_dot=True).lower()
         address = helo_address(text)
         if address is not None:
-            rtype = "AAAA" if ":" in address else "A"
-            records = [(rtype, address)]
+            records: _Records = {_RDTYPES["AAAA" if ":" in address else "A"]: [address]}
             if helo_has_spf(address):
-                records.append(("TXT", "v=spf1 a -all"))
-            return _rrsets(qname, records, DOMAIN_TTL)
+                records[_RDTYPES["TXT"]] = ["v=spf1 a -all"]
+            return records
         labels = text.split(".")
         # Sender domains are two labels; their own names add more in front.
         if len(labels) < 2:
@@ -498,15 +537,14 @@ class BenchZone(Zone):
         if domain.kind is Kind.EXISTS and text.endswith(f"._spf.{domain.name}"):
             ip = text[: -len(f"._spf.{domain.name}")]
             if domain.exists_name(ip):
-                return _rrsets(qname, [("A", "127.0.0.2")], DOMAIN_TTL)
+                return {_RDTYPES["A"]: ["127.0.0.2"]}
             return None
         found = domain.records().get(text)
         if found is None:
             return None
-        records = found
-        if records and records[0][0] == "SERVFAIL":
+        if found and found[0][0] == "SERVFAIL":
             return Fault.SERVFAIL
-        return _rrsets(qname, records, DOMAIN_TTL)
+        return _by_type(found)
 
 
 def _ancestors(name: dns.name.Name) -> Iterator[dns.name.Name]:
@@ -544,18 +582,7 @@ class BenchZoneServer(ZoneServer):
             return
         self.queries += 1
         self.tcp_queries += tcp
-        reply = wire[:2] + cached
-        if self.delay > 0:
-            loop = asyncio.get_running_loop()
-            loop.call_later(self.delay, _send_if_open, send, reply)
-        else:
-            send(reply)
-
-
-def _send_if_open(send: Callable[[bytes], None], reply: bytes) -> None:
-    # The transport may have closed meanwhile: a late answer is just dropped.
-    with contextlib.suppress(Exception):
-        send(reply)
+        self._send(send, wire[:2] + cached, None)
 
 
 # ------------------------------------------------------------------ workloads

@@ -3,6 +3,12 @@
 ``Zone`` answers questions without I/O, as a recursive resolver in front of the
 authoritative data would (CNAME chasing, NXDOMAIN vs NODATA, injected faults);
 ``ZoneServer`` serves it over UDP and TCP on one loopback port; ``main`` is the CLI.
+
+Speed: the load generator sends thousands of queries a second, mostly unique
+names, so the ordinary query (one IN question, no or plain EDNS) is parsed and
+its reply written by the small codec below (``_parse_query``, ``_render``),
+which compresses names as dnspython's renderer does. Anything unusual takes
+the dnspython path, which is also the reference the codec is tested against.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import collections
 import enum
 import ipaddress
 import logging
+import re
 import signal
 import struct
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
@@ -46,6 +54,7 @@ CLASSIC_UDP_LIMIT = 512  # RFC 1035 4.2.1; also the floor for EDNS payloads (RFC
 OUR_EDNS_PAYLOAD = 1232  # DNS flag day 2020: avoids IP fragmentation
 PORT_ATTEMPTS = 20  # port 0: UDP picks the port, TCP may find it taken by someone else
 TCP_MAX_MESSAGE = 65535  # RFC 1035 4.2.2: two-octet length prefix
+SOA_CACHE_SIZE = 1024  # negative answers' SOA records, by owner
 
 _IN = dns.rdataclass.IN
 # Built from character-strings rather than zone-file text, so any bytes are servable.
@@ -71,6 +80,9 @@ class Fault(enum.StrEnum):
 # try to parse it), then section counts of 0xFFFF with junk where the records
 # should be.
 _GARBAGE = b"\x81\x80" + b"\xff" * 8 + bytes(range(0x80, 0xC0))
+
+# Renders a reply: (rcode, answer, authority, truncated) -> message bytes.
+Render = Callable[[int, Sequence[dns.rrset.RRset], Sequence[dns.rrset.RRset], bool], bytes]
 
 
 @dataclass(frozen=True, slots=True)
@@ -316,7 +328,8 @@ class ZoneServer:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: set[asyncio.BaseTransport] = set()
-        self._delayed: set[asyncio.Task[None]] = set()
+        self._delayed: set[_DelayedReply] = set()
+        self._soas: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
 
     @property
     def nameserver(self) -> str:
@@ -352,9 +365,9 @@ class ZoneServer:
             self._udp.close()
         for transport in list(self._connections):
             transport.close()
-        for task in self._delayed:
-            task.cancel()
-        await asyncio.gather(*self._delayed, return_exceptions=True)
+        for delayed in self._delayed:
+            delayed.timer.cancel()
+        self._delayed.clear()
         if self._tcp is not None:
             await self._tcp.wait_closed()
         self._tcp = self._udp = None
@@ -378,6 +391,29 @@ class ZoneServer:
 
     def handle(self, wire: bytes, send: Callable[[bytes], None], *, tcp: bool) -> None:
         """Answer one query message through ``send``, now or after ``delay``."""
+        query = _parse_query(wire)
+        if query is None:
+            self._handle_unusual(wire, send, tcp=tcp)
+            return
+        self.queries += 1
+        self.tcp_queries += tcp
+        self.counts[(query.key, _type_text(query.rdtype))] += 1
+        limit = self._size_limit(query.payload, tcp=tcp)
+
+        def render(
+            rcode: int,
+            answer: Sequence[dns.rrset.RRset],
+            authority: Sequence[dns.rrset.RRset],
+            truncated: bool,
+        ) -> bytes:
+            return _render(query, rcode, answer, authority, truncated, limit)
+
+        reply = self._answer(query.ident, query.name, query.rdtype, render, tcp=tcp)
+        if reply is not None:
+            self._send(send, reply, query.key)
+
+    def _handle_unusual(self, wire: bytes, send: Callable[[bytes], None], *, tcp: bool) -> None:
+        # dnspython's parser and renderer: the reference for the fast path above.
         try:
             query = dns.message.from_wire(wire)
         except Exception as exc:  # a test server must survive any garbage
@@ -388,26 +424,24 @@ class ZoneServer:
             return
         self.queries += 1
         self.tcp_queries += tcp
+        key = None
         if query.question:
             question = query.question[0]
-            rdtype_text = dns.rdatatype.to_text(question.rdtype)
-            self.counts[(_name_key(question.name), rdtype_text)] += 1
+            key = _name_key(question.name)
+            self.counts[(key, _type_text(question.rdtype))] += 1
         reply = self._reply(query, tcp=tcp)
-        if reply is None:
-            return
+        if reply is not None:
+            self._send(send, reply, key)
+
+    def _send(self, send: Callable[[bytes], None], reply: bytes, key: str | None) -> None:
         delay = self.delay
-        if self.delays and query.question:
-            delay = self.delays.get(_name_key(query.question[0].name), delay)
+        if self.delays and key is not None:
+            delay = self.delays.get(key, delay)
         if delay > 0:
-            task = asyncio.get_running_loop().create_task(self._send_later(send, reply, delay))
-            self._delayed.add(task)
-            task.add_done_callback(self._delayed.discard)
+            # A timer, not a task per answer: thousands wait at a time.
+            _DelayedReply(self._delayed, send, reply, delay)
         else:
             send(reply)
-
-    async def _send_later(self, send: Callable[[bytes], None], reply: bytes, delay: float) -> None:
-        await asyncio.sleep(delay)
-        send(reply)
 
     def _reply(self, query: dns.message.Message, *, tcp: bool) -> bytes | None:
         response = dns.message.make_response(query, our_payload=OUR_EDNS_PAYLOAD)
@@ -425,30 +459,48 @@ class ZoneServer:
         if question.rdclass != _IN:
             response.set_rcode(dns.rcode.REFUSED)
             return response.to_wire()
-        result = self.zone.resolve(question.name, question.rdtype, self._runtime_fault)
+
+        def render(
+            rcode: int,
+            answer: Sequence[dns.rrset.RRset],
+            authority: Sequence[dns.rrset.RRset],
+            truncated: bool,
+        ) -> bytes:
+            response.set_rcode(dns.rcode.Rcode(rcode))
+            if truncated:
+                response.flags |= dns.flags.TC
+                return response.to_wire()
+            response.answer.extend(answer)
+            response.authority.extend(authority)
+            return self._to_wire(response, query, tcp=tcp)
+
+        return self._answer(query.id, question.name, question.rdtype, render, tcp=tcp)
+
+    def _answer(
+        self, ident: int, qname: dns.name.Name, rdtype: int, render: Render, *, tcp: bool
+    ) -> bytes | None:
+        """The reply to a well-formed question, faults applied; None: no reply."""
+        result = self.zone.resolve(qname, rdtype, self._runtime_fault)
         fault = result.fault
         if fault is None:
             pass
         elif fault is Fault.TIMEOUT or (fault is Fault.TC_TCP_TIMEOUT and tcp):
             return None
         elif fault is Fault.TC_TCP_TIMEOUT:
-            response.flags |= dns.flags.TC
-            return response.to_wire()
+            return render(dns.rcode.NOERROR, (), (), True)
         elif fault is Fault.MALFORMED:
-            return struct.pack("!H", query.id) + _GARBAGE
+            return struct.pack("!H", ident) + _GARBAGE
         elif fault in (Fault.SERVFAIL, Fault.REFUSED):
             rcode = dns.rcode.SERVFAIL if fault is Fault.SERVFAIL else dns.rcode.REFUSED
-            response.set_rcode(rcode)
-            return response.to_wire()
+            return render(rcode, (), (), False)
         else:  # NXDOMAIN, or a real answer to be broken on the way out
-            result = self.zone.resolve(question.name, question.rdtype)
+            result = self.zone.resolve(qname, rdtype)
             if fault is Fault.NXDOMAIN:
-                result = Resolution(dns.rcode.NXDOMAIN, negative=True, final_name=question.name)
-        response.set_rcode(result.rcode)
-        response.answer.extend(result.answer)
+                result = Resolution(dns.rcode.NXDOMAIN, negative=True, final_name=qname)
+        authority: tuple[dns.rrset.RRset, ...] = ()
         if result.negative and self.soa_in_negative:
-            response.authority.append(self._soa(result.final_name))
-        wire = self._to_wire(response, query, tcp=tcp)
+            authority = (self._soa(result.final_name),)
+        wire = render(result.rcode, result.answer, authority, False)
         if fault is Fault.WRONG_ID:
             (ident,) = struct.unpack_from("!H", wire)
             return struct.pack("!H", ident ^ 0x5A5A) + wire[2:]
@@ -466,6 +518,10 @@ class ZoneServer:
         # RFC 2308 3: resolvers cache a negative answer for min(SOA TTL, MINIMUM). The
         # owner is an ancestor of the name, which is where resolvers look for it.
         owner = _common_ancestor(name, self.zone.origin)
+        key = (owner, self.negative_ttl)
+        rrset = self._soas.get(key)
+        if rrset is not None:
+            return rrset
         soa = dns.rdtypes.ANY.SOA.SOA(
             _IN,
             dns.rdatatype.SOA,
@@ -479,19 +535,26 @@ class ZoneServer:
         )
         rrset = dns.rrset.RRset(owner, _IN, dns.rdatatype.SOA)
         rrset.add(soa, self.negative_ttl)
+        if len(self._soas) >= SOA_CACHE_SIZE:
+            self._soas.clear()
+        self._soas[key] = rrset
         return rrset
+
+    def _size_limit(self, payload: int, *, tcp: bool) -> int:
+        """The largest reply for this query (``payload``: its EDNS size, or -1)."""
+        if tcp:
+            return TCP_MAX_MESSAGE
+        if self.udp_limit is not None:
+            # dnspython renders no less than 512 octets; the fast path follows it.
+            return min(max(self.udp_limit, CLASSIC_UDP_LIMIT), TCP_MAX_MESSAGE)
+        if payload >= 0:
+            return min(max(CLASSIC_UDP_LIMIT, payload), TCP_MAX_MESSAGE)
+        return CLASSIC_UDP_LIMIT
 
     def _to_wire(
         self, response: dns.message.Message, query: dns.message.Message, *, tcp: bool
     ) -> bytes:
-        if tcp:
-            limit = TCP_MAX_MESSAGE
-        elif self.udp_limit is not None:
-            limit = self.udp_limit
-        elif query.edns >= 0:
-            limit = max(CLASSIC_UDP_LIMIT, query.payload)
-        else:
-            limit = CLASSIC_UDP_LIMIT
+        limit = self._size_limit(query.payload if query.edns >= 0 else -1, tcp=tcp)
         try:
             return response.to_wire(max_size=limit)
         except dns.exception.TooBig:
@@ -501,6 +564,214 @@ class ZoneServer:
             response.additional.clear()
             response.flags |= dns.flags.TC
             return response.to_wire(max_size=limit)
+
+
+# ------------------------------------------------------------------ fast codec
+
+_QR, _AA, _TC, _RD, _RA = 0x8000, 0x0400, 0x0200, 0x0100, 0x0080
+_OPCODE_MASK = 0x7800
+_OPT = 41
+_PADDING = 12  # EDNS option code (RFC 7830): dnspython pads the reply, so not ours
+# Octets dnspython's to_text escapes (and so ``_name_key`` would spell otherwise).
+_NEEDS_ESCAPE = re.compile(rb'[^\x21-\x7e]|["().;\\@$]')
+# Our OPT RR (RFC 6891 6.1.2): root owner, our payload size, version 0, no flags.
+_OPT_RR = b"\x00" + struct.pack("!HHIH", _OPT, OUR_EDNS_PAYLOAD, 0, 0)
+_HEADER = struct.Struct("!6H")
+_RR_FIXED = struct.Struct("!HHI")
+_U16 = struct.Struct("!H")
+_SOA_TIMES = struct.Struct("!5I")
+# Record types whose names dnspython compresses (RFC 3597 4: the well-known ones).
+_NAME_TYPES = frozenset(
+    {dns.rdatatype.NS, dns.rdatatype.CNAME, dns.rdatatype.PTR, dns.rdatatype.MX, dns.rdatatype.SOA}
+)
+
+Compression = dict[tuple[bytes, ...], int]  # lower-cased labels of a suffix -> its offset
+
+
+@dataclass(frozen=True, slots=True)
+class _Query:
+    """A query the fast path answers: one IN question, opcode QUERY, EDNS 0 or none."""
+
+    ident: int
+    flags: int
+    question: bytes  # the question section as sent, echoed in the reply
+    labels: tuple[bytes, ...]  # of the question name, as sent, without the root
+    rdtype: int
+    payload: int  # the client's EDNS payload size, -1 without EDNS
+    key: str  # the name as ``_name_key`` spells it
+
+    @property
+    def name(self) -> dns.name.Name:
+        return dns.name.Name((*self.labels, b""))
+
+
+def _parse_query(wire: bytes) -> _Query | None:
+    """The ordinary query, or None for anything the dnspython path must judge."""
+    if len(wire) < 17:
+        return None
+    ident, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(wire)
+    if flags & (_QR | _OPCODE_MASK) or qdcount != 1 or ancount or nscount or arcount > 1:
+        return None
+    labels: list[bytes] = []
+    pos = 12
+    while True:
+        length = wire[pos]
+        if length == 0:
+            break
+        if length > 63:  # a compression pointer, or an obsolete label type
+            return None
+        label = wire[pos + 1 : pos + 1 + length]
+        if len(label) != length or _NEEDS_ESCAPE.search(label):
+            return None
+        labels.append(label)
+        pos += 1 + length
+        if pos >= len(wire):
+            return None
+    end = pos + 5
+    if not labels or end - 12 - 4 > 255 or len(wire) < end:  # RFC 1035 3.1: 255 octets
+        return None
+    rdtype, rdclass = struct.unpack_from("!HH", wire, pos + 1)
+    if rdclass != _IN:
+        return None
+    payload = -1
+    if arcount:
+        if len(wire) < end + 11 or wire[end] != 0:
+            return None
+        rrtype, payload, ttl, rdlength = struct.unpack_from("!HHIH", wire, end + 1)
+        options = end + 11
+        if rrtype != _OPT or ttl & 0x00FF0000 or len(wire) != options + rdlength:
+            return None  # not OPT, or EDNS version > 0 (BADVERS)
+        while options < len(wire):
+            if len(wire) < options + 4:
+                return None
+            code, size = struct.unpack_from("!HH", wire, options)
+            if code == _PADDING:
+                return None
+            options += 4 + size
+        if options != len(wire):
+            return None
+    elif len(wire) != end:
+        return None
+    key = b".".join(labels).decode("ascii").lower()
+    return _Query(ident, flags, wire[12:end], tuple(labels), rdtype, payload, key)
+
+
+@lru_cache(maxsize=1024)
+def _type_text(rdtype: int) -> str:
+    return dns.rdatatype.to_text(dns.rdatatype.RdataType.make(rdtype))
+
+
+def _render(
+    query: _Query,
+    rcode: int,
+    answer: Sequence[dns.rrset.RRset],
+    authority: Sequence[dns.rrset.RRset],
+    truncated: bool,
+    limit: int,
+) -> bytes:
+    """The reply dnspython would render for ``query`` (RRs in zone order, not shuffled)."""
+    out = bytearray(12)
+    out += query.question
+    compress: Compression = {}
+    lowered = tuple(label.lower() for label in query.labels)
+    offset = 12
+    for i, label in enumerate(query.labels):
+        compress[lowered[i:]] = offset
+        offset += 1 + len(label)
+    answers = authorities = 0
+    if not truncated:
+        for rrset in answer:
+            answers += _put_rrset(out, compress, rrset)
+        for rrset in authority:
+            authorities += _put_rrset(out, compress, rrset)
+        reserve = len(_OPT_RR) if query.payload >= 0 else 0
+        if len(out) > limit - reserve:
+            # RFC 2181 9: rather than a partial RRset, send none and set TC.
+            del out[12 + len(query.question) :]
+            answers = authorities = 0
+            truncated = True
+    flags = _QR | _AA | _RA | (query.flags & _RD) | rcode | (_TC if truncated else 0)
+    additional = 0
+    if query.payload >= 0:
+        out += _OPT_RR
+        additional = 1
+    _HEADER.pack_into(out, 0, query.ident, flags, 1, answers, authorities, additional)
+    return bytes(out)
+
+
+def _put_rrset(out: bytearray, compress: Compression, rrset: dns.rrset.RRset) -> int:
+    owner = _labels(rrset.name)
+    fixed = _RR_FIXED.pack(rrset.rdtype, rrset.rdclass, rrset.ttl)
+    rdtype = rrset.rdtype
+    for rdata in rrset:
+        _put_name(out, compress, owner)
+        out += fixed
+        start = len(out)
+        out += b"\0\0"
+        if rdtype not in _NAME_TYPES:
+            out += rdata.to_wire()
+        elif rdtype == dns.rdatatype.MX:
+            out += _U16.pack(rdata.preference)
+            _put_name(out, compress, _labels(rdata.exchange))
+        elif rdtype == dns.rdatatype.SOA:
+            _put_name(out, compress, _labels(rdata.mname))
+            _put_name(out, compress, _labels(rdata.rname))
+            out += _SOA_TIMES.pack(
+                rdata.serial, rdata.refresh, rdata.retry, rdata.expire, rdata.minimum
+            )
+        else:  # NS, CNAME, PTR
+            _put_name(out, compress, _labels(rdata.target))
+        _U16.pack_into(out, start, len(out) - start - 2)
+    return len(rrset)
+
+
+def _labels(name: dns.name.Name) -> tuple[bytes, ...]:
+    if not name.is_absolute():
+        raise ValueError(f"relative name {name} in zone data")
+    return name.labels[:-1]
+
+
+def _put_name(out: bytearray, compress: Compression, labels: tuple[bytes, ...]) -> None:
+    # dnspython's Name.to_wire: point at the longest suffix already written,
+    # remember where each new suffix starts (while offsets fit in 14 bits).
+    lowered = tuple(label.lower() for label in labels)
+    for i, label in enumerate(labels):
+        suffix = lowered[i:]
+        pointer = compress.get(suffix)
+        if pointer is not None:
+            out += _U16.pack(0xC000 | pointer)
+            return
+        if len(out) <= 0x3FFF:
+            compress[suffix] = len(out)
+        out.append(len(label))
+        out += label
+    out.append(0)
+
+
+class _DelayedReply:
+    """A reply sent ``delay`` seconds from now, listed in ``pending`` until then."""
+
+    __slots__ = ("pending", "reply", "send", "timer")
+
+    def __init__(
+        self,
+        pending: set[_DelayedReply],
+        send: Callable[[bytes], None],
+        reply: bytes,
+        delay: float,
+    ) -> None:
+        self.pending = pending
+        self.send = send
+        self.reply = reply
+        self.timer = asyncio.get_running_loop().call_later(delay, self._fire)
+        pending.add(self)
+
+    def _fire(self) -> None:
+        self.pending.discard(self)
+        try:
+            self.send(self.reply)
+        except Exception:  # the transport closed meanwhile: a late answer is dropped
+            log.debug("could not send a delayed answer", exc_info=True)
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
