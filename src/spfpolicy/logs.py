@@ -15,6 +15,7 @@ import logging.handlers
 import os
 import sys
 from collections.abc import Iterable
+from typing import TextIO
 
 SYSLOG_SOCKET = "/dev/log"
 REQUEST_LOGGER = "spfpolicy.requests"
@@ -31,6 +32,8 @@ def level_for(debug_level: int) -> int:
 
 def configure(debug_level: int, targets: Iterable[str]) -> None:
     """(Re)configure the ``spfpolicy`` logger tree; safe to call on reload."""
+    global _fast
+    _fast = None
     root = logging.getLogger("spfpolicy")
     for handler in list(root.handlers):
         root.removeHandler(handler)
@@ -57,6 +60,78 @@ def configure(debug_level: int, targets: Iterable[str]) -> None:
         logging.DEBUG if debug_level >= 4 else logging.WARNING
     )
     logging.getLogger(STATS_LOGGER).setLevel(logging.INFO)
+    if debug_level >= 1:
+        _fast = _FastInfo(list(root.handlers))
+
+
+def info(logger: logging.Logger, message: str) -> None:
+    """``logger.info(message)`` for the line logged per decision.
+
+    With the handlers ``configure()`` set up, the line is written as they
+    would write it, without the logging module's per-record work (a
+    LogRecord, the caller's frame, locks, a formatter): about a third of the
+    CPU of a cached request otherwise. Anything else (tests' handlers, no
+    configuration) goes through ``logger.info``.
+    """
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    fast = _fast
+    if fast is None or not fast.write(logger.name, message):
+        logger.info("%s", message)
+
+
+class _FastInfo:
+    """Writes INFO lines straight to configure()'s stderr stream and syslog socket."""
+
+    def __init__(self, handlers: list[logging.Handler]) -> None:
+        self._root = logging.getLogger("spfpolicy")
+        self._handlers = handlers
+        self._stream: TextIO | None = None
+        self._syslog: logging.handlers.SysLogHandler | None = None
+        self._prefixes: dict[str, tuple[str, bytes]] = {}
+        for handler in handlers:
+            if isinstance(handler, logging.handlers.SysLogHandler):
+                self._syslog = handler
+            elif isinstance(handler, logging.StreamHandler):
+                self._stream = handler.stream
+        self._nul = b"\0" if self._syslog is not None and self._syslog.append_nul else b""
+        self._journal = any(isinstance(h.formatter, _JournalFormatter) for h in handlers)
+
+    def write(self, name: str, message: str) -> bool:
+        """False when the line must go through the logging module instead."""
+        if self._root.handlers != self._handlers:
+            return False  # reconfigured behind configure()'s back
+        prefixes = self._prefixes.get(name)
+        if prefixes is None:
+            prefixes = self._prefixes[name] = self._prefixes_for(name)
+        text_prefix, syslog_prefix = prefixes
+        if self._syslog is not None:
+            sock = getattr(self._syslog, "socket", None)  # not in the type stubs
+            try:
+                sock.send(syslog_prefix + message.encode("utf-8") + self._nul)  # type: ignore[union-attr]
+            except (OSError, UnicodeError, AttributeError):
+                return False  # the handler reconnects, or reports the problem
+        if self._stream is not None:
+            try:
+                self._stream.write(f"{text_prefix}{message}\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # as StreamHandler.handleError (stderr closed): the line is lost
+        return True
+
+    def _prefixes_for(self, name: str) -> tuple[str, bytes]:
+        text = f"INFO {name}: "
+        if self._journal:
+            text = "<6>" + text
+        syslog = b""
+        if self._syslog is not None:
+            handler = self._syslog
+            priority = handler.encodePriority(handler.facility, handler.mapPriority("INFO"))
+            syslog = f"<{priority}>{handler.ident}".encode()
+        return text, syslog
+
+
+_fast: _FastInfo | None = None
 
 
 def _stderr_is_journal() -> bool:
