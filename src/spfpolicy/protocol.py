@@ -72,6 +72,14 @@ class PolicyRequest:
         object.__setattr__(self, "attributes", MappingProxyType(dict(self.attributes)))
         object.__setattr__(self, "warnings", tuple(self.warnings))
 
+    @classmethod
+    def of_dict(cls, attributes: dict[str, str]) -> PolicyRequest:
+        """A request owning ``attributes``, a dict nobody else holds (no copy)."""
+        request = object.__new__(cls)
+        object.__setattr__(request, "attributes", MappingProxyType(attributes))
+        object.__setattr__(request, "warnings", ())
+        return request
+
     def __hash__(self) -> int:
         # The generated hash would hash the mapping proxy, which is unhashable.
         return hash((frozenset(self.attributes.items()), self.warnings))
@@ -249,14 +257,15 @@ class RequestParser:
             lines = block.decode("utf-8", "replace").split("\n")
             if len(lines) > self.max_attributes:
                 return pos
-            attributes: dict[str, str] = {}
-            for line in lines:
-                name, equals, value = line.partition("=")
-                if not equals or not name:
-                    return pos
-                attributes[name] = value
+            try:
+                # A line without "=" makes a 1-item pair: ValueError.
+                attributes = dict([line.split("=", 1) for line in lines])
+            except ValueError:
+                return pos
+            if "" in attributes:  # an empty name
+                return pos
             size = len(block) + 2
-            self._ready.append((PolicyRequest(attributes), size))
+            self._ready.append((PolicyRequest.of_dict(attributes), size))
             self._ready_bytes += size
             pos = end + 2
 
@@ -378,9 +387,13 @@ def encode_response(action: str) -> bytes:
     with SMTPUTF8, and policyd-spf writes UTF-8 too). An empty action is
     always a bug of ours, hence ValueError.
     """
-    text = action.translate(_CONTROLS)
-    if not text.isascii():
-        text = "".join(" " if unicodedata.category(c) in INVISIBLE_CATEGORIES else c for c in text)
+    text = action
+    if not (text.isascii() and text.isprintable()):  # else nothing to replace
+        text = text.translate(_CONTROLS)
+        if not text.isascii():
+            text = "".join(
+                " " if unicodedata.category(c) in INVISIBLE_CATEGORIES else c for c in text
+            )
     if not text.strip():
         raise ValueError(f"empty action: {action!r}")
     # "replace": a lone surrogate must not turn into an exception at write time.
