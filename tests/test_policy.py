@@ -20,10 +20,13 @@ from spfpolicy.policy import (
     Context,
     Decision,
     InstanceMemory,
+    Known,
     MemoryEntry,
     RequestView,
     Verdict,
+    VerdictMemo,
     decide,
+    decide_now,
     fallback_decision,
     header_receiver,
     mailfrom_needed,
@@ -84,6 +87,9 @@ class FakeChecks:
     async def addresses(self, name: str, *, ipv6: bool, lookup_time: float) -> list[str]:
         self.calls.append(("addresses", name, str(ipv6)))
         return self.address_table.get((name, ipv6), [])
+
+    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+        return None  # every check is asked for, and recorded in calls
 
 
 def settings_from(tmp_path: Path, lines: list[str]) -> Settings:
@@ -1576,3 +1582,135 @@ def test_read_request_normalizes_like_policyd_spf() -> None:
         instance="1a.2b",
         queue_id="AbC12",
     )
+
+
+# ------------------------------------------------------------ decide_now and the verdict memo
+
+
+class CachingChecks(FakeChecks):
+    """FakeChecks whose answers are all "cached": the same outcome objects,
+    handed out by cached_spf without a call (as the result cache does)."""
+
+    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+        if sender and sender == helo and "@" not in sender:
+            return self.domains.get(sender)
+        return self.table.get((sender or "postmaster@" + helo, helo))
+
+
+MEMO_SPF = {
+    ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
+    ("a@example.org", "mail.example.com"): outcome("softfail"),
+    ("z@example.org", "mail.example.com"): outcome("fail"),
+    ("postmaster@example.org", "example.org"): outcome("neutral"),  # no HELO sent
+    ("a@example.org", "example.org"): outcome("pass"),
+}
+
+# Messages (attribute changes) and their recipients, in the order asked.
+MEMO_MESSAGES: list[tuple[dict[str, str | None], list[str | None]]] = [
+    ({}, ["b@example.net", "c@example.net", "d@other.example"]),
+    ({"instance": "i2"}, ["b@example.net"]),
+    ({"instance": "i3", "sender": "z@example.org"}, ["b@example.net", "e@example.net"]),
+    ({"instance": "i4", "sender": "z@example.org"}, ["c@example.net"]),
+    ({"instance": "i5", "sender": ""}, ["b@example.net", "c@example.net"]),
+    ({"instance": "i6", "helo_name": None}, ["b@example.net", "b@example.net"]),
+    ({"instance": ""}, ["b@example.net", "c@example.net"]),
+    ({"instance": "i7", "recipient": None}, [None]),
+    ({"instance": "i8", "client_address": "bogus"}, ["b@example.net"]),
+    ({"instance": "i9", "queue_id": "Q9"}, ["B@Example.NET ", "b@other.example"]),
+    ({"instance": "i10"}, ["local-user", "b@example.net"]),
+]
+
+
+def memo_requests() -> list[PolicyRequest]:
+    out = []
+    for changes, recipients in MEMO_MESSAGES * 2:  # the second pass meets the memo
+        for recipient in recipients:
+            out.append(request(**{**changes, "recipient": recipient}))
+    return out
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        pytest.param([], id="default"),
+        pytest.param(["HELO_reject = Fail", "Mail_From_reject = Softfail"], id="rejects"),
+        pytest.param(["Hide_Receiver = Yes", "Header_Type = AR"], id="ar-hidden"),
+        pytest.param(["Mail_From_pass_restriction = mfpass"], id="restriction"),
+        pytest.param(["No_Mail = True", "HELO_reject = No_Check"], id="no-helo"),
+        pytest.param(["TestOnly = 0", "Whitelist = 192.0.2.0/30"], id="whitelist"),
+        pytest.param(["Domain_Whitelist = wl.example"], id="domain-whitelist"),
+        pytest.param(["Per_User = users"], id="per-user"),
+    ],
+)
+async def test_memo_and_fast_path_answer_as_decide_does(tmp_path: Path, lines: list[str]) -> None:
+    (tmp_path / "users").write_text("c@example.net,Mail_From_reject=False|Header_Type=AR\n")
+    lines = [
+        f"Per_User = text,{tmp_path / 'users'}" if x == "Per_User = users" else x for x in lines
+    ]
+    settings = settings_from(tmp_path, lines)
+    domains = {"wl.example": outcome("fail")}
+    plain = FakeChecks(MEMO_SPF, domains=domains)
+    cached = CachingChecks(MEMO_SPF, domains=domains)
+    plain_memory, fast_memory = InstanceMemory(), InstanceMemory()
+    memo = VerdictMemo(settings, 100)
+    for req in memo_requests():
+        expected = await decide(req, settings, plain, plain_memory)
+        fast = decide_now(req, settings, Known(cached), fast_memory, memo)
+        assert fast == expected, req.attributes
+    assert cached.calls == []  # every answer came from the "cache"
+    assert memo.hits > 0
+    def remembered(memory: InstanceMemory) -> list[tuple[str, MemoryEntry]]:
+        return [(key, entry) for key, (_, entry) in memory._entries.items()]
+
+    assert remembered(plain_memory) == remembered(fast_memory)
+
+
+async def test_memo_follows_the_cached_outcomes(tmp_path: Path) -> None:
+    settings = settings_from(tmp_path, [])
+    table = dict(MEMO_SPF)
+    checks = CachingChecks(table)
+    memo = VerdictMemo(settings, 100)
+    memory = InstanceMemory()
+    first = decide_now(request(), settings, Known(checks), memory, memo)
+    assert first is not None and first.result is SpfResult.SOFTFAIL
+    assert decide_now(request(instance="i2"), settings, Known(checks), memory, memo) == first
+    assert memo.hits == 1
+    # The result cache now holds another outcome (expired, fetched again).
+    table[("a@example.org", "mail.example.com")] = outcome("pass")
+    again = decide_now(request(instance="i3"), settings, Known(checks), memory, memo)
+    assert again is not None and again.result is SpfResult.PASS
+    assert memo.hits == 1
+
+
+async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:
+    settings = settings_from(tmp_path, [])
+    checks = CachingChecks(MEMO_SPF)
+    memo = VerdictMemo(settings, 2)
+    for n, domain in enumerate(("a.example", "b.example", "c.example")):
+        decide_now(
+            request(instance=f"i{n}", recipient=f"x@{domain}"),
+            settings,
+            Known(checks),
+            InstanceMemory(),
+            memo,
+        )
+    assert len(memo) == 2
+    other = settings_from(tmp_path, ["Header_Type = AR"])
+    decision = decide_now(request(), other, Known(checks), InstanceMemory(), memo)
+    assert decision is not None
+    assert decision.action.startswith("prepend Authentication-Results:")  # not the memo's
+    assert memo.hits == 0
+
+
+async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> None:
+    settings = settings_from(tmp_path, [])
+    checks = FakeChecks(MEMO_SPF)  # nothing cached
+    memory = InstanceMemory()
+    known = Known(checks)
+    assert decide_now(request(), settings, known, memory) is None
+    assert len(memory) == 0 and checks.calls == []
+    decision = await decide(request(), settings, checks, memory, known=known)
+    assert decision.action.startswith("prepend Received-SPF: Softfail")
+    # Each check asked once, in policyd-spf's order, despite the restarts.
+    assert [c[2] for c in checks.calls] == ["", "a@example.org"]
+    assert len(memory) == 1

@@ -266,6 +266,23 @@ async def test_pipelined_requests_answered_in_order(policy_server: Any) -> None:
     assert answers == [expected for _, expected in pairs]
 
 
+async def test_cached_requests_are_answered_at_once_and_in_order(policy_server: Any) -> None:
+    running = await policy_server()
+    client = await running.connect()
+    assert await client.ask(request(ip=GOOD_IP)) == PASS  # now cached
+    memo_hits = running.server.memo.hits
+    # One write: cached, not cached (the task takes it), cached again behind it.
+    batch = [request(ip=GOOD_IP), request("a@soft.example"), request(ip=GOOD_IP), request()]
+    await client.send(b"".join(encode_request(attrs) for attrs in batch))
+    assert [await client.answer() for _ in batch] == [PASS, SOFTFAIL, PASS, FAIL]
+    assert running.server.memo.hits == memo_hits + 2
+    assert running.server.requests == 5
+    # Later recipients of a message answered at once get no second header.
+    second = request(ip=GOOD_IP, instance="m1", recipient="b@rcpt.example")
+    assert await client.ask(request(ip=GOOD_IP, instance="m1")) == PASS
+    assert await client.ask(second) == "dunno"
+
+
 async def test_concurrent_connections(policy_server: Any) -> None:
     running = await policy_server()
 

@@ -50,12 +50,17 @@ class DnsChecks:
         )
         self.result_hits = 0
 
-    async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
-        key = (ip, sender, helo.lower(), self.void_limit)
-        cached = self.results.get(key)
+    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+        cached = self.results.get((ip, sender, helo.lower(), self.void_limit))
         if cached is not None:
             self.result_hits += 1
+        return cached
+
+    async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
+        cached = self.cached_spf(ip, sender, helo)
+        if cached is not None:
             return cached
+        key = (ip, sender, helo.lower(), self.void_limit)
         outcome = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
         )

@@ -4,8 +4,11 @@
 (SPF outcomes, forward-confirmed PTR names, A/AAAA addresses) in the order
 policyd-spf 3.0.4 does, and hands them to pure functions (``read_request``,
 ``address_bypass``, ``spf_verdict``, ``render``...) that the tests call
-directly. The action text is byte-for-byte what policyd-spf 3.0.4 writes for
-the same inputs, except for the differences listed below.
+directly. The decision itself is synchronous and starts over once a missing
+answer has been fetched, so ``decide_now()`` answers a request whose facts are
+all cached without a coroutine (the server's fast path). The action text is
+byte-for-byte what policyd-spf 3.0.4 writes for the same inputs, except for
+the differences listed below.
 
 Per-message memory: Postfix asks once per recipient, and policyd-spf keeps, per
 ``instance`` (one per message), what it answered first. A later recipient of
@@ -56,8 +59,8 @@ import enum
 import ipaddress
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from spfpolicy.config import HeaderType, HeloReject, MailFromReject, Settings
@@ -82,12 +85,15 @@ __all__ = [
     "Decision",
     "Facts",
     "InstanceMemory",
+    "Known",
     "MemoryEntry",
     "RequestView",
     "Verdict",
+    "VerdictMemo",
     "address_bypass",
     "bypass_verdict",
     "decide",
+    "decide_now",
     "fallback_decision",
     "header_receiver",
     "mailfrom_needed",
@@ -128,6 +134,10 @@ class Checks(Protocol):
 
     async def addresses(self, name: str, *, ipv6: bool, lookup_time: float) -> list[str]:
         """The A (or, with ipv6, AAAA) addresses of ``name``, as text."""
+        ...
+
+    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+        """The outcome ``spf`` would return, if it is cached; never waits."""
         ...
 
 
@@ -261,6 +271,10 @@ class Context:
     receiver: str
     per_user: bool = False
     last_prepended: bool = False  # an earlier recipient already got the header
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", _ip(self.ip))  # parsed once per request
 
     @property
     def helo(self) -> str:
@@ -314,9 +328,11 @@ class InstanceMemory:
 def memory_key(view: RequestView) -> str:
     """The memory key; empty (no memory) without an instance, as policyd-spf then
     makes up a random one."""
-    if not view.instance:
-        return ""
-    return "\0".join((view.instance, view.client_address, view.sender))
+    return _memory_key(view.instance, view.client_address, view.sender)
+
+
+def _memory_key(instance: str, client_address: str, sender: str) -> str:
+    return "\0".join((instance, client_address, sender)) if instance else ""
 
 
 def replay(entry: MemoryEntry) -> Verdict:
@@ -355,7 +371,7 @@ def bypass_verdict(ctx: Context, bypass: Bypass) -> Verdict:
 
 def address_bypass(ctx: Context) -> Verdict | None:
     """skip_addresses, then Whitelist: no DNS needed."""
-    address = _ip(ctx.ip)
+    address = ctx.address
     if address is None:
         return None
     for networks, bypass in (
@@ -369,7 +385,7 @@ def address_bypass(ctx: Context) -> Verdict | None:
 
 def helo_whitelisted(ctx: Context, addresses: list[str]) -> bool:
     """HELO_Whitelist: the client address is among the HELO name's A/AAAA records."""
-    client = _ip(ctx.ip)
+    client = ctx.address
     return client is not None and any(_ip(a) == client for a in addresses)
 
 
@@ -621,7 +637,7 @@ def render(settings: Settings, verdict: Verdict) -> str:
     return "dunno"
 
 
-def _decision(settings: Settings, view: RequestView, verdict: Verdict) -> Decision:
+def _decision(settings: Settings, queue_id: str, verdict: Verdict) -> Decision:
     facts = verdict.facts
     return Decision(
         action=render(settings, verdict),
@@ -630,7 +646,7 @@ def _decision(settings: Settings, view: RequestView, verdict: Verdict) -> Decisi
         reason=facts.reason if facts else verdict.note,
         bypass=verdict.bypass,
         replayed=verdict.replayed,
-        queue_id=view.queue_id if settings.queue_id else "",
+        queue_id=queue_id if settings.queue_id else "",
     )
 
 
@@ -639,17 +655,177 @@ def context_for(
 ) -> Context | None:
     """Per_User settings and the address to check; None when there is nothing to check."""
     effective, per_user = settings.for_recipient(view.recipient)
-    ip = effective.prospective or view.client_address
-    if _ip(ip) is None:
-        return None
-    return Context(
+    ctx = Context(
         settings=effective,
         view=view,
-        ip=ip,
+        ip=effective.prospective or view.client_address,
         receiver=header_receiver(settings, view.recipient),
         per_user=per_user,
         last_prepended=remembered is not None and remembered.act is Act.PREPEND,
     )
+    return None if ctx.address is None else ctx
+
+
+class _Missing(Exception):
+    """A check whose answer is not known yet: ``decide`` awaits ``fetch()`` and starts over."""
+
+    def __init__(self, key: tuple[object, ...], fetch: Callable[[], Awaitable[object]]) -> None:
+        self.key = key
+        self.fetch = fetch
+
+
+class Known:
+    """The checks' answers as one request has seen them: what it has fetched
+    or found cached (each counted once); any other answer raises ``_Missing``.
+
+    Deciding is synchronous and starts over after each fetch (at most one
+    restart per check, and a request makes a handful), so a request whose
+    answers are all cached is decided without a coroutine or a task.
+    """
+
+    __slots__ = ("_context", "_view", "answers", "checks")
+
+    def __init__(self, checks: Checks) -> None:
+        self.checks = checks
+        self.answers: dict[tuple[object, ...], object] = {}
+        self._view: RequestView | None = None
+        # (settings, remembered, context) of the last attempt: a restart with
+        # the same settings and memory needs no new context.
+        self._context: tuple[Settings, MemoryEntry | None, Context | None] | None = None
+
+    def view(self, request: PolicyRequest) -> RequestView:
+        if self._view is None:
+            self._view = read_request(request)
+        return self._view
+
+    def context(
+        self, settings: Settings, view: RequestView, remembered: MemoryEntry | None
+    ) -> Context | None:
+        last = self._context
+        if last is not None and last[0] is settings and last[1] is remembered:
+            return last[2]
+        ctx = context_for(settings, view, remembered)
+        self._context = (settings, remembered, ctx)
+        return ctx
+
+    def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
+        key = ("spf", ip, sender, helo)
+        answers = self.answers
+        outcome = answers.get(key)
+        if outcome is None:
+            outcome = self.checks.cached_spf(ip, sender, helo)
+            if outcome is None:
+                raise _Missing(
+                    key, lambda: self.checks.spf(ip, sender, helo, lookup_time=lookup_time)
+                )
+            answers[key] = outcome
+        return outcome  # type: ignore[return-value]
+
+    def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
+        key = ("ptr", ip)
+        if key in self.answers:
+            return self.answers[key]  # type: ignore[return-value]
+        raise _Missing(key, lambda: self.checks.confirmed_ptr_names(ip, lookup_time=lookup_time))
+
+    def addresses(self, name: str, *, ipv6: bool, lookup_time: float) -> list[str]:
+        key = ("addresses", name, ipv6)
+        if key in self.answers:
+            return self.answers[key]  # type: ignore[return-value]
+        raise _Missing(key, lambda: self.checks.addresses(name, ipv6=ipv6, lookup_time=lookup_time))
+
+
+@dataclass(frozen=True, slots=True)
+class _Memo:
+    """A verdict for a message nothing was remembered for, and what it rests on."""
+
+    verdict: Verdict
+    settings: Settings  # after Per_User changes
+    per_user: bool
+    client_address: str  # as read_request() gives them, for the memory key
+    sender: str
+    answers: tuple[tuple[tuple[object, ...], SpfOutcome], ...]  # Known.answers it used
+
+
+class VerdictMemo:
+    """Verdicts by the request attributes they depend on, for one Settings.
+
+    ``_evaluate`` is a pure function of the settings, the client address,
+    HELO name, sender and recipient (and whether each was sent), and the SPF
+    outcomes it used. A memo entry is used only while the checks still hand
+    out those very outcome objects (so it never outlives the result cache's
+    TTLs), and only for a message with nothing remembered: everything else
+    is decided afresh. Verdicts that used PTR or address lookups, which have
+    no cache to check against, are not kept.
+    """
+
+    def __init__(self, settings: Settings, max_entries: int) -> None:
+        self.settings = settings
+        self.max_entries = max_entries
+        # Without Per_User, only the recipient's domain reaches the verdict
+        # (the receiver= field), so its recipients share one entry.
+        self._by_domain = settings.per_user is None
+        self._entries: OrderedDict[tuple[str | None, ...], _Memo] = OrderedDict()
+        self.hits = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def key(self, attributes: Mapping[str, str]) -> tuple[str | None, ...]:
+        """The request attributes a verdict depends on, as sent (None: not sent)."""
+        get = attributes.get
+        recipient = get("recipient")
+        if self._by_domain and recipient:
+            # header_receiver() takes what follows the first "@".
+            _, at, domain = recipient.partition("@")
+            if at:
+                recipient = at + domain
+        return (get("client_address"), get("helo_name"), get("sender"), recipient)
+
+    def get(self, key: tuple[str | None, ...], known: Known) -> _Memo | None:
+        """The entry for ``key`` if its outcomes are still the cached ones
+        (those found are added to ``known``, so a miss costs no lookup twice)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        answers = known.answers
+        cached = known.checks.cached_spf
+        for answer_key, outcome in entry.answers:
+            found = answers.get(answer_key)
+            if found is None:
+                _, ip, sender, helo = answer_key
+                found = cached(ip, sender, helo)  # type: ignore[arg-type]
+                if found is None:
+                    return None
+                answers[answer_key] = found
+            if found is not outcome:
+                return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry
+
+    def put(
+        self, key: tuple[str | None, ...], ctx: Context, verdict: Verdict, known: Known
+    ) -> None:
+        if self.max_entries <= 0 or any(k[0] != "spf" for k in known.answers):
+            return
+        answers = tuple(known.answers.items())
+        entries = self._entries
+        entries[key] = _Memo(
+            verdict,
+            ctx.settings,
+            ctx.per_user,
+            ctx.view.client_address,
+            ctx.view.sender,
+            answers,  # type: ignore[arg-type]
+        )
+        entries.move_to_end(key)
+        if len(entries) > self.max_entries:
+            entries.popitem(last=False)
+
+
+def _normal(text: str) -> str:
+    """``read_request``'s normalization, for one value."""
+    return clean(text.rstrip().lower())
 
 
 async def decide(
@@ -657,45 +833,113 @@ async def decide(
     settings: Settings,
     checks: Checks,
     memory: InstanceMemory,
+    *,
+    known: Known | None = None,
+    memo: VerdictMemo | None = None,
 ) -> Decision:
-    """Answer one policy request.
+    """Answer one policy request; ``known`` carries on from ``decide_now()``.
 
     The header's receiver= field is not this host's name: policyd-spf 3.0.4
     puts the recipient's domain there, and so do we (see ``header_receiver``).
     """
+    if known is None or known.checks is not checks:
+        known = Known(checks)
+    while True:
+        try:
+            return _decide(request, settings, known, memory, memo)
+        except _Missing as missing:
+            known.answers[missing.key] = await missing.fetch()
+
+
+def decide_now(
+    request: PolicyRequest,
+    settings: Settings,
+    known: Known,
+    memory: InstanceMemory,
+    memo: VerdictMemo | None = None,
+) -> Decision | None:
+    """``decide()`` without waiting: the decision when every answer it needs is
+    cached, else None (nothing was remembered; ``decide(known=known)`` goes on)."""
+    try:
+        return _decide(request, settings, known, memory, memo)
+    except _Missing:
+        return None
+
+
+def _decide(
+    request: PolicyRequest,
+    settings: Settings,
+    known: Known,
+    memory: InstanceMemory,
+    memo: VerdictMemo | None,
+) -> Decision:
     if settings.mock:
         return Decision(MOCK_ACTION)
-    view = read_request(request)
+    if memo is not None and memo.settings is settings:
+        attributes = request.attributes
+        memo_key = memo.key(attributes)
+        entry = memo.get(memo_key, known)
+        if entry is not None:
+            decision = _decide_from_memo(entry, attributes, memory)
+            if decision is not None:
+                return decision
+    else:
+        memo = None
+    view = known.view(request)
     key = memory_key(view)
     remembered = memory.get(key) if key else None
-    ctx = context_for(settings, view, remembered)
+    ctx = known.context(settings, view, remembered)
     if ctx is None:
-        return _decision(settings, view, Verdict(Act.NOTHING, note="no valid client address"))
+        verdict = Verdict(Act.NOTHING, note="no valid client address")
+        return _decision(settings, view.queue_id, verdict)
     if remembered is not None and not ctx.per_user:
-        return _decision(ctx.settings, view, replay(remembered))
-    verdict = await _evaluate(ctx, checks)
+        return _decision(ctx.settings, view.queue_id, replay(remembered))
+    verdict = _evaluate(ctx, known)
+    # Only now, with every answer in: a restart must not find itself remembered.
     if verdict.remember is not None and key:
         memory.put(key, verdict.remember)
-    return _decision(ctx.settings, view, verdict)
+    if memo is not None and remembered is None:
+        memo.put(memo_key, ctx, verdict, known)
+    return _decision(ctx.settings, view.queue_id, verdict)
 
 
-async def _evaluate(ctx: Context, checks: Checks) -> Verdict:
+def _decide_from_memo(
+    entry: _Memo, attributes: Mapping[str, str], memory: InstanceMemory
+) -> Decision | None:
+    """What ``_decide`` would answer, given a still valid memo entry; None
+    when the message's memory asks for the full way (a Per_User recipient
+    of a remembered message)."""
+    instance = _normal(attributes.get("instance", ""))
+    key = _memory_key(instance, entry.client_address, entry.sender)
+    remembered = memory.get(key) if key else None
+    queue_id = clean(attributes.get("queue_id", "").rstrip())
+    if remembered is not None:
+        if entry.per_user:
+            return None
+        return _decision(entry.settings, queue_id, replay(remembered))
+    verdict = entry.verdict
+    if verdict.remember is not None and key:
+        memory.put(key, verdict.remember)
+    return _decision(entry.settings, queue_id, verdict)
+
+
+def _evaluate(ctx: Context, checks: Known) -> Verdict:
     s = ctx.settings
     verdict = address_bypass(ctx)
     if verdict is not None:
         return verdict
     wl_time = float(s.whitelist_lookup_time)
     for domain in s.domain_whitelist:
-        outcome = await checks.spf(ctx.ip, domain, domain, lookup_time=wl_time)
+        outcome = checks.spf(ctx.ip, domain, domain, lookup_time=wl_time)
         if outcome.result is SpfResult.PASS:
             return bypass_verdict(ctx, Bypass.DOMAIN_WHITELIST)
     if ctx.view.helo and ctx.view.helo in s.helo_whitelist:
-        ipv6 = isinstance(_ip(ctx.ip), ipaddress.IPv6Address)
-        found = await checks.addresses(ctx.view.helo, ipv6=ipv6, lookup_time=wl_time)
+        ipv6 = isinstance(ctx.address, ipaddress.IPv6Address)
+        found = checks.addresses(ctx.view.helo, ipv6=ipv6, lookup_time=wl_time)
         if helo_whitelisted(ctx, found):
             return bypass_verdict(ctx, Bypass.HELO_WHITELIST)
     if s.domain_whitelist_ptr:
-        names = await checks.confirmed_ptr_names(ctx.ip, lookup_time=wl_time)
+        names = checks.confirmed_ptr_names(ctx.ip, lookup_time=wl_time)
         if ptr_matches(names, s.domain_whitelist_ptr):
             return bypass_verdict(ctx, Bypass.DOMAIN_WHITELIST_PTR)
     if not ctx.view.sender and not ctx.view.helo:
@@ -703,10 +947,10 @@ async def _evaluate(ctx: Context, checks: Checks) -> Verdict:
     lookup_time = float(s.lookup_time)
     helo: SpfOutcome | None = None
     if s.helo_reject is not HeloReject.NO_CHECK:
-        helo = await checks.spf(ctx.ip, "", ctx.helo, lookup_time=lookup_time)
+        helo = checks.spf(ctx.ip, "", ctx.helo, lookup_time=lookup_time)
     mfrom: SpfOutcome | None = None
     if mailfrom_needed(ctx, helo):
-        mfrom = await checks.spf(ctx.ip, ctx.view.sender, ctx.helo, lookup_time=lookup_time)
+        mfrom = checks.spf(ctx.ip, ctx.view.sender, ctx.helo, lookup_time=lookup_time)
     return spf_verdict(ctx, helo, mfrom)
 
 
@@ -736,4 +980,4 @@ def fallback_decision(settings: Settings, request: PolicyRequest) -> Decision:
         recipient=header_receiver(settings, view.recipient),
     )
     verdict = Verdict(Act.DEFER, text, error=True, note="fallback")
-    return _decision(effective, view, verdict)
+    return _decision(effective, view.queue_id, verdict)

@@ -53,7 +53,15 @@ from spfpolicy.metrics import (
     status_line,
     summary_line,
 )
-from spfpolicy.policy import InstanceMemory, decide, fallback_decision
+from spfpolicy.policy import (
+    Decision,
+    InstanceMemory,
+    Known,
+    VerdictMemo,
+    decide,
+    decide_now,
+    fallback_decision,
+)
 from spfpolicy.protocol import (
     REQUEST_TYPE,
     PolicyRequest,
@@ -108,6 +116,11 @@ class _Connection(asyncio.Protocol):
     complete requests from it and answers them in order. Because the parser
     holds everything read, "stop reading, then answer what was read" is
     exact at shutdown: nothing read is lost in a stream buffer.
+
+    Fast path: while the task is idle, ``data_received`` answers at once
+    the requests whose answers are all cached (``PolicyServer.answer_now``);
+    the first one that needs a lookup goes to the task, and with it the
+    order of everything after it.
     """
 
     def __init__(self, server: PolicyServer) -> None:
@@ -123,6 +136,9 @@ class _Connection(asyncio.Protocol):
         self._last_read = 0.0  # loop time of the last bytes received
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_expired = False
+        self._waiting = False  # the task waits for data, with nothing to answer
+        # A request the fast path hands to the task, with what it found cached.
+        self._pending: tuple[PolicyRequest, Known | None] | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- transport callbacks --------------------------------------------------
@@ -158,10 +174,31 @@ class _Connection(asyncio.Protocol):
         # requests before it: the serving task logs it and closes.
         with contextlib.suppress(ProtocolError):
             parser.feed(data)
+        if self._waiting and self._writable.is_set() and self._answer_at_once(parser):
+            return  # all answered; the task sleeps on
         # Backpressure on a client that pipelines faster than we answer.
         if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
             self._set_reading(False)
         self._wakeup.set()
+
+    def _answer_at_once(self, parser: RequestParser) -> bool:
+        """Answer the requests that need no lookup; False when the task has
+        work left (a request that does, a protocol error)."""
+        answer_now = self._server.answer_now
+        transport = self._transport
+        assert transport is not None
+        while True:
+            try:
+                request = parser.next_request()
+            except ProtocolError:
+                return False  # raised again in the task, which logs it and closes
+            if request is None:
+                return True
+            action = answer_now(request)
+            if not isinstance(action, str):
+                self._pending = (request, action)
+                return False
+            transport.write(encode_response(action))
 
     def eof_received(self) -> bool:
         self._closing = True
@@ -215,24 +252,34 @@ class _Connection(asyncio.Protocol):
         assert parser is not None and transport is not None
         try:
             while not self._lost:
-                try:
-                    request = parser.next_request()
-                except ProtocolError as exc:
-                    log.warning("closing connection: %s", exc)
-                    break
-                if request is None:
-                    if self._closing:
+                now: str | Known | None
+                if self._pending is not None:
+                    (request, now), self._pending = self._pending, None
+                else:
+                    try:
+                        next_request = parser.next_request()
+                    except ProtocolError as exc:
+                        log.warning("closing connection: %s", exc)
                         break
-                    if self._paused:
-                        self._set_reading(True)
-                    if self._idle_expired:
-                        idle = server.settings.idle_timeout
-                        log.info("closing connection idle for %ss (Idle_Timeout)", idle)
-                        break
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
-                    continue
-                action = await server.answer(request)
+                    if next_request is None:
+                        if self._closing:
+                            break
+                        if self._paused:
+                            self._set_reading(True)
+                        if self._idle_expired:
+                            idle = server.settings.idle_timeout
+                            log.info("closing connection idle for %ss (Idle_Timeout)", idle)
+                            break
+                        self._wakeup.clear()
+                        self._waiting = True
+                        try:
+                            await self._wakeup.wait()
+                        finally:
+                            self._waiting = False
+                        continue
+                    request = next_request
+                    now = server.answer_now(request)
+                action = now if isinstance(now, str) else await server.answer(request, now)
                 if self._lost:
                     break
                 transport.write(encode_response(action))
@@ -274,6 +321,7 @@ class PolicyServer:
         )
         self.checks = self._make_checks(settings)
         self.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
+        self.memo = VerdictMemo(settings, settings.result_cache_size)
         self.stats = ServerStats()
         self.connections: set[_Connection] = set()
         self.metrics: MetricsEndpoint | None = None
@@ -456,8 +504,32 @@ class PolicyServer:
                 self.stats.refused_connections,
             )
 
-    async def answer(self, request: PolicyRequest) -> str:
-        """One request in, one action out, whatever happens on the way."""
+    def answer_now(self, request: PolicyRequest) -> str | Known | None:
+        """The action for a request whose answer needs no lookup; else what
+        was found cached (or None), for ``answer()`` to go on with in a task.
+        Unusual requests (warnings, another request type, debug logging of
+        attributes, shutdown) and any failure go the full way, which logs them."""
+        if (
+            request.warnings
+            or self._stop_deadline is not None
+            or request.request != REQUEST_TYPE
+            or request_log.isEnabledFor(logging.DEBUG)
+        ):
+            return None
+        started = time.perf_counter()
+        known = Known(self.checks)
+        try:
+            decision = decide_now(request, self.settings, known, self.memory, self.memo)
+        except Exception:
+            return None  # answer() runs it again and logs the failure
+        if decision is None:
+            return known
+        self.stats.requests += 1
+        return self._answered(request, decision, started)
+
+    async def answer(self, request: PolicyRequest, known: Known | None = None) -> str:
+        """One request in, one action out, whatever happens on the way;
+        ``known`` is what ``answer_now()`` found cached."""
         settings = self.settings  # a reload during this request does not affect it
         started = time.perf_counter()
         self.stats.requests += 1
@@ -479,7 +551,9 @@ class PolicyServer:
         self._deadlines.add(deadline)
         try:
             async with deadline, self._slots:
-                decision = await decide(request, settings, self.checks, self.memory)
+                decision = await decide(
+                    request, settings, self.checks, self.memory, known=known, memo=self.memo
+                )
         except TimeoutError:
             self.stats.errors += 1
             if self.stopping:
@@ -505,14 +579,16 @@ class PolicyServer:
             decision = fallback_decision(settings, request)
         finally:
             self._deadlines.discard(deadline)
+        return self._answered(request, decision, started)
+
+    def _answered(self, request: PolicyRequest, decision: Decision, started: float) -> str:
+        """Count and log a decision; its action."""
         result = None if decision.result is None else str(decision.result)
         self.stats.record(decision.action, result, time.perf_counter() - started)
-        log.info(
-            "%s client=%s helo=%r sender=%r",
-            decision.log_message(),
-            request.client_address or "-",
-            request.helo_name,
-            request.sender,
+        logs.info(
+            log,
+            f"{decision.log_message()} client={request.client_address or '-'} "
+            f"helo={request.helo_name!r} sender={request.sender!r}",
         )
         return decision.action
 
@@ -546,6 +622,7 @@ class PolicyServer:
             self.memory = InstanceMemory(new.instance_cache_size, new.instance_ttl)
         if new.max_in_flight != old.max_in_flight:
             self._slots = asyncio.Semaphore(new.max_in_flight)
+        self.memo = VerdictMemo(new, new.result_cache_size)  # verdicts follow the settings
         self.settings = new
         return ignored
 
