@@ -378,6 +378,20 @@ async def test_failing_decision_gets_the_fallback(
     assert running.server.errors == 1
 
 
+async def test_failing_fast_path_leaves_the_request_to_the_task(
+    policy_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def decide_now(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug on the fast path")
+
+    running = await policy_server()
+    client = await running.connect()
+    assert await client.ask(request(ip=GOOD_IP)) == PASS
+    monkeypatch.setattr(spfpolicy.server, "decide_now", decide_now)
+    assert await client.ask(request(ip=GOOD_IP)) == PASS  # cached, answered by the task
+    assert running.server.errors == 0
+
+
 @pytest.mark.parametrize(
     ("defer", "fallback"),
     [pytest.param(False, "dunno", id="dunno"), pytest.param(True, FALLBACK_DEFER, id="defer")],

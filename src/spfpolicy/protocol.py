@@ -12,6 +12,7 @@ import unicodedata
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import repeat
 from types import MappingProxyType
 
 __all__ = [
@@ -259,7 +260,7 @@ class RequestParser:
                 return pos
             try:
                 # A line without "=" makes a 1-item pair: ValueError.
-                attributes = dict([line.split("=", 1) for line in lines])
+                attributes = dict(map(str.split, lines, repeat("="), repeat(1)))
             except ValueError:
                 return pos
             if "" in attributes:  # an empty name

@@ -174,8 +174,14 @@ class _Connection(asyncio.Protocol):
         # requests before it: the serving task logs it and closes.
         with contextlib.suppress(ProtocolError):
             parser.feed(data)
-        if self._waiting and self._writable.is_set() and self._answer_at_once(parser):
-            return  # all answered; the task sleeps on
+        if self._waiting and self._writable.is_set():
+            try:
+                if self._answer_at_once(parser):
+                    return  # all answered; the task sleeps on
+            except Exception:
+                # A bug must not escape into the transport (which would drop
+                # the connection): the task answers what is left.
+                log.exception("answering at once failed; the connection's task goes on")
         # Backpressure on a client that pipelines faster than we answer.
         if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
             self._set_reading(False)
