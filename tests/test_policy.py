@@ -1659,6 +1659,7 @@ async def test_memo_and_fast_path_answer_as_decide_does(tmp_path: Path, lines: l
         assert fast == expected, req.attributes
     assert cached.calls == []  # every answer came from the "cache"
     assert memo.hits > 0
+
     def remembered(memory: InstanceMemory) -> list[tuple[str, MemoryEntry]]:
         return [(key, entry) for key, (_, entry) in memory._entries.items()]
 
