@@ -4,6 +4,7 @@ unusual goes through the logging module."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import socket
@@ -101,3 +102,27 @@ def test_unconfigured_logging_gets_a_log_record(
     with caplog.at_level(logging.INFO, logger="spfpolicy.server"):
         logs.info(logging.getLogger("spfpolicy.server"), LINE)
     assert {r.getMessage() for r in caplog.records} == {LINE}
+
+
+async def test_lines_to_a_file_keep_their_order_and_are_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "stderr"
+    with open(path, "w", buffering=1, errors="backslashreplace") as stream:
+        monkeypatch.setattr("sys.stderr", stream)
+        logs.configure(1, ["stderr"])
+        logger = logging.getLogger("spfpolicy.server")
+        try:
+            logs.info(logger, "one")
+            logs.info(logger, "two \udcff")
+            logger.warning("three")  # the handler's own write flushes the two before it
+            logs.info(logger, "four")
+            await asyncio.sleep(0)  # the event loop's round ends: flushed
+            assert path.read_text().splitlines() == [
+                "INFO spfpolicy.server: one",
+                "INFO spfpolicy.server: two \\udcff",
+                "WARNING spfpolicy.server: three",
+                "INFO spfpolicy.server: four",
+            ]
+        finally:
+            logs.configure(0, [])

@@ -10,6 +10,9 @@ debugLevel 0 included: its default already depends on debugLevel.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import logging
 import logging.handlers
 import os
@@ -95,6 +98,16 @@ class _FastInfo:
             elif isinstance(handler, logging.StreamHandler):
                 self._stream = handler.stream
         self._nul = b"\0" if self._syslog is not None and self._syslog.append_nul else b""
+        # Lines go into the stream's byte buffer, flushed once per event-loop
+        # round rather than one write(2) per line (the text layer of stderr
+        # is line-buffered). The handler flushes that buffer with each record
+        # it writes, so lines keep their order.
+        self._binary: io.BufferedWriter | None = None
+        if isinstance(self._stream, io.TextIOWrapper) and isinstance(
+            self._stream.buffer, io.BufferedWriter
+        ):
+            self._binary = self._stream.buffer
+        self._flush_due = False
         self._journal = any(isinstance(h.formatter, _JournalFormatter) for h in handlers)
 
     def write(self, name: str, message: str) -> bool:
@@ -111,13 +124,39 @@ class _FastInfo:
                 sock.send(syslog_prefix + message.encode("utf-8") + self._nul)  # type: ignore[union-attr]
             except (OSError, UnicodeError, AttributeError):
                 return False  # the handler reconnects, or reports the problem
-        if self._stream is not None:
-            try:
-                self._stream.write(f"{text_prefix}{message}\n")
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass  # as StreamHandler.handleError (stderr closed): the line is lost
+        stream = self._stream
+        if stream is None:
+            return True
+        try:
+            if self._binary is None:
+                stream.write(f"{text_prefix}{message}\n")
+                stream.flush()
+            else:
+                line = f"{text_prefix}{message}\n".encode(
+                    stream.encoding, stream.errors or "strict"
+                )
+                self._binary.write(line)
+                self._flush_soon()
+        except (OSError, ValueError):
+            pass  # as StreamHandler.handleError (stderr closed): the line is lost
         return True
+
+    def _flush_soon(self) -> None:
+        if self._flush_due:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._flush()
+            return
+        self._flush_due = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        with contextlib.suppress(OSError, ValueError):
+            assert self._binary is not None
+            self._binary.flush()
 
     def _prefixes_for(self, name: str) -> tuple[str, bytes]:
         text = f"INFO {name}: "
