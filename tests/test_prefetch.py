@@ -4,6 +4,8 @@ result (the RFC 7208 suite runs with it on, too)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from spfpolicy.dns import Resolver
@@ -131,3 +133,32 @@ async def test_prefetch_changes_no_result(zone_server) -> None:
             without.mechanism,
             without.lookups,
         )
+
+
+def test_spf_targets_of_unhashable_records() -> None:
+    # Parsed records are memoized by value; a list (not from the resolver) still parses.
+    record = [b"v=spf1 include:a.example -all"]
+    assert spf_targets("example.com", (record,)) == (("a.example", "TXT"),)  # type: ignore[arg-type]
+    assert spf_targets("example.com", (tuple(record),)) == (("a.example", "TXT"),)
+
+
+async def test_walk_of_a_cached_tree_asks_nothing(zone_server) -> None:
+    server = await zone_server(TREE)
+    resolver = Resolver([server.nameserver], timeout=2.0, tries=1)
+    try:
+        evaluator = SpfEvaluator(resolver)
+        first = await evaluator.check("198.51.100.3", "user@example.com", "h.example.com")
+        assert evaluator.prefetcher is not None
+        prefetcher = evaluator.prefetcher
+        for _ in range(3):  # the walk fetches what the evaluation did not need
+            while prefetcher._walking or resolver.in_flight:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)
+        asked = server.queries
+        prefetcher.walks = prefetcher.lookups = 0
+        # Everything the tree points at is cached now: no walk, no query.
+        second = await evaluator.check("198.51.100.3", "user@example.com", "h.example.com")
+        assert (second.result, second.mechanism) == (first.result, first.mechanism)
+        assert prefetcher.walks == 0 and server.queries == asked
+    finally:
+        await resolver.close()

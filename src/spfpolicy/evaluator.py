@@ -237,8 +237,21 @@ class SpfEvaluator:
         runner = greenlet.greenlet(query.check)
         request: Any = runner.switch()
         try:
-            while not runner.dead:
-                request = await self._serve(runner, request, deadline)
+            if not runner.dead:
+                # One timer for the whole evaluation, not one per lookup.
+                remaining = deadline - self._clock()
+                try:
+                    if remaining <= 0:
+                        raise TimeoutError
+                    async with asyncio.timeout(remaining):
+                        while not runner.dead:
+                            request = await self._serve(runner, request)
+                except TimeoutError:
+                    if runner.dead:  # raised by pyspf itself, not our timer
+                        raise
+                    # Out of time: this lookup and any further one time out.
+                    while not runner.dead:
+                        request = runner.throw(spf.TempError(_TIMEOUT_TEXT))
         finally:
             # Cancelled mid-lookup (request deadline, shutdown): let pyspf
             # finish at once by failing every further lookup, so no greenlet
@@ -246,13 +259,9 @@ class SpfEvaluator:
             self._abandon(runner)
         return request
 
-    async def _serve(self, runner: greenlet.greenlet, need: _NeedDns, deadline: float) -> Any:
-        remaining = deadline - self._clock()
+    async def _serve(self, runner: greenlet.greenlet, need: _NeedDns) -> Any:
         try:
-            if remaining <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(remaining):
-                answer: DnsAnswer = await self.resolver.resolve(need.name, need.qtype)
+            answer: DnsAnswer = await self.resolver.resolve(need.name, need.qtype)
         except TimeoutError:
             return runner.throw(spf.TempError(_TIMEOUT_TEXT))
         except DnsTempError as exc:

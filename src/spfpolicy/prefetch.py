@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from functools import lru_cache
 
 from spfpolicy.dns import DnsAnswer, Record, Resolver
 
@@ -38,6 +39,15 @@ Target = tuple[str, str]  # (name, qtype or ADDRESS)
 
 def spf_targets(domain: str, records: tuple[Record, ...]) -> tuple[Target, ...]:
     """The lookups the SPF record among ``records`` may lead to, in order."""
+    try:
+        return _spf_targets(domain, records)
+    except TypeError:  # unhashable records: not from the resolver, which gives tuples
+        return _spf_targets.__wrapped__(domain, records)
+
+
+# The shared provider records are parsed again by every walk that reaches them.
+@lru_cache(maxsize=1024)
+def _spf_targets(domain: str, records: tuple[Record, ...]) -> tuple[Target, ...]:
     found = [r for r in records if r and _SPF_PREFIX.match(b"".join(r))]
     if len(found) != 1:  # none, or several: a permerror with nothing to fetch
         return ()
@@ -116,7 +126,7 @@ class SpfPrefetcher:
         seen = {domain}
         while level and budget > 0:
             budget -= len(level)
-            answers = await asyncio.gather(*(self._resolve(name, "TXT") for name in level))
+            answers = await self._records(level)
             next_level: list[str] = []
             for name, answer in zip(level, answers, strict=True):
                 if answer is None:
@@ -136,8 +146,23 @@ class SpfPrefetcher:
                         self._prefetch(target, address_qtype if qtype == ADDRESS else qtype)
             level = next_level
 
+    async def _records(self, names: list[str]) -> list[DnsAnswer | None]:
+        """The TXT answers of one level: cached ones at once, the rest fetched
+        together (most of a tree is shared provider records, in the cache)."""
+        self.lookups += len(names)
+        answers = [self.resolver.cached(name, "TXT") for name in names]
+        missing = [i for i, answer in enumerate(answers) if answer is None]
+        if len(missing) == 1:
+            answers[missing[0]] = await self._fetch(names[missing[0]], "TXT")
+        elif missing:
+            fetched = await asyncio.gather(*(self._fetch(names[i], "TXT") for i in missing))
+            for i, answer in zip(missing, fetched, strict=True):
+                answers[i] = answer
+        return answers
+
     async def _mx(self, name: str, address_qtype: str) -> None:
-        answer = await self._resolve(name, "MX")
+        self.lookups += 1
+        answer = await self._fetch(name, "MX")
         if answer is None:
             return
         # RFC 7208 section 4.6.4: at most 10 MX names are looked up.
@@ -148,8 +173,7 @@ class SpfPrefetcher:
         self.lookups += 1
         self.resolver.prefetch(name, qtype)
 
-    async def _resolve(self, name: str, qtype: str) -> DnsAnswer | None:
-        self.lookups += 1
+    async def _fetch(self, name: str, qtype: str) -> DnsAnswer | None:
         try:
             return await self.resolver.resolve(name, qtype)
         except Exception as exc:  # a prefetch failure is only a missed speed-up
