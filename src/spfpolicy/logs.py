@@ -11,14 +11,14 @@ debugLevel 0 included: its default already depends on debugLevel.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import atexit
 import io
 import logging
 import logging.handlers
 import os
 import sys
 from collections.abc import Iterable
-from typing import TextIO
+from typing import Any, TextIO
 
 SYSLOG_SOCKET = "/dev/log"
 REQUEST_LOGGER = "spfpolicy.requests"
@@ -36,6 +36,7 @@ def level_for(debug_level: int) -> int:
 def configure(debug_level: int, targets: Iterable[str]) -> None:
     """(Re)configure the ``spfpolicy`` logger tree; safe to call on reload."""
     global _fast
+    flush()
     _fast = None
     root = logging.getLogger("spfpolicy")
     for handler in list(root.handlers):
@@ -84,7 +85,15 @@ def info(logger: logging.Logger, message: str) -> None:
 
 
 class _FastInfo:
-    """Writes INFO lines straight to configure()'s stderr stream and syslog socket."""
+    """Writes INFO lines straight to configure()'s stderr stream and syslog socket.
+
+    stderr lines are collected and written with one write(2) per event-loop
+    round instead of one per line (stderr's text layer is line-buffered and
+    its byte layer unbuffered). A filter on the stream handler writes them
+    out before any record of its own, so lines keep their order.
+    """
+
+    MAX_PENDING = 256  # lines; written at once beyond that
 
     def __init__(self, handlers: list[logging.Handler]) -> None:
         self._root = logging.getLogger("spfpolicy")
@@ -97,18 +106,14 @@ class _FastInfo:
                 self._syslog = handler
             elif isinstance(handler, logging.StreamHandler):
                 self._stream = handler.stream
+                handler.addFilter(self._before_record)
         self._nul = b"\0" if self._syslog is not None and self._syslog.append_nul else b""
-        # Lines go into the stream's byte buffer, flushed once per event-loop
-        # round rather than one write(2) per line (the text layer of stderr
-        # is line-buffered). The handler flushes that buffer with each record
-        # it writes, so lines keep their order.
-        self._binary: io.BufferedWriter | None = None
-        if isinstance(self._stream, io.TextIOWrapper) and isinstance(
-            self._stream.buffer, io.BufferedWriter
-        ):
-            self._binary = self._stream.buffer
-        self._flush_due = False
         self._journal = any(isinstance(h.formatter, _JournalFormatter) for h in handlers)
+        self._raw: Any = None  # the stream's byte layer, when it has one
+        if isinstance(self._stream, io.TextIOWrapper):
+            self._raw = self._stream.buffer
+        self._pending: list[bytes] = []
+        self._flush_due = False
 
     def write(self, name: str, message: str) -> bool:
         """False when the line must go through the logging module instead."""
@@ -127,36 +132,50 @@ class _FastInfo:
         stream = self._stream
         if stream is None:
             return True
+        line = f"{text_prefix}{message}\n"
         try:
-            if self._binary is None:
-                stream.write(f"{text_prefix}{message}\n")
+            if self._raw is None:
+                stream.write(line)
                 stream.flush()
-            else:
-                line = f"{text_prefix}{message}\n".encode(
-                    stream.encoding, stream.errors or "strict"
-                )
-                self._binary.write(line)
-                self._flush_soon()
+                return True
+            self._pending.append(line.encode(stream.encoding, stream.errors or "strict"))
         except (OSError, ValueError):
-            pass  # as StreamHandler.handleError (stderr closed): the line is lost
+            return True  # as StreamHandler.handleError (stderr closed): the line is lost
+        if len(self._pending) >= self.MAX_PENDING:
+            self.flush()
+        elif not self._flush_due:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+            else:
+                self._flush_due = True
+                loop.call_soon(self.flush)
         return True
 
-    def _flush_soon(self) -> None:
-        if self._flush_due:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._flush()
-            return
-        self._flush_due = True
-        loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write out the lines collected so far."""
         self._flush_due = False
-        with contextlib.suppress(OSError, ValueError):
-            assert self._binary is not None
-            self._binary.flush()
+        if not self._pending:
+            return
+        data = memoryview(b"".join(self._pending))
+        self._pending.clear()
+        try:
+            assert self._stream is not None
+            self._stream.flush()  # whatever the text layer holds goes first
+            while data:
+                written = self._raw.write(data)
+                if written is None:  # a non-blocking stderr that is full
+                    break
+                data = data[written:]
+            if hasattr(self._raw, "flush"):
+                self._raw.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed: the lines are lost, as StreamHandler would lose them
+
+    def _before_record(self, record: logging.LogRecord) -> bool:
+        self.flush()
+        return True
 
     def _prefixes_for(self, name: str) -> tuple[str, bytes]:
         text = f"INFO {name}: "
@@ -169,6 +188,14 @@ class _FastInfo:
             syslog = f"<{priority}>{handler.ident}".encode()
         return text, syslog
 
+
+def flush() -> None:
+    """Write out decision lines not yet written (at exit, and on reconfiguring)."""
+    if _fast is not None:
+        _fast.flush()
+
+
+atexit.register(flush)
 
 _fast: _FastInfo | None = None
 
