@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import tracemalloc
 
 import pytest
 
 from spfpolicy.cache import TtlLruCache
-from spfpolicy.dns import DnsTempError, Resolver, parse_nameserver
+from spfpolicy.dns import DnsAnswer, DnsCache, DnsTempError, Resolver, parse_nameserver
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.results import SpfResult
 
@@ -61,6 +62,136 @@ def test_ttl_lru_cache_expiry_and_eviction() -> None:
     assert cache.expirations == 1
     cache.set("z", 9, 0)  # a zero TTL stores nothing
     assert cache.get("z") is None
+
+
+def test_ttl_lru_cache_pop_remaining_ttl_and_clear() -> None:
+    clock = FakeClock()
+    cache: TtlLruCache[str, int] = TtlLruCache(3, clock=clock)
+    cache.set("a", 1, 10)
+    cache.set("b", 2, 5)
+    assert cache.remaining_ttl("a") == 10
+    clock.now += 5
+    assert cache.remaining_ttl("b") is None  # expired, not yet removed
+    assert len(cache) == 2
+    assert cache.pop("a") == 1
+    assert cache.pop("a") is None
+    cache.set("b", 3, 10)  # replacing an entry keeps one entry
+    assert (len(cache), cache.get("b")) == (1, 3)
+    cache.set("b", 4, 0)  # a zero TTL removes the old value too
+    assert cache.get("b") is None
+    cache.set("c", 5, 10)
+    cache.clear()
+    assert (len(cache), cache.get("c")) == (0, None)
+
+
+def test_ttl_lru_cache_zero_entries_stores_nothing() -> None:
+    cache: TtlLruCache[str, int] = TtlLruCache(0)
+    cache.set("a", 1, 10)
+    assert (len(cache), cache.get("a")) == (0, None)
+
+
+def test_ttl_lru_cache_full_cache_evicts_oldest_in_batches() -> None:
+    # A full cache of 1024 evicts 1024 >> 8 = 4 at a time, least recently
+    # used first; a hit saves an entry from the next batch.
+    cache: TtlLruCache[int, int] = TtlLruCache(1024, clock=FakeClock())
+    for i in range(1024):
+        cache.set(i, i, 60)
+    assert cache.get(0) == 0
+    cache.set(1024, 1024, 60)
+    assert len(cache) == 1021
+    assert cache.evictions == 4
+    assert [cache.get(i) for i in range(6)] == [0, None, None, None, None, 5]
+    for i in range(1025, 1028):  # room for three more before the next batch
+        cache.set(i, i, 60)
+    assert (len(cache), cache.evictions) == (1024, 4)
+
+
+def test_ttl_lru_cache_order_survives_churn() -> None:
+    # Long enough for the dict to be repacked several times: recency order,
+    # bound, and values stay right throughout.
+    cache: TtlLruCache[str, int] = TtlLruCache(100, clock=FakeClock())
+    for i in range(2000):
+        cache.set(f"k{i}", i, 60)
+        assert cache.get(f"k{i - 50}") in (None, i - 50)
+        assert len(cache) <= 100
+    live = [i for i in range(2000) if cache.get(f"k{i}") is not None]
+    assert len(live) == 100
+    assert cache.evictions == 1900
+    assert all(cache.get(f"k{i}") == i for i in live)
+
+
+@pytest.mark.parametrize(
+    ("qtype", "records", "ttl"),
+    [
+        pytest.param("A", ("192.0.2.1", "192.0.2.2"), 300, id="a"),
+        pytest.param("AAAA", ("2001:db8::1",), 86400, id="aaaa"),
+        pytest.param("MX", ((10, "mx1.example.com"), (20, "mx2.example.com")), 60, id="mx"),
+        pytest.param("PTR", ("mail.example.com",), 3600, id="ptr"),
+        pytest.param("TXT", ((b"v=spf1 -all",), (b"site-verification=x",)), 120, id="txt"),
+        pytest.param("TXT", ((b"v=spf1 ip4:192.0.2.0/24", b" -all"),), 120, id="txt-chunks"),
+        pytest.param("TXT", ((b"\xff\x00 binary",),), 120, id="txt-binary"),
+        pytest.param("TXT", (), 300.0, id="negative"),
+        pytest.param("A", ("192.0.2.1",), 0.5, id="float-ttl"),
+        pytest.param("PTR", ("caf\u00e9.example", "bad\udcffname"), 30, id="non-ascii"),
+    ],
+)
+def test_dns_cache_gives_back_what_it_stored(qtype: str, records: tuple, ttl: float) -> None:
+    clock = FakeClock()
+    cache = DnsCache(10, clock=clock)
+    answer = DnsAnswer(records, ttl)
+    cache.set(("name with space.example", qtype), answer, 10)
+    found = cache.get(("name with space.example", qtype))
+    assert found == answer
+    assert type(found.ttl) is type(ttl)
+    assert [type(r) for r in found.records] == [type(r) for r in records]
+    assert found.negative is answer.negative
+    assert cache.remaining_ttl(("name with space.example", qtype)) == 10
+    assert cache.get(("name with space.example", "TXT" if qtype != "TXT" else "A")) is None
+    clock.now += 10
+    assert cache.get(("name with space.example", qtype)) is None
+    assert cache.expirations == 1
+
+
+def test_dns_cache_entry_size() -> None:
+    # The memory target (issue 6): 100,000 cached answers within 80 MB of
+    # process. An entry holding a ~60-byte SPF record costs ~210 B of Python
+    # objects (key, packed value, dict slot); as tuples, a float and a
+    # DnsAnswer in an OrderedDict it was ~450 B.
+    count = 20_000
+    cache = DnsCache(count, clock=FakeClock())
+    names = [f"d{i:06d}.example.com" for i in range(count)]
+    record = b"v=spf1 ip4:192.0.2.0/24 include:_spf.example.net ~all "
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i, name in enumerate(names):
+            cache.set((name, "TXT"), DnsAnswer(((record + str(i).encode(),),), 3600), 3600)
+        per_entry = (tracemalloc.get_traced_memory()[0] - before) / count
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == count
+    assert per_entry < 300
+
+
+def test_dns_cache_keeps_records_marshal_cannot_write() -> None:
+    cache = DnsCache(10, clock=FakeClock())
+    answer = DnsAnswer((object(),), 60)
+    cache.set(("example.com", "CNAME"), answer, 60)
+    assert cache.get(("example.com", "CNAME")) is answer
+    assert cache.pop(("example.com", "CNAME")) is answer
+
+
+def test_dns_cache_keys_do_not_collide() -> None:
+    # The slot is "TYPE NAME": a name may hold spaces (macro expansions can
+    # produce them), a query type never does.
+    cache = DnsCache(10, clock=FakeClock())
+    keys = [("a", "A"), ("a", "TXT"), ("A a", "TXT"), ("TXT a", "A"), ("a b", "A")]
+    for i, key in enumerate(keys):
+        cache.set(key, DnsAnswer((f"192.0.2.{i}",), 60), 60)
+    assert len(cache) == len(keys)
+    assert [cache.get(key) for key in keys] == [
+        DnsAnswer((f"192.0.2.{i}",), 60) for i in range(len(keys))
+    ]
 
 
 @pytest.mark.parametrize(
