@@ -1591,10 +1591,15 @@ class CachingChecks(FakeChecks):
     """FakeChecks whose answers are all "cached": the same outcome objects,
     handed out by cached_spf without a call (as the result cache does)."""
 
+    lifetime = 300.0
+
     def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
         if sender and sender == helo and "@" not in sender:
             return self.domains.get(sender)
         return self.table.get((sender or "postmaster@" + helo, helo))
+
+    def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
+        return self.lifetime if self.cached_spf(ip, sender, helo) is outcome else 0.0
 
 
 MEMO_SPF = {
@@ -1666,21 +1671,32 @@ async def test_memo_and_fast_path_answer_as_decide_does(tmp_path: Path, lines: l
     assert remembered(plain_memory) == remembered(fast_memory)
 
 
-async def test_memo_follows_the_cached_outcomes(tmp_path: Path) -> None:
+async def test_memo_lives_as_long_as_the_cached_outcomes(tmp_path: Path) -> None:
     settings = settings_from(tmp_path, [])
     table = dict(MEMO_SPF)
     checks = CachingChecks(table)
-    memo = VerdictMemo(settings, 100)
+    clock = FakeClock()
+    memo = VerdictMemo(settings, 100, clock=clock)
     memory = InstanceMemory()
     first = decide_now(request(), settings, Known(checks), memory, memo)
     assert first is not None and first.result is SpfResult.SOFTFAIL
     assert decide_now(request(instance="i2"), settings, Known(checks), memory, memo) == first
-    assert memo.hits == 1
-    # The result cache now holds another outcome (expired, fetched again).
+    assert (memo.hits, memo.checks_saved) == (1, 2)
+    # The result cache's outcome expires (and is fetched again, different).
     table[("a@example.org", "mail.example.com")] = outcome("pass")
+    clock.now += checks.lifetime
     again = decide_now(request(instance="i3"), settings, Known(checks), memory, memo)
     assert again is not None and again.result is SpfResult.PASS
     assert memo.hits == 1
+
+
+async def test_uncached_outcomes_are_not_memoized(tmp_path: Path) -> None:
+    settings = settings_from(tmp_path, [])
+    checks = CachingChecks(MEMO_SPF)
+    checks.lifetime = 0.0  # temperror, or Result_Cache_TTL = 0
+    memo = VerdictMemo(settings, 100)
+    assert decide_now(request(), settings, Known(checks), InstanceMemory(), memo) is not None
+    assert len(memo) == 0
 
 
 async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:

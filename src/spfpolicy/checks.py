@@ -56,6 +56,12 @@ class DnsChecks:
             self.result_hits += 1
         return cached
 
+    def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
+        key = (ip, sender, helo.lower(), self.void_limit)
+        if self.results.get(key) is not outcome:
+            return 0.0
+        return self.results.remaining_ttl(key) or 0.0
+
     async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
         cached = self.cached_spf(ip, sender, helo)
         if cached is not None:

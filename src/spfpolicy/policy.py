@@ -57,6 +57,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import ipaddress
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -138,6 +139,10 @@ class Checks(Protocol):
 
     def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
         """The outcome ``spf`` would return, if it is cached; never waits."""
+        ...
+
+    def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
+        """Seconds ``outcome`` stays the cached answer of this check (0: it is not)."""
         ...
 
 
@@ -739,11 +744,13 @@ class _Memo:
     """A verdict for a message nothing was remembered for, and what it rests on."""
 
     verdict: Verdict
+    decision: Decision  # rendered, without the queue id
     settings: Settings  # after Per_User changes
     per_user: bool
     client_address: str  # as read_request() gives them, for the memory key
     sender: str
-    answers: tuple[tuple[tuple[object, ...], SpfOutcome], ...]  # Known.answers it used
+    checks: int  # SPF checks it saves
+    expires: float  # when the first of its SPF outcomes leaves the result cache
 
 
 class VerdictMemo:
@@ -751,21 +758,25 @@ class VerdictMemo:
 
     ``_evaluate`` is a pure function of the settings, the client address,
     HELO name, sender and recipient (and whether each was sent), and the SPF
-    outcomes it used. A memo entry is used only while the checks still hand
-    out those very outcome objects (so it never outlives the result cache's
-    TTLs), and only for a message with nothing remembered: everything else
-    is decided afresh. Verdicts that used PTR or address lookups, which have
-    no cache to check against, are not kept.
+    outcomes it used. A memo entry lives as long as the first of those
+    outcomes stays in the result cache (so never beyond the shortest DNS TTL
+    behind it), and is used only for a message with nothing remembered:
+    everything else is decided afresh. Verdicts that used PTR or address
+    lookups, which have no TTL to go by, are not kept.
     """
 
-    def __init__(self, settings: Settings, max_entries: int) -> None:
+    def __init__(
+        self, settings: Settings, max_entries: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.settings = settings
         self.max_entries = max_entries
+        self._clock = clock
         # Without Per_User, only the recipient's domain reaches the verdict
         # (the receiver= field), so its recipients share one entry.
         self._by_domain = settings.per_user is None
         self._entries: OrderedDict[tuple[str | None, ...], _Memo] = OrderedDict()
         self.hits = 0
+        self.checks_saved = 0  # SPF checks answered through the memo
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -781,42 +792,48 @@ class VerdictMemo:
                 recipient = at + domain
         return (get("client_address"), get("helo_name"), get("sender"), recipient)
 
-    def get(self, key: tuple[str | None, ...], known: Known) -> _Memo | None:
-        """The entry for ``key`` if its outcomes are still the cached ones
-        (those found are added to ``known``, so a miss costs no lookup twice)."""
-        entry = self._entries.get(key)
+    def get(self, key: tuple[str | None, ...]) -> _Memo | None:
+        entries = self._entries
+        entry = entries.get(key)
         if entry is None:
             return None
-        answers = known.answers
-        cached = known.checks.cached_spf
-        for answer_key, outcome in entry.answers:
-            found = answers.get(answer_key)
-            if found is None:
-                _, ip, sender, helo = answer_key
-                found = cached(ip, sender, helo)  # type: ignore[arg-type]
-                if found is None:
-                    return None
-                answers[answer_key] = found
-            if found is not outcome:
-                return None
-        self._entries.move_to_end(key)
+        if entry.expires <= self._clock():
+            del entries[key]
+            return None
+        entries.move_to_end(key)
         self.hits += 1
+        self.checks_saved += entry.checks
         return entry
 
     def put(
-        self, key: tuple[str | None, ...], ctx: Context, verdict: Verdict, known: Known
+        self,
+        key: tuple[str | None, ...],
+        ctx: Context,
+        verdict: Verdict,
+        decision: Decision,
+        known: Known,
     ) -> None:
-        if self.max_entries <= 0 or any(k[0] != "spf" for k in known.answers):
+        if self.max_entries <= 0:
             return
-        answers = tuple(known.answers.items())
+        lifetimes = [math.inf]  # a verdict without checks (a bypass) lasts
+        for answer_key, answer in known.answers.items():
+            if answer_key[0] != "spf":
+                return
+            _, ip, sender, helo = answer_key
+            lifetimes.append(known.checks.cached_lifetime(ip, sender, helo, answer))  # type: ignore[arg-type]
+        lifetime = min(lifetimes)
+        if lifetime <= 0:
+            return
         entries = self._entries
         entries[key] = _Memo(
             verdict,
+            dataclasses.replace(decision, queue_id=""),
             ctx.settings,
             ctx.per_user,
             ctx.view.client_address,
             ctx.view.sender,
-            answers,  # type: ignore[arg-type]
+            len(lifetimes) - 1,
+            self._clock() + lifetime,
         )
         entries.move_to_end(key)
         if len(entries) > self.max_entries:
@@ -878,7 +895,7 @@ def _decide(
     if memo is not None and memo.settings is settings:
         attributes = request.attributes
         memo_key = memo.key(attributes)
-        entry = memo.get(memo_key, known)
+        entry = memo.get(memo_key)
         if entry is not None:
             decision = _decide_from_memo(entry, attributes, memory)
             if decision is not None:
@@ -898,9 +915,10 @@ def _decide(
     # Only now, with every answer in: a restart must not find itself remembered.
     if verdict.remember is not None and key:
         memory.put(key, verdict.remember)
+    decision = _decision(ctx.settings, view.queue_id, verdict)
     if memo is not None and remembered is None:
-        memo.put(memo_key, ctx, verdict, known)
-    return _decision(ctx.settings, view.queue_id, verdict)
+        memo.put(memo_key, ctx, verdict, decision, known)
+    return decision
 
 
 def _decide_from_memo(
@@ -917,10 +935,13 @@ def _decide_from_memo(
         if entry.per_user:
             return None
         return _decision(entry.settings, queue_id, replay(remembered))
-    verdict = entry.verdict
-    if verdict.remember is not None and key:
-        memory.put(key, verdict.remember)
-    return _decision(entry.settings, queue_id, verdict)
+    remember = entry.verdict.remember
+    if remember is not None and key:
+        memory.put(key, remember)
+    d = entry.decision
+    if not entry.settings.queue_id:
+        return d
+    return Decision(d.action, d.identity, d.result, d.reason, d.bypass, d.replayed, queue_id)
 
 
 def _evaluate(ctx: Context, checks: Known) -> Verdict:

@@ -363,7 +363,10 @@ class PolicyServer:
         return Snapshot(
             stats=self.stats,
             dns=self.resolver.counters(),
-            result_cache_hits=self._result_hits_before + self.checks.result_hits,
+            # SPF checks answered from the result cache, directly or through the memo.
+            result_cache_hits=self._result_hits_before
+            + self.checks.result_hits
+            + self.memo.checks_saved,
             result_cache_entries=len(self.checks.results),
             connections=len(self.connections),
             requests_in_flight=self.requests_in_flight,
@@ -628,6 +631,7 @@ class PolicyServer:
             self.memory = InstanceMemory(new.instance_cache_size, new.instance_ttl)
         if new.max_in_flight != old.max_in_flight:
             self._slots = asyncio.Semaphore(new.max_in_flight)
+        self._result_hits_before += self.memo.checks_saved
         self.memo = VerdictMemo(new, new.result_cache_size)  # verdicts follow the settings
         self.settings = new
         return ignored
