@@ -47,6 +47,9 @@ def request(ip: str, n: int) -> dict[str, str]:
         pytest.param("defer_if_permit 4.7.24 Message deferred", "defer_if_permit", id="defer"),
         pytest.param("REJECT text", "reject", id="reject"),
         pytest.param("", "empty", id="empty"),
+        pytest.param("  ", "empty", id="blank"),
+        pytest.param(" dunno x", "dunno", id="leading-space"),
+        pytest.param("Reject\ttext", "reject", id="tab"),
     ],
 )
 def test_action_label_is_the_first_word(action: str, label: str) -> None:

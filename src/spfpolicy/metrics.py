@@ -42,7 +42,9 @@ def action_label(action: str) -> str:
     The rest (header text, reason, URL) differs per request; as a label it
     would make one time series per message.
     """
-    word = action.split(None, 1)[0] if action.strip() else "empty"
+    word = action.partition(" ")[0]
+    if not (word and word.isprintable()):  # a leading blank, another kind of space
+        word = action.split(None, 1)[0] if action.strip() else "empty"
     return word.lower()
 
 
