@@ -201,6 +201,11 @@ class SpfEvaluator:
             result, code, explanation = "temperror", 451, "SPF Temporary Error: internal error"
         finally:
             self.in_flight -= 1
+            if query.perm_error is not None:
+                # pyspf keeps the PermError, whose traceback holds pyspf's
+                # frames and so the query: a cycle only the garbage collector
+                # (a full pass over the heap) would free.
+                query.perm_error.__traceback__ = None
         return SpfOutcome(
             SpfResult(result),
             code,
