@@ -378,6 +378,35 @@ async def test_failing_decision_gets_the_fallback(
     assert running.server.errors == 1
 
 
+async def test_client_that_never_reads_its_answers(policy_server: Any) -> None:
+    running = await policy_server(idle_timeout=1.0)
+    client = await running.connect()
+    assert await client.ask(request(ip=GOOD_IP)) == PASS  # cached from now on
+    # ~300 B per answer: 20,000 answers are 6 MB if nothing held the server back.
+    batch = b"".join(encode_request(request(ip=GOOD_IP)) for _ in range(1000))
+    (connection,) = running.server.connections
+    peak = 0
+
+    async def flood() -> None:
+        for _ in range(20):
+            await client.send(batch)
+
+    sender = asyncio.create_task(flood())
+    try:
+        async with asyncio.timeout(15):
+            while running.server.connections:
+                assert connection._transport is not None
+                peak = max(peak, connection._transport.get_write_buffer_size())
+                await asyncio.sleep(0.01)
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sender
+    # Answers stop at the transport's high-water mark, reading stops with them,
+    # and Idle_Timeout closes the connection.
+    assert 0 < peak < 1_000_000
+
+
 async def test_failing_fast_path_leaves_the_request_to_the_task(
     policy_server: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -189,7 +189,8 @@ class _Connection(asyncio.Protocol):
 
     def _answer_at_once(self, parser: RequestParser) -> bool:
         """Answer the requests that need no lookup; False when the task has
-        work left (a request that does, a protocol error)."""
+        work left (a request that does, a protocol error, a client that does
+        not read its answers)."""
         answer_now = self._server.answer_now
         transport = self._transport
         assert transport is not None
@@ -205,6 +206,8 @@ class _Connection(asyncio.Protocol):
                 self._pending = (request, action)
                 return False
             transport.write(encode_response(action))
+            if not self._writable.is_set():
+                return False  # the task waits until the client reads (or gives up)
 
     def eof_received(self) -> bool:
         self._closing = True
