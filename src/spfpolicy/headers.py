@@ -40,9 +40,10 @@ def clean(text: str) -> str:
     """Replace control characters with '?'; other non-ASCII text is kept (sent
     as UTF-8), except invisible and line-breaking characters (see
     protocol.INVISIBLE_CATEGORIES), which become '?' too."""
-    text = _CONTROL.sub("?", text)
     if text.isascii():
-        return text
+        # Printable ASCII (the usual case) has nothing to replace.
+        return text if text.isprintable() else _CONTROL.sub("?", text)
+    text = _CONTROL.sub("?", text)
     return "".join("?" if unicodedata.category(c) in INVISIBLE_CATEGORIES else c for c in text)
 
 
