@@ -137,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check":
         return asyncio.run(_check(args, settings))
     from spfpolicy.config import parse_listen, parse_log_target, parse_nameservers
-    from spfpolicy.server import run_server
+    from spfpolicy.lifecycle import run_server
 
     try:
         listen = [a for spec in args.listen or () for a in parse_listen(spec)]

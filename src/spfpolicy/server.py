@@ -1,18 +1,16 @@
-"""The policy server: listeners, connections, reload, the start/stop order
-and the signals. The only module that knows the lifecycle.
+"""The policy server: listeners, connections, requests, reload and stop.
 
 Every smtpd connection is served concurrently in one process; requests on a
 connection are answered in order. A request that fails in any way is still
 answered (DUNNO, or the TempError action when TempError_Defer is set), and
 the connection and the server live on.
 
-Start: bind (or take systemd's sockets), start the metrics endpoint, drop
-privileges, install signal handlers, start the background tasks, READY=1.
-SIGHUP: RELOADING=1, load and apply the file (or keep the old one), READY=1.
-Stop (SIGTERM/SIGINT): STOPPING=1; stop accepting; stop reading; answer
-every request already read (within Shutdown_Grace; the fallback answers what
-is still evaluating at its end); close connections; stop the background
-tasks, the metrics endpoint and the resolver; restore the signal handlers.
+``PolicyServer.reload()`` applies new settings to requests read from then
+on; ``stop()`` stops accepting and reading, answers every request already
+read (within Shutdown_Grace; the fallback answers what is still evaluating
+at its end), closes the connections, the metrics endpoint and the resolver.
+The process around it (start-up order, privileges, signals, systemd) is in
+lifecycle.py.
 """
 
 from __future__ import annotations
@@ -24,22 +22,18 @@ import grp
 import logging
 import os
 import pwd
-import signal
 import socket
 import stat
-import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, cast
+from typing import cast
 
 from spfpolicy import logs
 from spfpolicy.checks import DnsChecks
 from spfpolicy.config import (
-    ConfigError,
     ListenAddress,
     ListenFamily,
-    LogTarget,
     Nameserver,
     Settings,
 )
@@ -50,8 +44,6 @@ from spfpolicy.metrics import (
     MetricsUnavailable,
     ServerStats,
     Snapshot,
-    status_line,
-    summary_line,
 )
 from spfpolicy.policy import (
     Decision,
@@ -69,19 +61,16 @@ from spfpolicy.protocol import (
     RequestParser,
     encode_response,
 )
-from spfpolicy.systemd import InheritedSocket, Notifier, listen_fds, watchdog_interval
+from spfpolicy.systemd import InheritedSocket
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(logs.REQUEST_LOGGER)
-stats_log = logging.getLogger(logs.STATS_LOGGER)
 
 # Requests already read get this long to finish when stop() is not told.
 SHUTDOWN_GRACE = 30.0
 # Listen backlog: a Postfix restart reconnects every smtpd (default_process_limit
 # 100, often raised) at once.
 BACKLOG = 1024
-# How often STATUS= is refreshed for `systemctl status` (when under systemd).
-STATUS_INTERVAL = 10.0
 
 # Keys a SIGHUP cannot change in a running process: the sockets are bound
 # and privileges dropped, and the DNS channel (servers, timeout) and cache
@@ -305,7 +294,12 @@ class _Connection(asyncio.Protocol):
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
             server.connections.discard(self)
-            transport.close()
+            if self._idle_expired or not self._writable.is_set():
+                # Answers nobody reads: close() would keep the socket open
+                # until they were sent, that is, forever.
+                transport.abort()
+            else:
+                transport.close()
 
 
 class PolicyServer:
@@ -705,202 +699,6 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise ListenError(f"cannot listen on unix:{path}: another server is listening there")
-
-
-def _event_loop_factory() -> type[asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.Loop
-
-
-def drop_privileges(user: str, group: str) -> None:
-    """As root, become ``user``/``group`` (the sockets are bound by now)."""
-    if not user and not group:
-        return
-    try:
-        entry = pwd.getpwnam(user) if user else None
-        gid = grp.getgrnam(group).gr_gid if group else (entry.pw_gid if entry else os.getgid())
-    except KeyError as exc:
-        raise StartupError(f"cannot switch to User {user!r} / Group {group!r}: {exc}") from None
-    uid = entry.pw_uid if entry else os.getuid()
-    if os.geteuid() != 0:
-        if (uid, gid) != (os.geteuid(), os.getegid()):
-            log.warning(
-                "not started as root: User/Group (%s/%s) ignored, running as uid %d gid %d",
-                user or "-",
-                group or "-",
-                os.geteuid(),
-                os.getegid(),
-            )
-        return
-    # Supplementary groups first (root's would otherwise stay), then the
-    # group while we still may, then the user: the order matters.
-    if entry is not None:
-        os.initgroups(entry.pw_name, gid)
-    else:
-        os.setgroups([gid])
-    os.setgid(gid)
-    if entry is not None:
-        os.setuid(uid)
-    log.info("running as uid %d gid %d", os.getuid(), os.getgid())
-
-
-def run_server(
-    settings: Settings,
-    *,
-    listen: Sequence[ListenAddress] | None = None,
-    nameservers: Sequence[Nameserver] | None = None,
-    log_target: Sequence[LogTarget] | None = None,
-    load: Callable[[], Settings] | None = None,
-) -> int:
-    """Run until SIGTERM/SIGINT; the exit status for the command line.
-
-    ``load`` reads the configuration again on SIGHUP (the command-line
-    overrides ``listen``, ``nameservers`` and ``log_target`` apply to it too).
-    """
-    overrides: dict[str, Any] = {}
-    if listen:
-        overrides["listen"] = tuple(listen)
-    if nameservers:
-        overrides["nameservers"] = tuple(nameservers)
-    if log_target:
-        overrides["log_target"] = tuple(log_target)
-    settings = replace(settings, **overrides)
-    reload = (lambda: replace(load(), **overrides)) if load is not None else None
-    logs.configure(settings.debug_level, settings.log_target)
-    loop_factory = _event_loop_factory()
-    runner = asyncio.Runner(loop_factory=loop_factory) if loop_factory else asyncio.Runner()
-    with runner:
-        try:
-            return runner.run(_serve(settings, reload))
-        except StartupError as exc:
-            log.error("%s", exc)
-            print(f"spfpolicy: {exc}", file=sys.stderr)
-            return 1
-
-
-async def _serve(settings: Settings, load: Callable[[], Settings] | None) -> int:
-    notifier = Notifier.from_environment()
-    server = PolicyServer(settings)
-    try:
-        await server.start(settings.listen, listen_fds())
-        await server.start_metrics()
-        drop_privileges(settings.user, settings.group)
-    except BaseException:
-        await server.close()
-        notifier.close()
-        raise
-    try:
-        return await _Lifecycle(server, notifier, load).run()
-    finally:
-        notifier.close()
-
-
-class _Lifecycle:
-    """Signals, background tasks and systemd notifications around one server."""
-
-    def __init__(
-        self, server: PolicyServer, notifier: Notifier, load: Callable[[], Settings] | None
-    ) -> None:
-        self.server = server
-        self.notifier = notifier
-        self.load = load
-        self.stop_requested = asyncio.Event()
-        self.reloaded = asyncio.Event()  # wakes the stats task to re-read its interval
-        self.tasks: set[asyncio.Task[None]] = set()
-
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
-        server = self.server
-        handlers: dict[signal.Signals, Callable[[], None]] = {
-            signal.SIGTERM: self.stop_requested.set,
-            signal.SIGINT: self.stop_requested.set,
-            signal.SIGHUP: self.reload,
-        }
-        for signum, handler in handlers.items():
-            loop.add_signal_handler(signum, handler)
-        try:
-            self._spawn(self._stats_loop())
-            interval = watchdog_interval()
-            if self.notifier.enabled:
-                self._spawn(self._status_loop(interval))
-            self.notifier.ready(status_line(server.snapshot()))
-            log.info("spfpolicy ready (event loop %s)", type(loop).__module__.split(".")[0])
-            await self.stop_requested.wait()
-            log.info("stopping: finishing requests already read")
-            self.notifier.stopping(f"stopping after {server.requests} requests")
-            # Signals stay handled while draining: a second SIGTERM must not
-            # kill the process halfway through (systemd sends SIGKILL later).
-            await server.stop()
-        finally:
-            for task in self.tasks:
-                task.cancel()
-            if self.tasks:
-                await asyncio.wait(self.tasks)
-            for signum in handlers:
-                loop.remove_signal_handler(signum)
-        log.info("stopped after %d requests", server.requests)
-        return 0
-
-    def _spawn(self, coro: Coroutine[None, None, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    def reload(self) -> None:
-        """SIGHUP: a valid file applies to new requests; a bad one changes nothing."""
-        if self.stop_requested.is_set():
-            return
-        if self.load is None:
-            log.warning("SIGHUP: no configuration loader; nothing reloaded")
-            return
-        server = self.server
-        self.notifier.reloading()
-        try:
-            new = self.load()
-        except ConfigError as exc:
-            server.stats.reload_failures += 1
-            log.error("configuration not reloaded, the previous one stays: %s", exc)
-        except Exception:
-            server.stats.reload_failures += 1
-            log.exception("configuration not reloaded, the previous one stays")
-        else:
-            ignored = server.reload(new)
-            logs.configure(new.debug_level, new.log_target)
-            server.stats.reloads += 1
-            if ignored:
-                log.warning(
-                    "configuration reloaded, but %s changed: restart spfpolicy to apply",
-                    ", ".join(ignored),
-                )
-            else:
-                log.info("configuration reloaded")
-            self.reloaded.set()
-        self.notifier.ready(status_line(server.snapshot()))
-
-    async def _stats_loop(self) -> None:
-        while True:
-            interval = self.server.settings.effective_stats_interval
-            self.reloaded.clear()
-            try:
-                async with asyncio.timeout(interval if interval > 0 else None):
-                    await self.reloaded.wait()
-                continue  # reloaded: read the interval again
-            except TimeoutError:
-                stats_log.info("%s", summary_line(self.server.snapshot()))
-
-    async def _status_loop(self, watchdog: float | None) -> None:
-        """STATUS= for `systemctl status`, and WATCHDOG=1 at half of WATCHDOG_USEC."""
-        period = min(STATUS_INTERVAL, watchdog) if watchdog else STATUS_INTERVAL
-        if watchdog:
-            log.info("pinging the systemd watchdog every %.1fs", watchdog)
-        while True:
-            if watchdog:
-                self.notifier.watchdog()
-            self.notifier.status(status_line(self.server.snapshot()))
-            await asyncio.sleep(period)
 
 
 def _host_text(host: str) -> str:
