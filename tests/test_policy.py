@@ -1628,7 +1628,7 @@ MEMO_MESSAGES: list[tuple[dict[str, str | None], list[str | None]]] = [
 
 def memo_requests() -> list[PolicyRequest]:
     out = []
-    for changes, recipients in MEMO_MESSAGES * 2:  # the second pass meets the memo
+    for changes, recipients in MEMO_MESSAGES * 3:  # kept on the second pass, used on the third
         for recipient in recipients:
             out.append(request(**{**changes, "recipient": recipient}))
     return out
@@ -1680,6 +1680,9 @@ async def test_memo_lives_as_long_as_the_cached_outcomes(tmp_path: Path) -> None
     memory = InstanceMemory()
     first = decide_now(request(), settings, Known(checks), memory, memo)
     assert first is not None and first.result is SpfResult.SOFTFAIL
+    assert len(memo) == 0  # a key seen once is only marked
+    assert decide_now(request(instance="i1b"), settings, Known(checks), memory, memo) == first
+    assert len(memo) == 1
     assert decide_now(request(instance="i2"), settings, Known(checks), memory, memo) == first
     assert (memo.hits, memo.checks_saved) == (1, 2)
     # The result cache's outcome expires (and is fetched again, different).
@@ -1703,7 +1706,7 @@ async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:
     settings = settings_from(tmp_path, [])
     checks = CachingChecks(MEMO_SPF)
     memo = VerdictMemo(settings, 2)
-    for n, domain in enumerate(("a.example", "b.example", "c.example")):
+    for n, domain in enumerate(("a.example", "b.example", "c.example") * 2):
         decide_now(
             request(instance=f"i{n}", recipient=f"x@{domain}"),
             settings,
@@ -1712,11 +1715,16 @@ async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:
             memo,
         )
     assert len(memo) == 2
+    assert not memo._seen  # all kept on their second sighting; a.example evicted
     other = settings_from(tmp_path, ["Header_Type = AR"])
-    decision = decide_now(request(), other, Known(checks), InstanceMemory(), memo)
+    decide_now(request(recipient="x@b.example"), settings, Known(checks), InstanceMemory(), memo)
+    assert memo.hits == 1
+    decision = decide_now(
+        request(recipient="x@b.example"), other, Known(checks), InstanceMemory(), memo
+    )
     assert decision is not None
     assert decision.action.startswith("prepend Authentication-Results:")  # not the memo's
-    assert memo.hits == 0
+    assert memo.hits == 1
 
 
 async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> None:

@@ -743,7 +743,7 @@ class Known:
 class _Memo:
     """A verdict for a message nothing was remembered for, and what it rests on."""
 
-    verdict: Verdict
+    remember: MemoryEntry | None  # for the message's later recipients
     decision: Decision  # rendered, without the queue id
     settings: Settings  # after Per_User changes
     per_user: bool
@@ -763,6 +763,10 @@ class VerdictMemo:
     behind it), and is used only for a message with nothing remembered:
     everything else is decided afresh. Verdicts that used PTR or address
     lookups, which have no TTL to go by, are not kept.
+
+    A verdict is kept the second time its key is seen: most keys of a mail
+    stream come once, and an entry costs a kilobyte or two (the header
+    text); a seen key costs its hash.
     """
 
     def __init__(
@@ -775,6 +779,7 @@ class VerdictMemo:
         # (the receiver= field), so its recipients share one entry.
         self._by_domain = settings.per_user is None
         self._entries: OrderedDict[tuple[str | None, ...], _Memo] = OrderedDict()
+        self._seen: set[int] = set()  # hashes of keys seen once (forgotten in bulk)
         self.hits = 0
         self.checks_saved = 0  # SPF checks answered through the memo
 
@@ -815,6 +820,15 @@ class VerdictMemo:
     ) -> None:
         if self.max_entries <= 0:
             return
+        seen = self._seen
+        if key not in self._entries:
+            mark = hash(key)
+            if mark not in seen:
+                if len(seen) >= 4 * self.max_entries:
+                    seen.clear()
+                seen.add(mark)
+                return
+            seen.discard(mark)
         lifetimes = [math.inf]  # a verdict without checks (a bypass) lasts
         for answer_key, answer in known.answers.items():
             if answer_key[0] != "spf":
@@ -826,7 +840,7 @@ class VerdictMemo:
             return
         entries = self._entries
         entries[key] = _Memo(
-            verdict,
+            verdict.remember,
             dataclasses.replace(decision, queue_id=""),
             ctx.settings,
             ctx.per_user,
@@ -935,7 +949,7 @@ def _decide_from_memo(
         if entry.per_user:
             return None
         return _decision(entry.settings, queue_id, replay(remembered))
-    remember = entry.verdict.remember
+    remember = entry.remember
     if remember is not None and key:
         memory.put(key, remember)
     d = entry.decision
