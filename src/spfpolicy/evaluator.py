@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ipaddress
 import logging
 import time
 from collections.abc import Callable
@@ -56,6 +58,12 @@ class _NeedDns:
     qtype: str
 
 
+@functools.lru_cache(maxsize=4096)
+def _network(ip: Any, prefix: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """What pyspf's cidrmatch() matches against: ``ip`` widened to ``prefix``."""
+    return ipaddress.ip_network(ip).supernet(new_prefix=prefix)
+
+
 class _AsyncQuery(spf.query):
     """pyspf's query with its one DNS entry point routed to the resolver.
 
@@ -84,6 +92,22 @@ class _AsyncQuery(spf.query):
         self.dns_lookups = 0
         self.min_ttl: float | None = None
         self.top_record: str | None = None
+
+    def cidrmatch(self, ipaddrs: Any, n: int) -> bool:
+        """pyspf's match of the client address against ``ipaddrs``/``n``, with
+        the networks parsed once per process rather than once per evaluation
+        (parsing a provider's long ip4 lists was a tenth of the CPU of an
+        evaluation from cached records). Collecting an IP list is pyspf's."""
+        if not isinstance(self.iplist, bool):
+            return bool(super().cidrmatch(ipaddrs, n))
+        address = self.ipaddr
+        try:
+            for ip in ipaddrs:
+                if address in _network(ip, n):
+                    return True
+        except ValueError as exc:
+            raise spf.PermError(str(exc)) from None
+        return False
 
     def dns_spf(self, domain: str) -> Any:
         # The first record fetched is the checked domain's own: policy's
