@@ -56,3 +56,39 @@ def test_cidrmatch_is_pyspfs(ip: str, addresses: list[Any], prefix: int) -> None
     ours, theirs = queries(ip)
     assert outcome(ours, addresses, prefix) == outcome(theirs, addresses, prefix)
     assert outcome(ours, addresses, prefix) == outcome(ours, addresses, prefix)  # cached too
+
+
+def parsed(query: spf.query, term: str) -> object:
+    try:
+        return query.validate_mechanism(term)
+    except spf.PermError as exc:
+        return ("PermError", str(exc), getattr(query, "perm_error", None))
+
+
+@pytest.mark.parametrize("ip", ["192.0.2.3", "2001:db8::1"])
+@pytest.mark.parametrize(
+    "term",
+    [
+        "ip4:192.0.2.0/24",
+        "-ip4:192.0.2.1",
+        "~IP4:192.0.2.0/33",  # an invalid prefix: raised every time
+        "ip4:1.2.03.4/24",
+        "ip4:192.0.2.0/24,",  # lax mode notes the comma
+        "ip6:2001:db8::/32",
+        "?ip6:2001:db8::/129",
+        "ip6:2001:db8::/32//64",
+        "192.0.2.1",  # a bare address: noted, taken as ip4
+        "ip:192.0.2.1",  # a common mistake
+        "a/24//64",
+        "mx:%{d}/27",
+        "all",
+    ],
+)
+def test_validate_mechanism_is_pyspfs(ip: str, term: str) -> None:
+    ours, theirs = queries(ip)
+    expected = parsed(theirs, term)
+    assert parsed(ours, term) == expected
+    again, _ = queries(ip)  # a later evaluation, after the term was remembered
+    assert parsed(again, term) == expected
+    noted = getattr(again, "perm_error", None), getattr(theirs, "perm_error", None)
+    assert str(noted[0]) == str(noted[1])  # a lax-mode note, or none

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +57,14 @@ class _NeedDns:
 
     name: str
     qtype: str
+
+
+# An ip4:/ip6: term as written: an optional qualifier, the name, an address
+# made of address characters, an optional prefix length; nothing else (no
+# trailing comma, which pyspf notes as an error).
+_IP_TERM = re.compile(r"[-+?~]?ip[46]:[0-9A-Fa-f.:]+(/[0-9]+)?\Z", re.IGNORECASE)
+MAX_IP_TERMS = 4096
+_IP_TERMS: dict[str, Any] = {}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -108,6 +117,20 @@ class _AsyncQuery(spf.query):
         except ValueError as exc:
             raise spf.PermError(str(exc)) from None
         return False
+
+    def validate_mechanism(self, mech: str) -> Any:
+        """pyspf's, remembered for ip4:/ip6: terms: their parse depends on the
+        term's text alone (no macros, no domain, no lax-mode note), and the
+        big providers' records are long lists of them, parsed again in every
+        evaluation otherwise. Errors are not remembered: they are raised again."""
+        parsed = _IP_TERMS.get(mech)
+        if parsed is None:
+            parsed = super().validate_mechanism(mech)
+            if parsed[1] in ("ip4", "ip6") and _IP_TERM.match(mech):
+                if len(_IP_TERMS) >= MAX_IP_TERMS:
+                    _IP_TERMS.clear()
+                _IP_TERMS[mech] = parsed
+        return parsed
 
     def dns_spf(self, domain: str) -> Any:
         # The first record fetched is the checked domain's own: policy's
