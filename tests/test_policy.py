@@ -33,6 +33,7 @@ from spfpolicy.policy import (
     ptr_matches,
     read_request,
     render,
+    replay,
     spf_verdict,
 )
 from spfpolicy.protocol import PolicyRequest
@@ -1503,13 +1504,21 @@ class FakeClock:
 def test_memory_expires() -> None:
     clock = FakeClock()
     memory = InstanceMemory(max_entries=10, ttl=60, clock=clock)
-    entry = MemoryEntry(Act.PREPEND, "X")
+    entry = MemoryEntry(Act.REJECT, "X")
     memory.put("a", entry)
     clock.now += 59.9
     assert memory.get("a") == entry
     clock.now += 0.1
     assert memory.get("a") is None
     assert len(memory) == 0
+
+
+def test_memory_keeps_no_header_text() -> None:
+    memory = InstanceMemory(clock=FakeClock())
+    memory.put("a", MemoryEntry(Act.PREPEND, "Received-SPF: Pass ..."))
+    remembered = memory.get("a")
+    assert remembered is not None and remembered.act is Act.PREPEND and remembered.text == ""
+    assert replay(remembered) == Verdict(Act.DUNNO, "Header already pre-pended", replayed=True)
 
 
 def test_memory_evicts_least_recently_used() -> None:
@@ -1706,7 +1715,7 @@ async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:
     settings = settings_from(tmp_path, [])
     checks = CachingChecks(MEMO_SPF)
     memo = VerdictMemo(settings, 2)
-    for n, domain in enumerate(("a.example", "b.example", "c.example") * 2):
+    for n, domain in enumerate(["a.example"] * 2 + ["b.example"] * 2 + ["c.example"] * 2):
         decide_now(
             request(instance=f"i{n}", recipient=f"x@{domain}"),
             settings,

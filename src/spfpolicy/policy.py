@@ -324,10 +324,17 @@ class InstanceMemory:
     def put(self, key: str, entry: MemoryEntry) -> None:
         if self._max <= 0 or self._ttl <= 0:
             return
+        if entry.act is Act.PREPEND:
+            # Later recipients only need to know a header went out (replay()
+            # answers DUNNO): the header text itself is not kept.
+            entry = _PREPENDED
         self._entries[key] = (self._clock() + self._ttl, entry)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
+
+
+_PREPENDED = MemoryEntry(Act.PREPEND, "")
 
 
 def memory_key(view: RequestView) -> str:
@@ -824,7 +831,7 @@ class VerdictMemo:
         if key not in self._entries:
             mark = hash(key)
             if mark not in seen:
-                if len(seen) >= 4 * self.max_entries:
+                if len(seen) >= self.max_entries:
                     seen.clear()
                 seen.add(mark)
                 return
