@@ -27,6 +27,7 @@ import functools
 import ipaddress
 import logging
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,11 +64,11 @@ class _NeedDns:
 # made of address characters, an optional prefix length; nothing else (no
 # trailing comma, which pyspf notes as an error).
 _IP_TERM = re.compile(r"[-+?~]?ip[46]:[0-9A-Fa-f.:]+(/[0-9]+)?\Z", re.IGNORECASE)
-MAX_IP_TERMS = 4096
+MAX_IP_TERMS = 1024
 _IP_TERMS: dict[str, Any] = {}
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _network(ip: Any, prefix: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """What pyspf's cidrmatch() matches against: ``ip`` widened to ``prefix``."""
     return ipaddress.ip_network(ip).supernet(new_prefix=prefix)
@@ -253,11 +254,13 @@ class SpfEvaluator:
                 # frames and so the query: a cycle only the garbage collector
                 # (a full pass over the heap) would free.
                 query.perm_error.__traceback__ = None
+        # Interned: the same few texts (default explanations, "-all",
+        # provider includes) would otherwise be kept once per cached outcome.
         return SpfOutcome(
             SpfResult(result),
             code,
-            explanation,
-            mechanism=query.mechanism or "",
+            sys.intern(explanation),
+            mechanism=sys.intern(query.mechanism or ""),
             identity=identity,
             sender=query.s,
             domain=query.o,
