@@ -767,9 +767,11 @@ class VerdictMemo:
     HELO name, sender and recipient (and whether each was sent), and the SPF
     outcomes it used. A memo entry lives as long as the first of those
     outcomes stays in the result cache (so never beyond the shortest DNS TTL
-    behind it), and is used only for a message with nothing remembered:
-    everything else is decided afresh. Verdicts that used PTR or address
-    lookups, which have no TTL to go by, are not kept.
+    behind it). Its verdict serves only a message with nothing remembered;
+    a later recipient gets the replay of what its message was answered, and
+    a Per_User recipient of a remembered message is decided afresh. Verdicts
+    that used PTR or address lookups, which have no TTL to go by, are not
+    kept.
 
     A verdict is kept the second time its key is seen: most keys of a mail
     stream come once, and an entry costs a kilobyte or two (the header
