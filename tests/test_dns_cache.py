@@ -15,6 +15,7 @@ import tracemalloc
 import pytest
 
 from spfpolicy.cache import TtlLruCache
+from spfpolicy.checks import DnsChecks
 from spfpolicy.dns import DnsAnswer, DnsCache, DnsTempError, Resolver, parse_nameserver
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.results import SpfResult
@@ -442,3 +443,21 @@ async def test_outcome_reports_mechanism_and_min_ttl(zone_server, resolvers) -> 
     assert outcome.ttl == 120
     assert outcome.lookups == 2
     assert outcome.record == "v=spf1 include:_spf.example.net -all"
+
+
+async def test_result_cache_keeps_what_decisions_read(zone_server, resolvers) -> None:
+    server = await zone_server(
+        {
+            "example.com": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}],
+            "nomail.example": [{"TXT": "v=spf1 -all"}],
+        }
+    )
+    checks = DnsChecks(
+        SpfEvaluator(resolvers(server)), void_limit=2, result_cache_size=10, result_cache_ttl=60
+    )
+    first = await checks.spf("192.0.2.5", "u@example.com", "h", lookup_time=5)
+    assert first.result == SpfResult.PASS and first.mechanism == "ip4:192.0.2.0/24"
+    assert (first.record, first.sender, first.domain) == ("", "", "")  # not kept
+    assert await checks.spf("192.0.2.5", "u@example.com", "h", lookup_time=5) is first
+    nomail = await checks.spf("192.0.2.5", "u@nomail.example", "h", lookup_time=5)
+    assert nomail.result == SpfResult.FAIL and nomail.record == "v=spf1 -all"

@@ -10,6 +10,7 @@ outcomes are not cached, so a DNS hiccup is not remembered.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.dns import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.evaluator import SpfEvaluator
-from spfpolicy.results import SpfOutcome, SpfResult
+from spfpolicy.results import NO_MAIL_RECORD, SpfOutcome, SpfResult
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ class DnsChecks:
         if cached is not None:
             return cached
         key = (ip, sender, helo.lower(), self.void_limit)
-        outcome = await self.evaluator.check(
-            ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
+        outcome = _for_decisions(
+            await self.evaluator.check(
+                ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
+            )
         )
         if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
             ttl = self.result_cache_ttl if outcome.ttl is None else outcome.ttl
@@ -118,6 +121,19 @@ class DnsChecks:
             log.debug("address lookup of %s failed: %s", name, exc)
             return []
         return [str(record) for record in answer.records]
+
+
+def _for_decisions(outcome: SpfOutcome) -> SpfOutcome:
+    """What decisions read of an outcome, as the result cache keeps it: the
+    fields only ``spfpolicy check`` prints are dropped, and the record only
+    when it is not the no-mail one, which is all No_Mail compares it with."""
+    return dataclasses.replace(
+        outcome,
+        sender="",
+        domain="",
+        elapsed=0.0,
+        record=outcome.record if outcome.record == NO_MAIL_RECORD else "",
+    )
 
 
 def _same_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address, record: str) -> bool:

@@ -76,7 +76,7 @@ from spfpolicy.headers import (
     x_comment,
 )
 from spfpolicy.protocol import PolicyRequest
-from spfpolicy.results import Identity, SpfOutcome, SpfResult
+from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome, SpfResult
 
 __all__ = [
     "MOCK_ACTION",
@@ -107,8 +107,6 @@ __all__ = [
 
 MOCK_ACTION = "dunno mock header field that should be ignored"
 ALREADY_PREPENDED = "Header already pre-pended"
-# What No_Mail looks for: a domain that says it sends no mail at all.
-NO_MAIL_RECORD = "v=spf1 -all"
 # Attributes policyd-spf does not lower-case.
 _KEEP_CASE = frozenset({"protocol_state", "protocol_name", "queue_id"})
 

@@ -29,6 +29,10 @@ class Identity(enum.StrEnum):
     MAILFROM = "mailfrom"
 
 
+# A domain that says it sends no mail at all (No_Mail looks for it).
+NO_MAIL_RECORD = "v=spf1 -all"
+
+
 @dataclass(frozen=True, slots=True)
 class SpfOutcome:
     """The answer to one SPF check.
