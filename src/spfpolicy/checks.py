@@ -51,14 +51,17 @@ class DnsChecks:
         )
         self.result_hits = 0
 
+    def _key(self, ip: str, sender: str, helo: str) -> _ResultKey:
+        return (ip, sender, helo.lower(), self.void_limit)
+
     def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
-        cached = self.results.get((ip, sender, helo.lower(), self.void_limit))
+        cached = self.results.get(self._key(ip, sender, helo))
         if cached is not None:
             self.result_hits += 1
         return cached
 
     def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
-        key = (ip, sender, helo.lower(), self.void_limit)
+        key = self._key(ip, sender, helo)
         if self.results.get(key) is not outcome:
             return 0.0
         return self.results.remaining_ttl(key) or 0.0
@@ -67,7 +70,7 @@ class DnsChecks:
         cached = self.cached_spf(ip, sender, helo)
         if cached is not None:
             return cached
-        key = (ip, sender, helo.lower(), self.void_limit)
+        key = self._key(ip, sender, helo)
         outcome = _for_decisions(
             await self.evaluator.check(
                 ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
