@@ -1675,7 +1675,7 @@ async def test_memo_and_fast_path_answer_as_decide_does(tmp_path: Path, lines: l
     assert memo.hits > 0
 
     def remembered(memory: InstanceMemory) -> list[tuple[str, MemoryEntry]]:
-        return [(key, entry) for key, (_, entry) in memory._entries.items()]
+        return [(key, entry) for key, (entry, _) in memory._entries._data.items()]
 
     assert remembered(plain_memory) == remembered(fast_memory)
 

@@ -59,11 +59,11 @@ import enum
 import ipaddress
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from spfpolicy.cache import TtlLruCache
 from spfpolicy.config import HeaderType, HeloReject, MailFromReject, Settings
 from spfpolicy.headers import (
     Bypass,
@@ -234,10 +234,7 @@ class RequestView:
 
 def read_request(request: PolicyRequest) -> RequestView:
     def value(name: str) -> str:
-        text = request.get(name).rstrip()
-        if name not in _KEEP_CASE:
-            text = text.lower()
-        return clean(text)
+        return _normal(request.get(name), keep_case=name in _KEEP_CASE)
 
     attributes = request.attributes
     return RequestView(
@@ -300,36 +297,21 @@ class InstanceMemory:
         ttl: float = 1800.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._max = max_entries
         self._ttl = ttl
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, MemoryEntry]] = OrderedDict()
+        self._entries: TtlLruCache[str, MemoryEntry] = TtlLruCache(max_entries, clock=clock)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def get(self, key: str) -> MemoryEntry | None:
-        item = self._entries.get(key)
-        if item is None:
-            return None
-        expires, entry = item
-        if self._clock() >= expires:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry
+        return self._entries.get(key)
 
     def put(self, key: str, entry: MemoryEntry) -> None:
-        if self._max <= 0 or self._ttl <= 0:
-            return
         if entry.act is Act.PREPEND:
             # Later recipients only need to know a header went out (replay()
             # answers DUNNO): the header text itself is not kept.
             entry = _PREPENDED
-        self._entries[key] = (self._clock() + self._ttl, entry)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+        self._entries.set(key, entry, self._ttl)
 
 
 _PREPENDED = MemoryEntry(Act.PREPEND, "")
@@ -755,7 +737,6 @@ class _Memo:
     client_address: str  # as read_request() gives them, for the memory key
     sender: str
     checks: int  # SPF checks it saves
-    expires: float  # when the first of its SPF outcomes leaves the result cache
 
 
 class VerdictMemo:
@@ -781,11 +762,12 @@ class VerdictMemo:
     ) -> None:
         self.settings = settings
         self.max_entries = max_entries
-        self._clock = clock
         # Without Per_User, only the recipient's domain reaches the verdict
         # (the receiver= field), so its recipients share one entry.
         self._by_domain = settings.per_user is None
-        self._entries: OrderedDict[tuple[str | None, ...], _Memo] = OrderedDict()
+        self._entries: TtlLruCache[tuple[str | None, ...], _Memo] = TtlLruCache(
+            max_entries, clock=clock
+        )
         self._seen: set[int] = set()  # hashes of keys seen once (forgotten in bulk)
         self.hits = 0
         self.checks_saved = 0  # SPF checks answered through the memo
@@ -805,16 +787,10 @@ class VerdictMemo:
         return (get("client_address"), get("helo_name"), get("sender"), recipient)
 
     def get(self, key: tuple[str | None, ...]) -> _Memo | None:
-        entries = self._entries
-        entry = entries.get(key)
-        if entry is None:
-            return None
-        if entry.expires <= self._clock():
-            del entries[key]
-            return None
-        entries.move_to_end(key)
-        self.hits += 1
-        self.checks_saved += entry.checks
+        entry = self._entries.get(key)
+        if entry is not None:
+            self.hits += 1
+            self.checks_saved += entry.checks
         return entry
 
     def put(
@@ -828,7 +804,7 @@ class VerdictMemo:
         if self.max_entries <= 0:
             return
         seen = self._seen
-        if key not in self._entries:
+        if self._entries.remaining_ttl(key) is None:  # not kept (any more)
             mark = hash(key)
             if mark not in seen:
                 if len(seen) >= self.max_entries:
@@ -842,11 +818,7 @@ class VerdictMemo:
                 return
             _, ip, sender, helo = answer_key
             lifetimes.append(known.checks.cached_lifetime(ip, sender, helo, answer))  # type: ignore[arg-type]
-        lifetime = min(lifetimes)
-        if lifetime <= 0:
-            return
-        entries = self._entries
-        entries[key] = _Memo(
+        memo = _Memo(
             verdict.remember,
             dataclasses.replace(decision, queue_id=""),
             ctx.settings,
@@ -854,16 +826,15 @@ class VerdictMemo:
             ctx.view.client_address,
             ctx.view.sender,
             len(lifetimes) - 1,
-            self._clock() + lifetime,
         )
-        entries.move_to_end(key)
-        if len(entries) > self.max_entries:
-            entries.popitem(last=False)
+        self._entries.set(key, memo, min(lifetimes))  # a lifetime <= 0 keeps nothing
 
 
-def _normal(text: str) -> str:
-    """``read_request``'s normalization, for one value."""
-    return clean(text.rstrip().lower())
+def _normal(text: str, *, keep_case: bool = False) -> str:
+    """An attribute's value as policyd-spf reads it: right-stripped,
+    lower-cased (but for ``_KEEP_CASE``), cleaned of control characters."""
+    text = text.rstrip()
+    return clean(text if keep_case else text.lower())
 
 
 async def decide(
@@ -951,7 +922,7 @@ def _decide_from_memo(
     instance = _normal(attributes.get("instance", ""))
     key = _memory_key(instance, entry.client_address, entry.sender)
     remembered = memory.get(key) if key else None
-    queue_id = clean(attributes.get("queue_id", "").rstrip())
+    queue_id = _normal(attributes.get("queue_id", ""), keep_case=True)
     if remembered is not None:
         if entry.per_user:
             return None
