@@ -1,5 +1,5 @@
 """A bounded in-memory cache whose entries expire: the one mechanism behind the
-DNS cache and the SPF result cache.
+DNS cache, the SPF result cache, the per-message memory and the verdict memo.
 
 Least recently used entries are evicted first once ``max_entries`` is reached;
 expired entries are dropped when they are next looked at. The clock is
