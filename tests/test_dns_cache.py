@@ -461,3 +461,28 @@ async def test_result_cache_keeps_what_decisions_read(zone_server, resolvers) ->
     assert await checks.spf("192.0.2.5", "u@example.com", "h", lookup_time=5) is first
     nomail = await checks.spf("192.0.2.5", "u@nomail.example", "h", lookup_time=5)
     assert nomail.result == SpfResult.FAIL and nomail.record == "v=spf1 -all"
+
+
+async def test_result_cache_shares_equal_outcomes(zone_server, resolvers) -> None:
+    server = await zone_server({"example.com": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}]})
+    checks = DnsChecks(
+        SpfEvaluator(resolvers(server)), void_limit=2, result_cache_size=10, result_cache_ttl=60
+    )
+    one = await checks.spf("192.0.2.5", "u@example.com", "h1", lookup_time=5)
+    other = await checks.spf("192.0.2.6", "v@example.com", "h2", lookup_time=5)
+    assert one is other  # one object for two cache entries
+    assert (one.lookups, one.ttl) == (0, None)  # per-evaluation figures are not kept
+    failed = await checks.spf("198.51.100.1", "u@example.com", "h1", lookup_time=5)
+    assert failed.result == SpfResult.FAIL and failed is not one
+
+
+def test_result_cache_keys_of_different_checks_differ() -> None:
+    checks = DnsChecks.__new__(DnsChecks)
+    checks.void_limit = 2
+    key = checks._key
+    assert key("192.0.2.1", "u@example.com", "H.example") == key(
+        "192.0.2.1", "u@example.com", "h.example"
+    )
+    # NUL, the string key's separator, cannot make two checks share a key.
+    assert key("a\0b", "c", "d") != key("a", "b\0c", "d")
+    assert key("a", "b", "c") != key("a", "b", "c\x002")

@@ -27,7 +27,14 @@ log = logging.getLogger(__name__)
 # bound keeps a hostile reverse zone from making Domain_Whitelist_PTR fan out.
 MAX_PTR_NAMES = 10
 
-_ResultKey = tuple[str, str, str, int]
+# One string per check where its parts allow (see DnsChecks._key).
+_ResultKey = str | tuple[str, str, str, int]
+
+# Cached outcomes are shared: one object per distinct slimmed outcome (a
+# result, its explanation and mechanism), not one per cached check. Cleared
+# when full, as explanations may carry the sender (exp= macros).
+MAX_SHARED_OUTCOMES = 4096
+_SHARED: dict[SpfOutcome, SpfOutcome] = {}
 
 
 class DnsChecks:
@@ -52,6 +59,12 @@ class DnsChecks:
         self.result_hits = 0
 
     def _key(self, ip: str, sender: str, helo: str) -> _ResultKey:
+        # One string costs a third of a tuple of its parts. Request values
+        # come cleaned (no NUL), so NUL separates them unambiguously; anything
+        # else gets the tuple, which never equals a string.
+        key = f"{ip}\0{sender}\0{helo.lower()}\0{self.void_limit}"
+        if key.count("\0") == 3:
+            return key
         return (ip, sender, helo.lower(), self.void_limit)
 
     def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
@@ -71,13 +84,12 @@ class DnsChecks:
         if cached is not None:
             return cached
         key = self._key(ip, sender, helo)
-        outcome = _for_decisions(
-            await self.evaluator.check(
-                ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
-            )
+        full = await self.evaluator.check(
+            ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
         )
+        outcome = _for_decisions(full)
         if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
-            ttl = self.result_cache_ttl if outcome.ttl is None else outcome.ttl
+            ttl = self.result_cache_ttl if full.ttl is None else full.ttl
             self.results.set(key, outcome, min(ttl, self.result_cache_ttl))
         return outcome
 
@@ -128,15 +140,26 @@ class DnsChecks:
 
 def _for_decisions(outcome: SpfOutcome) -> SpfOutcome:
     """What decisions read of an outcome, as the result cache keeps it: the
-    fields only ``spfpolicy check`` prints are dropped, and the record only
-    when it is not the no-mail one, which is all No_Mail compares it with."""
-    return dataclasses.replace(
+    fields only ``spfpolicy check`` prints (and the TTL, already applied to
+    the cache entry) are dropped, and the record is kept only when it is the
+    no-mail one, which is all No_Mail compares it with. Equal slim outcomes
+    are one object."""
+    slim = dataclasses.replace(
         outcome,
         sender="",
         domain="",
+        lookups=0,
+        ttl=None,
         elapsed=0.0,
         record=outcome.record if outcome.record == NO_MAIL_RECORD else "",
     )
+    shared = _SHARED.get(slim)
+    if shared is not None:
+        return shared
+    if len(_SHARED) >= MAX_SHARED_OUTCOMES:
+        _SHARED.clear()
+    _SHARED[slim] = slim
+    return slim
 
 
 def _same_ip(address: ipaddress.IPv4Address | ipaddress.IPv6Address, record: str) -> bool:
