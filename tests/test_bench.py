@@ -19,13 +19,24 @@ from spfpolicy import cli
 from spfpolicy.bench import (
     BenchConfig,
     BenchError,
+    TargetResult,
     baseline_argv,
     classify,
+    format_report,
     launcher_path,
     run_sync,
     write_plot,
 )
-from spfpolicy.benchzone import Workload, WorkloadKind, helo_address, helo_name, parse_mix
+from spfpolicy.benchzone import (
+    Message,
+    Workload,
+    WorkloadKind,
+    helo_address,
+    helo_has_spf,
+    helo_name,
+    parse_domain,
+    parse_mix,
+)
 from spfpolicy.protocol import RequestParser
 
 SMALL = {"requests": 300, "concurrency": 10, "dns_delay": 0.001, "progress": False}
@@ -122,6 +133,132 @@ def _attr(data: bytes, name: str) -> str:
     raise KeyError(name)
 
 
+def _names(message: Message, seed: int) -> tuple[str, int, str, int]:
+    """(HELO name, its depth, sender domain or "", its depth), read from the request."""
+    data = message.requests[0].data
+    helo = _attr(data, "helo_name")
+    helo_depth = 2 if helo_has_spf(_attr(data, "client_address")) else 1
+    domain = _attr(data, "sender").rpartition("@")[2]
+    if not domain:
+        return helo, helo_depth, "", 0
+    parsed = parse_domain(seed, domain)
+    assert parsed is not None
+    return helo, helo_depth, domain, parsed.depth
+
+
+def test_zipf_cold_rtts_count_only_names_new_to_the_stream() -> None:
+    seed = 4
+    messages = list(itertools.islice(Workload(seed=seed).messages(), 3000))
+    seen_helos: set[str] = set()
+    seen_domains: set[str] = set()
+    warm = null = 0
+    for index, message in enumerate(messages):
+        helo, helo_depth, domain, domain_depth = _names(message, seed)
+        assert message.critical_path == helo_depth + domain_depth  # unchanged meaning
+        if index == 0:
+            assert message.cold_rtts == max(helo_depth, domain_depth) > 0
+        if not domain:
+            null += 1
+            assert message.cold_rtts == (0 if helo in seen_helos else helo_depth)
+        elif helo in seen_helos and domain in seen_domains:
+            warm += 1
+            assert message.cold_rtts == 0
+        else:
+            helo_part = 0 if helo in seen_helos else helo_depth
+            domain_part = 0 if domain in seen_domains else domain_depth
+            assert message.cold_rtts == max(helo_part, domain_part) > 0
+        seen_helos.add(helo)
+        if domain:
+            seen_domains.add(domain)
+    assert warm > 100 and null > 10
+
+
+def test_hot_cold_rtts_only_at_each_tuples_first_sighting() -> None:
+    seed = 6
+    messages = itertools.islice(Workload(kind=WorkloadKind.HOT, seed=seed).messages(), 500)
+    tuples: set[tuple[str, str, str]] = set()
+    clients: set[str] = set()
+    cold = 0
+    for message in messages:
+        data = message.requests[0].data
+        client = _attr(data, "client_address")
+        key = (client, _attr(data, "helo_name"), _attr(data, "sender"))
+        if key in tuples:
+            assert message.cold_rtts == 0
+        elif client not in clients:  # a new HELO name: at least its TXT lookup
+            assert message.cold_rtts >= _names(message, seed)[1]
+        cold += message.cold_rtts > 0
+        tuples.add(key)
+        clients.add(client)
+    assert 0 < cold <= len(tuples) <= 10
+
+
+def test_only_the_first_pass_over_messages_is_cold() -> None:
+    message = next(Workload(seed=2).messages())
+    result = TargetResult("spfpolicy", "spfpolicy")
+    result.count_message(message, 0)
+    result.count_message(message, 1)
+    assert result.cold_rtts == message.cold_rtts > 0
+    assert result.cold_messages == 1
+    assert list(result.critical_paths) == [message.critical_path] * 2
+
+
+@pytest.mark.parametrize(
+    ("cold_rtts", "dns_delay", "ceiling"),
+    [
+        pytest.param(50, 0.02, 100_000.0, id="50-rtts-of-20ms"),
+        pytest.param(1000, 0.02, 5_000.0, id="one-rtt-per-request"),
+        pytest.param(0, 0.02, None, id="all-cached"),
+        pytest.param(50, 0.0, None, id="no-dns-delay"),
+        pytest.param(50, None, None, id="dns-not-the-benchs"),
+    ],
+)
+def test_dns_bound_ceiling(cold_rtts: int, dns_delay: float | None, ceiling: float | None) -> None:
+    result = TargetResult(
+        "spfpolicy",
+        "spfpolicy",
+        requests=1000,
+        concurrency=100,
+        cold_rtts=cold_rtts,
+        dns_delay=dns_delay,
+    )
+    assert result.summary()["dns_bound_requests_per_s"] == ceiling
+
+
+def _report_for(result: TargetResult) -> str:
+    config = {
+        "workload": "zipf",
+        "seed": 1,
+        "mix": {"pass": 70.0},
+        "concurrency": result.concurrency,
+        "max_use": 100,
+        "requests": 1000,
+        "duration_s": 10.0,
+        "dns_delay_s": 0.02,
+        "cpus": 2,
+    }
+    return format_report({"config": config, "targets": [result.summary()], "ratios": []})
+
+
+def test_report_prints_the_ceiling_when_known() -> None:
+    result = TargetResult(
+        "spfpolicy",
+        "spfpolicy",
+        requests=26_752,
+        messages=19_000,
+        concurrency=100,
+        cold_rtts=14_110,
+        cold_messages=14_021,
+        dns_delay=0.02,
+    )
+    assert (
+        "DNS-bound ceiling 9,480 req/s (14,021 of 19,000 messages wait for uncached lookups)"
+        in _report_for(result)
+    )
+    result.dns_delay = None
+    assert "DNS-bound" not in _report_for(result)
+
+
 def test_baseline_argv_wraps_python_programs(tmp_path: Path) -> None:
     script = tmp_path / "policy"
     script.write_text("#!/usr/bin/env python3\n")
@@ -166,6 +303,11 @@ def test_spfpolicy_answers_agree_with_the_zone(workload: WorkloadKind) -> None:
     assert target["dns_queries"] > 0
     assert target["peak_rss_bytes"] > 0
     assert target["connections"] >= 10
+    assert 0 < target["cold_messages"] <= target["messages"]
+    assert target["cold_rtts"] >= target["cold_messages"]
+    if workload is WorkloadKind.HOT:
+        assert target["cold_messages"] <= 10  # one per tuple at most
+    assert target["dns_bound_requests_per_s"] > 0
 
 
 def test_same_seed_same_results() -> None:
@@ -181,6 +323,7 @@ def test_bare_and_spfpolicy_in_one_run_with_ratios() -> None:
     assert bare["name"] == "bare"
     assert bare["actions"] == {"dunno": bare["requests"]}
     assert bare["contradictions"] == 0 and bare["dns_queries"] == 0
+    assert bare["dns_bound_requests_per_s"] is None  # no lookups, no DNS bound
     (ratios,) = data["ratios"]
     assert ratios["target"] == "spfpolicy" and ratios["versus"] == "bare"
     assert ratios["requests_per_s"] > 0
@@ -202,6 +345,7 @@ def test_connect_to_a_running_server(tmp_path: Path) -> None:
     assert target["kind"] == "connect"
     assert target["requests"] >= 300 and target["errors"] == 0
     assert target["actions"] == {"dunno": target["requests"]}
+    assert target["dns_bound_requests_per_s"] is None  # its resolver is not the bench's
 
 
 def test_connect_refuses_non_loopback() -> None:
@@ -267,6 +411,9 @@ def test_cli_json_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
         "contradictions",
         "dns_queries",
         "peak_rss_bytes",
+        "cold_messages",
+        "cold_rtts",
+        "dns_bound_requests_per_s",
     }
     assert set(target["latency_ms"]) == {"p50", "p90", "p99", "max", "mean"}
     assert target["contradictions"] == 0

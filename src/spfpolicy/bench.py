@@ -131,11 +131,33 @@ class TargetResult:
     loadgen_cpu_seconds: float = 0.0
     dns_cpu_seconds: float | None = None
     critical_paths: array = field(default_factory=lambda: array("B"))
+    cold_rtts: int = 0  # summed over the messages answered (Message.cold_rtts)
+    cold_messages: int = 0  # messages whose first request waits for a lookup
+    concurrency: int = 0
+    dns_delay: float | None = None  # the round trip its lookups wait; None: not known
     notes: list[str] = field(default_factory=list)
 
     @property
     def rps(self) -> float:
         return self.requests / self.elapsed if self.elapsed > 0 else 0.0
+
+    def count_message(self, message: Message, cycle: int) -> None:
+        """Its first request was answered. ``cycle`` > 0: a later pass over the
+        same messages, whose names the first pass left cached."""
+        self.critical_paths.append(min(message.critical_path, 255))
+        if message.cold_rtts and not cycle:
+            self.cold_rtts += message.cold_rtts
+            self.cold_messages += 1
+
+    @property
+    def dns_bound_rps(self) -> float | None:
+        """The requests/s no server can beat: a name new to the stream cannot
+        be looked up before its message is sent, so C connections, each
+        waiting in turn for its messages' uncached round trips, need at least
+        cold_rtts x delay / C seconds for the requests answered."""
+        if not self.dns_delay or not self.cold_rtts:
+            return None
+        return self.concurrency * self.requests / (self.cold_rtts * self.dns_delay)
 
     def summary(self) -> dict[str, Any]:
         values = sorted(self.latencies)
@@ -146,6 +168,7 @@ class TargetResult:
             return values[min(len(values) - 1, max(0, int(q / 100 * len(values) + 0.5) - 1))]
 
         paths = sorted(self.critical_paths)
+        ceiling = self.dns_bound_rps
         return {
             "name": self.name,
             "kind": self.kind,
@@ -184,6 +207,9 @@ class TargetResult:
             if self.dns_cpu_seconds is None
             else round(self.dns_cpu_seconds, 3),
             "critical_path_rtts_p50": paths[len(paths) // 2] if paths else None,
+            "cold_messages": self.cold_messages,
+            "cold_rtts": self.cold_rtts,
+            "dns_bound_requests_per_s": None if ceiling is None else round(ceiling, 1),
             "notes": self.notes,
         }
 
@@ -267,6 +293,7 @@ class Target:
 
     kind = "target"
     checks_answers = True  # compare answers with the zone's expected results
+    uses_bench_dns = True  # its lookups wait for the bench's DNS server (the ceiling)
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -286,6 +313,7 @@ class Target:
 
 class SocketTarget(Target):
     kind = "connect"
+    uses_bench_dns = False  # started elsewhere: its resolver is not known
 
     def __init__(self, name: str, address: str) -> None:
         super().__init__(name)
@@ -305,6 +333,8 @@ class SocketTarget(Target):
 
 class ServerProcessTarget(SocketTarget):
     """A policy server started for this run in its own process on a unix socket."""
+
+    uses_bench_dns = True
 
     def __init__(self, name: str, kind: str, argv_for: Any) -> None:
         super().__init__(name, "")
@@ -641,7 +671,10 @@ class Bench:
 
     async def run_target(self, target: Target) -> TargetResult:
         config = self.config
-        result = TargetResult(target.name, target.kind)
+        result = TargetResult(target.name, target.kind, concurrency=config.concurrency)
+        if self.dns is not None and target.uses_bench_dns:
+            # Only the bench's own DNS server has a known round trip.
+            result.dns_delay = config.dns_delay
         await target.start(self)
         if self.dns is not None:
             await self.dns.command("reset")
@@ -712,7 +745,7 @@ class Bench:
                             else:
                                 result.actions[classify(action)[0]] += 1
                             if request.first:
-                                result.critical_paths.append(min(message.critical_path, 255))
+                                result.count_message(message, cycle)
                         used += len(message.requests)
                         item = next_message() if used < config.max_use else None
                 except _Broken:
@@ -851,6 +884,7 @@ def _targets(config: BenchConfig) -> list[Target]:
         elif name == "bare":
             bare = ServerProcessTarget("bare", "bare", _bare_argv)
             bare.checks_answers = False  # DUNNO by design
+            bare.uses_bench_dns = False  # and no lookups
             targets.append(bare)
         else:
             raise BenchError(f"unknown target {name!r}: expected spfpolicy or bare")
@@ -995,6 +1029,12 @@ def format_report(data: dict[str, Any]) -> str:
             extra.append(f"DNS server CPU {t['dns_server_cpu_s']:.1f} s")
         if t["critical_path_rtts_p50"] is not None and c["workload"] == "unique":
             extra.append(f"critical path p50 {t['critical_path_rtts_p50']} RTTs")
+        if t["dns_bound_requests_per_s"] is not None:
+            extra.append(
+                f"DNS-bound ceiling {t['dns_bound_requests_per_s']:,.0f} req/s "
+                f"({t['cold_messages']:,} of {t['messages']:,} messages wait for "
+                "uncached lookups)"
+            )
         lines.append(f"{' ' * len(t['name'])}  " + ", ".join(extra))
         for example in t["contradiction_examples"][:3]:
             lines.append(f"{' ' * len(t['name'])}  contradiction: {example}")

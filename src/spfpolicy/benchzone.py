@@ -630,6 +630,7 @@ class Request:
 class Message:
     requests: tuple[Request, ...]
     critical_path: int  # uncached DNS round trips on the request's path (see Workload)
+    cold_rtts: int  # round trips its first request waits, given the messages before it
 
 
 @dataclass(slots=True)
@@ -640,8 +641,14 @@ class _Sender:
     helo: str
     sender: str
     expected: str
-    critical_path: int
+    helo_depth: int  # the HELO check's uncached round trips
+    domain: str = ""  # the MAIL FROM domain; "" for the null sender
+    domain_depth: int = 0  # its tree's uncached round trips
     static: tuple[bytes, ...] = ()
+
+    @property
+    def critical_path(self) -> int:
+        return self.helo_depth + self.domain_depth
 
 
 class _ZipfPool:
@@ -665,6 +672,15 @@ class Workload:
     cold cache (shared provider records counted as cached): the HELO check
     (TXT, then A when the HELO name has SPF) followed by the MAIL FROM
     domain's tree depth. Meaningful for the unique workload.
+
+    ``cold_rtts``: the round trips the message's first request must wait when
+    everything earlier in the stream is cached and the server fetches the
+    HELO and MAIL FROM trees together on arrival: the larger of the HELO
+    depth (if that HELO name is new) and the domain's depth (if that domain is
+    new). Later recipients are answered from the message's memory. Summed
+    over a run it bounds the requests/s any server can reach (bench.py). The
+    names seen are kept in two sets: zipf and hot draw at most the bench's
+    prefill, unique one new name of each per message.
     """
 
     kind: WorkloadKind = WorkloadKind.ZIPF
@@ -692,6 +708,8 @@ class Workload:
         self._next_foreign = 0
         self._hot: list[_Sender] = []
         self._message = 0
+        self._seen_helos: set[str] = set()
+        self._seen_domains: set[str] = set()
         if self.kind is not WorkloadKind.UNIQUE:
             for index in range(self.domains):
                 for outcome in _outcomes_of(domain_for(self.seed, index)):
@@ -773,7 +791,7 @@ class Workload:
         # MAIL FROM none with a HELO result: policyd-spf puts the HELO result in
         # the header (and a reject or defer never comes from "none").
         expected = helo_result if outcome == "none" and helo_result != "none" else outcome
-        return _Sender(ip, helo, sender, expected, helo_depth + domain.depth)
+        return _Sender(ip, helo, sender, expected, helo_depth, domain.name, domain.depth)
 
     # -- encoding -----------------------------------------------------------
 
@@ -850,7 +868,17 @@ class Workload:
                 )
             )
             requests.append(Request(data, s.expected, first=k == 0))
-        return Message(tuple(requests), s.critical_path)
+        return Message(tuple(requests), s.critical_path, self._cold_rtts(s))
+
+    def _cold_rtts(self, s: _Sender) -> int:
+        """The round trips ``s`` waits for after the messages before it (see above)."""
+        helo = 0 if s.helo in self._seen_helos else s.helo_depth
+        self._seen_helos.add(s.helo)
+        domain = 0
+        if s.domain and s.domain not in self._seen_domains:
+            domain = s.domain_depth
+            self._seen_domains.add(s.domain)
+        return max(helo, domain)
 
     def messages(self) -> Iterator[Message]:
         while True:
