@@ -486,3 +486,41 @@ def test_result_cache_keys_of_different_checks_differ() -> None:
     # NUL, the string key's separator, cannot make two checks share a key.
     assert key("a\0b", "c", "d") != key("a", "b\0c", "d")
     assert key("a", "b", "c") != key("a", "b", "c\x002")
+
+
+# -- how c-ares is driven ----------------------------------------------------
+
+
+async def test_cares_runs_on_the_event_loop(zone_server, resolvers) -> None:
+    server = await zone_server({"example.com": [{"A": "192.0.2.1"}]})
+    resolver = resolvers(server)
+    assert (await resolver.resolve("example.com", "A")).records == ("192.0.2.1",)
+    # No c-ares event thread: the loop watches its sockets (see _LoopResolver).
+    assert resolver._channel is not None and resolver._channel._event_thread is False
+
+
+async def test_renew_keeps_given_nameservers(zone_server, resolvers) -> None:
+    server = await zone_server({"example.com": [{"A": "192.0.2.1"}]})
+    resolver = resolvers(server)
+    await resolver.resolve("example.com", "A")
+    channel = resolver._channel
+    resolver.renew()
+    assert resolver._channel is channel
+
+
+async def test_renew_lets_queries_already_sent_finish(zone_server, resolvers) -> None:
+    server = await zone_server({"slow.example": [{"A": "192.0.2.7"}]}, delay=0.3)
+    resolver = resolvers(server, timeout=2.0)
+    pending = asyncio.ensure_future(resolver.resolve("slow.example", "A"))
+    await asyncio.sleep(0.05)  # the query is out, on the first channel
+    old = resolver._channel
+    assert old is not None
+    # As if Nameservers were empty: renew() then drops the channel so the next
+    # lookup reads /etc/resolv.conf again (no lookup is made here, so none
+    # leaves the machine).
+    resolver.nameservers = []
+    resolver.renew()
+    assert resolver._channel is None
+    assert (await pending).records == ("192.0.2.7",)  # answered on the old channel
+    await resolver.close()  # closes the retired channel too, without waiting
+    assert old._closed

@@ -27,6 +27,7 @@ import logging
 import marshal
 import struct
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -290,7 +291,7 @@ class Resolver:
         if self._channel is None:
             options: dict[str, Any] = {"timeout": self.timeout, "tries": self.tries}
             with _without_cares_query_cache():
-                self._channel = aiodns.DNSResolver(
+                self._channel = _LoopResolver(
                     nameservers=self.nameservers or None,
                     loop=asyncio.get_running_loop(),
                     **options,
@@ -400,6 +401,18 @@ class Resolver:
                 records.append((b"".join(rdata.strings),))
         return DnsAnswer(tuple(records), self._clamp(answer.rrset.ttl if answer.rrset else 0))
 
+    def renew(self) -> None:
+        """Lookups from now on read the system's resolver configuration
+        (/etc/resolv.conf) afresh, unless nameservers were given; queries
+        already sent finish on the old channel, closed when they are done.
+        c-ares' event thread would notice a change by itself; the loop-driven
+        channel (``_LoopResolver``) is renewed on reload instead."""
+        old = self._channel
+        if old is None or self.nameservers:
+            return
+        self._channel = None
+        self.background(_retire(old))
+
     async def close(self) -> None:
         for task in list(self._background):
             task.cancel()
@@ -453,6 +466,50 @@ def _without_cares_query_cache() -> Iterator[None]:
 class _UseDnspython(Exception):
     """c-ares cannot do this lookup (a name it will not send, or a malformed
     reply on its shared socket): dnspython asks instead."""
+
+
+# The longest a query can stay with c-ares: 4 tries from a 2 s first try,
+# each doubling (DNS_Timeout 2, the default tries), with room to spare.
+RETIRED_CHANNEL_GRACE = 60.0
+
+
+async def _retire(channel: aiodns.DNSResolver) -> None:
+    """Close a replaced channel once the queries sent on it are over."""
+    try:
+        await asyncio.sleep(RETIRED_CHANNEL_GRACE)
+    finally:
+        channel.cancel()
+        await channel.close()
+
+
+class _LoopResolver(aiodns.DNSResolver):
+    """aiodns' resolver with c-ares driven from the event loop, not a thread.
+
+    aiodns 4 runs c-ares with its own event thread whenever it can; every
+    answer then reaches the loop through ``call_soon_threadsafe`` (a write to
+    the loop's self-pipe, a wake-up, the GIL handed over and back). Driven
+    from the loop instead, c-ares' sockets are watched with ``add_reader``
+    and its timeouts with a loop timer: aiodns' own path for platforms
+    without the thread (``sock_state_cb``). Cold requests cost 8-15 % less
+    CPU for it (unique workload: 497-506 against 544-598 us per request).
+    The thread also re-read /etc/resolv.conf when it changed; here a reload
+    does that (``Resolver.renew``). Should aiodns drop the hook used here,
+    its default (the thread) is used.
+    """
+
+    def _make_channel(self, **kwargs: Any) -> tuple[bool, pycares.Channel]:
+        if not callable(getattr(self, "_sock_state_cb", None)):
+            return super()._make_channel(**kwargs)
+        # A weak reference, as aiodns does: the channel holds the callback,
+        # which must not keep the resolver alive.
+        resolver = weakref.ref(self)
+
+        def sock_state(fd: int, readable: bool, writable: bool) -> None:
+            this = resolver()
+            if this is not None:
+                this._sock_state_cb(fd, readable, writable)
+
+        return False, pycares.Channel(sock_state_cb=sock_state, timeout=self._timeout, **kwargs)
 
 
 def _dnspython_server(spec: str) -> dns.nameserver.Do53Nameserver:

@@ -614,6 +614,7 @@ class PolicyServer:
         resolver = self.resolver
         resolver.min_ttl, resolver.max_ttl = new.dns_min_ttl, new.dns_max_ttl
         resolver.negative_ttl = new.dns_negative_ttl
+        resolver.renew()  # a changed /etc/resolv.conf, when Nameservers is empty
         self.evaluator.void_limit, self.evaluator.lookup_time = new.void_limit, new.lookup_time
         checks = self._make_checks(new)
         if new.result_cache_size == old.result_cache_size:
