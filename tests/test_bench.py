@@ -225,7 +225,7 @@ def test_dns_bound_ceiling(cold_rtts: int, dns_delay: float | None, ceiling: flo
     assert result.summary()["dns_bound_requests_per_s"] == ceiling
 
 
-def _report_for(result: TargetResult) -> str:
+def _report_for(result: TargetResult, **config_changes: object) -> str:
     config = {
         "workload": "zipf",
         "seed": 1,
@@ -236,6 +236,7 @@ def _report_for(result: TargetResult) -> str:
         "duration_s": 10.0,
         "dns_delay_s": 0.02,
         "cpus": 2,
+        **config_changes,
     }
     return format_report({"config": config, "targets": [result.summary()], "ratios": []})
 
@@ -257,6 +258,8 @@ def test_report_prints_the_ceiling_when_known() -> None:
     )
     result.dns_delay = None
     assert "DNS-bound" not in _report_for(result)
+    assert "warm-up" not in _report_for(result)
+    assert "CPUs, after 5,000 warm-up requests\n" in _report_for(result, warmup_requests=5000)
 
 
 def test_baseline_argv_wraps_python_programs(tmp_path: Path) -> None:
@@ -327,6 +330,43 @@ def test_bare_and_spfpolicy_in_one_run_with_ratios() -> None:
     (ratios,) = data["ratios"]
     assert ratios["target"] == "spfpolicy" and ratios["versus"] == "bare"
     assert ratios["requests_per_s"] > 0
+
+
+def _warm_up_requests(target: dict) -> int:
+    (note,) = [n for n in target["notes"] if n.startswith("warm-up: ")]
+    return int(note.split()[1])
+
+
+def test_warmup_is_answered_first_and_not_counted() -> None:
+    cold = _only(_run(seed=4, requests=300))
+    data = _run(seed=4, requests=300, warmup=300)
+    assert data["config"]["warmup_requests"] == 300
+    warm = _only(data)
+    assert 300 <= _warm_up_requests(warm) < 300 + 5  # whole messages
+    assert 300 <= warm["requests"] < 300 + 5
+    assert warm["contradictions"] == 0 and warm["errors"] == 0
+    # The measured messages come after the warm-up's in the stream, which
+    # made many of their names known: fewer of them wait for lookups.
+    assert warm["cold_messages"] / warm["messages"] < cold["cold_messages"] / cold["messages"]
+
+
+def test_warmup_of_a_baseline_is_not_counted(tmp_path: Path) -> None:
+    program = tmp_path / "fake_policy.py"
+    program.write_text(FAKE_POLICY)
+    log = tmp_path / "served.log"
+    command = f"{sys.executable} {program} {log} {{dns}}"
+    data = _run(targets=[], baseline_cmd=command, baseline_name="fake", warmup=100)
+    (fake,) = data["targets"]
+    served = [int(line.split()[1]) for line in log.read_text().splitlines()]
+    assert sum(served) == _warm_up_requests(fake) + fake["requests"]
+    assert fake["processes"] == fake["connections"] < len(served)
+
+
+def test_cli_refuses_a_warmup_that_would_repeat_the_stream(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["bench", "-n", "1000", "--warmup", "199500"]) == 2
+    assert "--warmup" in capsys.readouterr().err
 
 
 def test_connect_to_a_running_server(tmp_path: Path) -> None:

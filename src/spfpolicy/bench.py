@@ -307,6 +307,9 @@ class Target:
     async def release(self, connection: Connection) -> None:
         await connection.close()
 
+    def mark(self) -> None:
+        """What is measured starts now (after a warm-up): CPU counts from here."""
+
     async def stop(self, result: TargetResult) -> None:
         pass
 
@@ -342,6 +345,7 @@ class ServerProcessTarget(SocketTarget):
         self._argv_for = argv_for
         self.process: asyncio.subprocess.Process | None = None
         self._log: IO[bytes] | None = None
+        self._cpu_before = 0.0
 
     async def start(self, bench: Bench) -> None:
         path = bench.workdir / f"{self.kind}.sock"
@@ -368,12 +372,17 @@ class ServerProcessTarget(SocketTarget):
             await connection.close()
             return
 
+    def mark(self) -> None:
+        if self.process is not None:
+            self._cpu_before = _proc_cpu(self.process.pid) or 0.0
+
     async def stop(self, result: TargetResult) -> None:
         process = self.process
         if process is None:
             return
         result.peak_rss = _proc_status(process.pid, "VmHWM")
-        result.cpu_seconds = _proc_cpu(process.pid)
+        cpu = _proc_cpu(process.pid)
+        result.cpu_seconds = None if cpu is None else cpu - self._cpu_before
         result.processes = 1
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -415,8 +424,13 @@ class SpawnTarget(Target):
         self.argv = baseline_argv(self.command, bench.nameserver, bench.baseline_conf)
         self._stderr = open(bench.workdir / "baseline.stderr", "wb")  # noqa: SIM115
         self._stderr_path = bench.workdir / "baseline.stderr"
-        self._children_cpu_before = _children_cpu()
+        self.mark()
         self._sampler = asyncio.create_task(self._sample_rss())
+
+    def mark(self) -> None:
+        # The warm-up's processes have all exited (and been waited for) by now.
+        self._children_cpu_before = _children_cpu()
+        self.processes = len(self._live)
 
     async def connect(self) -> Connection:
         process = await asyncio.create_subprocess_exec(
@@ -592,6 +606,7 @@ class BenchConfig:
     max_use: int = 100
     requests: int = 50_000
     duration: float = 60.0
+    warmup: int = 0  # requests sent first to each target, not counted
     dns_delay: float = 0.02
     timeout: float = 30.0
     targets: list[str] = field(default_factory=lambda: ["spfpolicy"])
@@ -625,7 +640,7 @@ class MessageSource:
             hot_tuples=config.hot_tuples,
         )
         self._stream = self.workload.messages()
-        budget = config.requests if config.requests > 0 else PREFILL
+        budget = config.warmup + config.requests if config.requests > 0 else PREFILL
         self.messages: list[Message] = []
         count = 0
         while count < min(budget, PREFILL):
@@ -676,16 +691,67 @@ class Bench:
             # Only the bench's own DNS server has a known round trip.
             result.dns_delay = config.dns_delay
         await target.start(self)
-        if self.dns is not None:
-            await self.dns.command("reset")
-        dns_cpu_before = self.dns.cpu() if self.dns is not None else None
-        cpu_before = _self_cpu()
         messages = self.source.iterate()
-        budget = config.requests if config.requests > 0 else None
+        try:
+            if config.warmup:
+                await self._warm_up(target, messages, result)
+                target.mark()
+            if self.dns is not None:
+                await self.dns.command("reset")
+            dns_cpu_before = self.dns.cpu() if self.dns is not None else None
+            cpu_before = _self_cpu()
+            progress = _Progress(
+                target.name,
+                config.requests or None,
+                config.duration,
+                result,
+                config.progress,
+            )
+            try:
+                progress.start()
+                await self._drive(target, messages, result, config.requests, config.duration)
+            finally:
+                progress.stop()
+                result.loadgen_cpu_seconds = _self_cpu() - cpu_before
+                if self.dns is not None:
+                    result.dns_queries = await self.dns.command("stats")
+                    after = self.dns.cpu()
+                    if after is not None and dns_cpu_before is not None:
+                        result.dns_cpu_seconds = after - dns_cpu_before
+        finally:
+            await target.stop(result)
+        return result
+
+    async def _warm_up(
+        self, target: Target, messages: Iterator[tuple[Message, int]], result: TargetResult
+    ) -> None:
+        """The first ``--warmup`` requests of the stream, answered but not
+        counted: the measured ones then meet the caches a server that has run
+        for a while would have. Bounded by --duration too."""
+        config = self.config
+        warm = TargetResult(target.name, target.kind)
+        await self._drive(target, messages, warm, config.warmup, config.duration)
+        note = f"warm-up: {warm.requests} requests in {warm.elapsed:.1f} s, not counted"
+        trouble = warm.errors + warm.timeouts + warm.contradictions
+        if trouble:
+            note += f" ({trouble} errors, timeouts or contradictions among them)"
+        result.notes.append(note)
+
+    async def _drive(
+        self,
+        target: Target,
+        messages: Iterator[tuple[Message, int]],
+        result: TargetResult,
+        requests: int,
+        duration: float,
+    ) -> None:
+        """C emulated smtpd processes send messages from ``messages`` until
+        ``requests`` (0: no bound) or ``duration`` seconds (0: none)."""
+        config = self.config
+        budget = requests if requests > 0 else None
         issued = 0
         started = time.perf_counter()
-        deadline = started + config.duration if config.duration > 0 else None
-        progress = _Progress(target.name, budget, config.duration, result, config.progress)
+        deadline = started + duration if duration > 0 else None
         timeout = config.timeout
 
         def next_message() -> tuple[Message, int] | None:
@@ -754,19 +820,9 @@ class Bench:
                     await target.release(connection)
 
         try:
-            progress.start()
             await asyncio.gather(*(smtpd() for _ in range(config.concurrency)))
         finally:
             result.elapsed = time.perf_counter() - started
-            progress.stop()
-            result.loadgen_cpu_seconds = _self_cpu() - cpu_before
-            if self.dns is not None:
-                result.dns_queries = await self.dns.command("stats")
-                after = self.dns.cpu()
-                if after is not None and dns_cpu_before is not None:
-                    result.dns_cpu_seconds = after - dns_cpu_before
-            await target.stop(result)
-        return result
 
 
 class _Broken(Exception):
@@ -953,6 +1009,7 @@ def report(config: BenchConfig, bench: Bench, results: list[TargetResult]) -> di
             "max_use": config.max_use,
             "requests": config.requests,
             "duration_s": config.duration,
+            "warmup_requests": config.warmup,
             "dns_delay_s": config.dns_delay,
             "timeout_s": config.timeout,
             "domains": workload.domains,
@@ -992,7 +1049,10 @@ def format_report(data: dict[str, Any]) -> str:
     lines = [
         f"workload {c['workload']} (seed {c['seed']}; {mix}), {c['concurrency']} connections, "
         f"max_use {c['max_use']}, DNS delay {c['dns_delay_s'] * 1000:g} ms, "
-        f"bounds {c['requests'] or 'no'} requests / {c['duration_s']:g} s, {c['cpus']} CPUs",
+        f"bounds {c['requests'] or 'no'} requests / {c['duration_s']:g} s, {c['cpus']} CPUs"
+        + (
+            f", after {c['warmup_requests']:,} warm-up requests" if c.get("warmup_requests") else ""
+        ),
         "",
         f"{'target':<14}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p90 ms':>9}{'p99 ms':>9}"
         f"{'max ms':>10}{'err':>6}{'t/o':>5}{'contra':>7}{'DNS q':>9}{'RSS MB':>9}"
@@ -1163,6 +1223,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="stop starting messages after this many seconds per target, "
         "0 = no limit (default %(default)s)",
     )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="send each target the stream's first N requests before measuring, "
+        "uncounted: the steady state of a server that has run a while (default 0)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="workload and zone seed")
     parser.add_argument(
         "--mix",
@@ -1260,6 +1328,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         max_use=args.max_use,
         requests=max(0, args.requests),
         duration=max(0.0, args.duration),
+        warmup=max(0, args.warmup),
         dns_delay=max(0.0, args.dns_delay),
         timeout=args.timeout,
         targets=list(targets),
@@ -1281,6 +1350,14 @@ def run_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.requests == 0 and config.duration == 0:
         print("spfpolicy bench: give --requests or --duration a limit", file=sys.stderr)
+        return 2
+    if config.workload is not WorkloadKind.UNIQUE and config.warmup + config.requests > PREFILL:
+        # Beyond the pre-generated messages the stream repeats them, all cached.
+        print(
+            f"spfpolicy bench: --warmup plus --requests above {PREFILL:,} would repeat "
+            "the workload's messages",
+            file=sys.stderr,
+        )
         return 2
     try:
         if config.plot_path:
