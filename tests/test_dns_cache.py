@@ -9,6 +9,7 @@ the ones spfpolicy's cache decided to send.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import tracemalloc
 
@@ -524,3 +525,66 @@ async def test_renew_lets_queries_already_sent_finish(zone_server, resolvers) ->
     assert (await pending).records == ("192.0.2.7",)  # answered on the old channel
     await resolver.close()  # closes the retired channel too, without waiting
     assert old._closed
+
+
+# -- evaluating from cached answers alone (check_now) --------------------------
+
+_NOW_ZONE = {
+    "example.com": [{"TXT": "v=spf1 include:_spf.example.net a mx -all"}, {"A": "192.0.2.80"}],
+    "_spf.example.net": [{"TXT": "v=spf1 ip4:192.0.2.0/28 ip6:2001:db8::/64 ~all"}],
+    "redir.example": [{"TXT": "v=spf1 redirect=example.com"}],
+    "exp.example": [{"TXT": "v=spf1 -all exp=why.exp.example"}],
+    "why.exp.example": [{"TXT": "%{i} is not one of %{d}'s senders"}],
+    "void.example": [{"TXT": "v=spf1 a:n1.void.example a:n2.void.example a:n3.void.example ?all"}],
+    "none.example": [{"TXT": "just text"}],
+    "helo.example": [{"TXT": "v=spf1 ip4:192.0.2.80 -all"}],
+}
+_NOW_CHECKS = [
+    ("192.0.2.5", "a@example.com", "h"),  # pass through the include
+    ("192.0.2.80", "a@example.com", "h"),  # pass by a
+    ("198.51.100.7", "a@example.com", "h"),  # fail after every term
+    ("2001:db8::9", "a@redir.example", "h"),  # redirect, then the include's ip6
+    ("198.51.100.7", "a@exp.example", "h"),  # fail with an exp= text
+    ("198.51.100.7", "a@void.example", "h"),  # permerror: void lookups
+    ("198.51.100.7", "a@none.example", "h"),  # none
+    ("192.0.2.80", "", "helo.example"),  # the HELO identity
+]
+
+
+@pytest.mark.parametrize(("ip", "sender", "helo"), _NOW_CHECKS)
+async def test_check_now_gives_what_check_gives(zone_server, resolvers, ip, sender, helo) -> None:
+    server = await zone_server(_NOW_ZONE)
+    evaluator = SpfEvaluator(resolvers(server))
+    waited = await evaluator.check(ip, sender, helo)
+    await asyncio.sleep(0.05)  # the lookups' answers reach the cache
+    queries = server.queries
+    now = evaluator.check_now(ip, sender, helo)
+    assert now is not None
+    assert dataclasses.replace(now, elapsed=0.0) == dataclasses.replace(waited, elapsed=0.0)
+    assert server.queries == queries  # from the cache alone
+
+
+async def test_check_now_stops_at_the_first_lookup_not_cached(zone_server, resolvers) -> None:
+    server = await zone_server(_NOW_ZONE)
+    resolver = resolvers(server)
+    evaluator = SpfEvaluator(resolver)
+    assert evaluator.check_now("192.0.2.5", "a@example.com", "h") is None
+    await resolver.resolve("example.com", "TXT")  # the top record only
+    assert evaluator.check_now("192.0.2.5", "a@example.com", "h") is None
+    assert server.queries == 1 and evaluator.in_flight == 0
+
+
+async def test_result_cache_fills_from_cached_dns_without_waiting(zone_server, resolvers) -> None:
+    server = await zone_server(_NOW_ZONE)
+    checks = DnsChecks(
+        SpfEvaluator(resolvers(server)), void_limit=2, result_cache_size=10, result_cache_ttl=60
+    )
+    # Not even the domain's record is cached: nothing is started.
+    assert checks.cached_spf("192.0.2.5", "a@example.com", "h") is None
+    assert checks.evaluated_now == 0 and server.queries == 0
+    first = await checks.spf("192.0.2.5", "a@example.com", "h", lookup_time=5)
+    await asyncio.sleep(0.05)
+    other = checks.cached_spf("192.0.2.6", "b@example.com", "h")  # a new check, cached DNS
+    assert other is first and checks.evaluated_now == 1
+    assert checks.cached_spf("192.0.2.6", "b@example.com", "h") is other
+    assert checks.result_hits == 1

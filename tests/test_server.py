@@ -32,7 +32,7 @@ import spfpolicy.server
 from hardening import BAD_IP, GOOD_IP, HELO, header, request
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
 from spfpolicy.dnsserver import ZoneServer
-from spfpolicy.protocol import ResponseParser, encode_request
+from spfpolicy.protocol import PolicyRequest, ResponseParser, encode_request
 from spfpolicy.server import ListenError, PolicyServer
 
 ZONE: dict[str, Any] = {
@@ -482,6 +482,20 @@ async def test_result_cache_answers_a_repeated_check(policy_server: Any) -> None
     assert await client.ask(request(ip=GOOD_IP)) == PASS  # a third: through the verdict memo
     assert running.server.snapshot().result_cache_hits == hits + 4
     assert running.server.memo.hits == 1
+    assert running.dns.queries == queries
+
+
+async def test_known_domain_new_client_is_answered_without_a_task(policy_server: Any) -> None:
+    running = await policy_server()
+    client = await running.connect()
+    assert await client.ask(request(ip=GOOD_IP)) == PASS
+    queries, tasks = running.dns.queries, running.server.checks.evaluated_now
+    # Another client of the same domain and HELO name: a new check, every
+    # DNS answer it needs cached, so it is worked out in the socket callback.
+    other = "192.0.2.11"
+    now = running.server.answer_now(PolicyRequest(request(ip=other)))
+    assert now == header("Pass", "a@pass.example", other)
+    assert running.server.checks.evaluated_now == tasks + 2  # HELO and MAIL FROM
     assert running.dns.queries == queries
 
 

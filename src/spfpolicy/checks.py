@@ -57,6 +57,7 @@ class DnsChecks:
             result_cache_size, clock=clock
         )
         self.result_hits = 0
+        self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
 
     def _key(self, ip: str, sender: str, helo: str) -> _ResultKey:
         # One string costs a third of a tuple of its parts. Request values
@@ -68,10 +69,23 @@ class DnsChecks:
         return (ip, sender, helo.lower(), self.void_limit)
 
     def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
-        cached = self.results.get(self._key(ip, sender, helo))
+        """From the result cache, or evaluated at once when the DNS answers
+        the evaluation needs are all cached (a known domain, a new client)."""
+        key = self._key(ip, sender, helo)
+        cached = self.results.get(key)
         if cached is not None:
             self.result_hits += 1
-        return cached
+            return cached
+        # Not even the checked domain's TXT is cached: pyspf would stop at
+        # its first lookup, so do not start it.
+        domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
+        if self.resolver.cache.get((domain, "TXT")) is None:
+            return None
+        full = self.evaluator.check_now(ip, sender, helo, void_limit=self.void_limit)
+        if full is None:
+            return None
+        self.evaluated_now += 1
+        return self._keep(key, full)
 
     def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
         key = self._key(ip, sender, helo)
@@ -80,13 +94,19 @@ class DnsChecks:
         return self.results.remaining_ttl(key) or 0.0
 
     async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
-        cached = self.cached_spf(ip, sender, helo)
-        if cached is not None:
-            return cached
         key = self._key(ip, sender, helo)
+        cached = self.results.get(key)
+        if cached is not None:
+            self.result_hits += 1
+            return cached
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
         )
+        return self._keep(key, full)
+
+    def _keep(self, key: _ResultKey, full: SpfOutcome) -> SpfOutcome:
+        """The outcome as decisions read it, kept in the result cache unless it
+        is a temperror."""
         outcome = _for_decisions(full)
         if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
             ttl = self.result_cache_ttl if full.ttl is None else full.ttl

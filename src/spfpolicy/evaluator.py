@@ -173,6 +173,21 @@ class _AsyncQuery(spf.query):
         return list(answer.records)
 
 
+def _failed(ip: str, sender: str, helo: str) -> tuple[str, int, str]:
+    # A pyspf bug must not take the request down with it; a temperror lets
+    # the mail be retried rather than rejected.
+    log.exception("SPF evaluation failed for ip=%s sender=%r helo=%r", ip, sender, helo)
+    return "temperror", 451, "SPF Temporary Error: internal error"
+
+
+def _release(query: _AsyncQuery) -> None:
+    if query.perm_error is not None:
+        # pyspf keeps the PermError, whose traceback holds pyspf's frames and
+        # so the query: a cycle only the garbage collector (a full pass over
+        # the heap) would free.
+        query.perm_error.__traceback__ = None
+
+
 class SpfEvaluator:
     """Evaluates SPF for (ip, sender, helo) against the shared resolver."""
 
@@ -209,13 +224,57 @@ class SpfEvaluator:
         ``sender`` is empty (checked as postmaster@helo, RFC 7208 section
         2.3). Never raises for DNS trouble: that is a temperror outcome."""
         started = self._clock()
+        budget = self.lookup_time if lookup_time is None else lookup_time
+        query = self._query(ip, sender, helo, started + budget, void_limit, started)
+        if isinstance(query, SpfOutcome):
+            return query
+        self._prefetch(str(query.d), query.A)
+        self.in_flight += 1
+        try:
+            verdict = await self._drive(query, started + budget)
+        except Exception:
+            verdict = _failed(ip, sender, helo)
+        finally:
+            self.in_flight -= 1
+            _release(query)
+        return self._outcome(query, verdict, sender, started)
+
+    def check_now(
+        self, ip: str, sender: str, helo: str, *, void_limit: int | None = None
+    ) -> SpfOutcome | None:
+        """``check()`` for an evaluation whose DNS answers are all cached: its
+        outcome at once, without a task. None as soon as pyspf asks for an
+        answer that is not cached; that partial evaluation is dropped, and
+        ``check()`` then starts afresh and waits for the lookups."""
+        started = self._clock()
+        query = self._query(ip, sender, helo, started + self.lookup_time, void_limit, started)
+        if isinstance(query, SpfOutcome):
+            return query
+        runner = greenlet.greenlet(query.check)
+        try:
+            verdict = runner.switch()
+            if not runner.dead:  # it wants a lookup
+                return None
+        except Exception:
+            verdict = _failed(ip, sender, helo)
+        finally:
+            self._abandon(runner)
+            _release(query)
+        return self._outcome(query, verdict, sender, started)
+
+    def _query(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        deadline: float,
+        void_limit: int | None,
+        started: float,
+    ) -> _AsyncQuery | SpfOutcome:
+        """pyspf's query for one check, or the permerror its arguments give."""
         # RFC 4007 zone index ("fe80::1%eth0") names an interface, not part
         # of the address SPF compares; pyspf's parser rejects it.
         ip = ip.split("%", 1)[0]
-        budget = self.lookup_time if lookup_time is None else lookup_time
-        deadline = started + budget
-        identity = Identity.MAILFROM if sender else Identity.HELO
-        self.in_flight += 1
         try:
             query = _AsyncQuery(
                 ip,
@@ -227,33 +286,23 @@ class SpfEvaluator:
                 deadline=deadline,
                 clock=self._clock,
             )
-            if self.default_explanation is not None:
-                query.set_default_explanation(self.default_explanation)
         except (spf.PermError, ValueError) as exc:  # e.g. an unparseable client address
-            self.in_flight -= 1
             return SpfOutcome(
                 SpfResult.PERMERROR,
                 550,
                 f"SPF Permanent Error: {exc}",
-                identity=identity,
+                identity=Identity.MAILFROM if sender else Identity.HELO,
                 sender=sender or f"postmaster@{helo}",
                 elapsed=self._clock() - started,
             )
-        self._prefetch(str(query.d), query.A)
-        try:
-            result, code, explanation = await self._drive(query, deadline)
-        except Exception:
-            # A pyspf bug must not take the request down with it; a
-            # temperror lets the mail be retried rather than rejected.
-            log.exception("SPF evaluation failed for ip=%s sender=%r helo=%r", ip, sender, helo)
-            result, code, explanation = "temperror", 451, "SPF Temporary Error: internal error"
-        finally:
-            self.in_flight -= 1
-            if query.perm_error is not None:
-                # pyspf keeps the PermError, whose traceback holds pyspf's
-                # frames and so the query: a cycle only the garbage collector
-                # (a full pass over the heap) would free.
-                query.perm_error.__traceback__ = None
+        if self.default_explanation is not None:
+            query.set_default_explanation(self.default_explanation)
+        return query
+
+    def _outcome(
+        self, query: _AsyncQuery, verdict: tuple[str, int, str], sender: str, started: float
+    ) -> SpfOutcome:
+        result, code, explanation = verdict
         # Interned: the same few texts (default explanations, "-all",
         # provider includes) would otherwise be kept once per cached outcome.
         return SpfOutcome(
@@ -261,7 +310,7 @@ class SpfEvaluator:
             code,
             sys.intern(explanation),
             mechanism=sys.intern(query.mechanism or ""),
-            identity=identity,
+            identity=Identity.MAILFROM if sender else Identity.HELO,
             sender=query.s,
             domain=query.o,
             lookups=query.dns_lookups,

@@ -136,7 +136,8 @@ class Checks(Protocol):
         ...
 
     def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
-        """The outcome ``spf`` would return, if it is cached; never waits."""
+        """The outcome ``spf`` would return, if it can be had without waiting
+        (cached, or worked out from cached DNS answers); never waits."""
         ...
 
     def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
