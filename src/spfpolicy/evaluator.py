@@ -286,6 +286,8 @@ class SpfEvaluator:
                 deadline=deadline,
                 clock=self._clock,
             )
+            if self.default_explanation is not None:
+                query.set_default_explanation(self.default_explanation)
         except (spf.PermError, ValueError) as exc:  # e.g. an unparseable client address
             return SpfOutcome(
                 SpfResult.PERMERROR,
@@ -295,8 +297,6 @@ class SpfEvaluator:
                 sender=sender or f"postmaster@{helo}",
                 elapsed=self._clock() - started,
             )
-        if self.default_explanation is not None:
-            query.set_default_explanation(self.default_explanation)
         return query
 
     def _outcome(
