@@ -72,9 +72,8 @@ class DnsChecks:
         """From the result cache, or evaluated at once when the DNS answers
         the evaluation needs are all cached (a known domain, a new client)."""
         key = self._key(ip, sender, helo)
-        cached = self.results.get(key)
+        cached = self._hit(key)
         if cached is not None:
-            self.result_hits += 1
             return cached
         # Not even the checked domain's TXT is cached: pyspf would stop at
         # its first lookup, so do not start it.
@@ -95,14 +94,20 @@ class DnsChecks:
 
     async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
         key = self._key(ip, sender, helo)
-        cached = self.results.get(key)
+        cached = self._hit(key)
         if cached is not None:
-            self.result_hits += 1
             return cached
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
         )
         return self._keep(key, full)
+
+    def _hit(self, key: _ResultKey) -> SpfOutcome | None:
+        """The result cache's outcome for ``key``, counted as a hit."""
+        cached = self.results.get(key)
+        if cached is not None:
+            self.result_hits += 1
+        return cached
 
     def _keep(self, key: _ResultKey, full: SpfOutcome) -> SpfOutcome:
         """The outcome as decisions read it, kept in the result cache unless it

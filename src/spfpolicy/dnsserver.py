@@ -395,9 +395,7 @@ class ZoneServer:
         if query is None:
             self._handle_unusual(wire, send, tcp=tcp)
             return
-        self.queries += 1
-        self.tcp_queries += tcp
-        self.counts[(query.key, _type_text(query.rdtype))] += 1
+        self._count(query.key, query.rdtype, tcp=tcp)
         limit = self._size_limit(query.payload, tcp=tcp)
 
         def render(
@@ -422,16 +420,20 @@ class ZoneServer:
         if query.flags & dns.flags.QR:
             log.debug("ignoring a response sent to us")
             return
-        self.queries += 1
-        self.tcp_queries += tcp
-        key = None
+        key, rdtype = None, 0
         if query.question:
-            question = query.question[0]
-            key = _name_key(question.name)
-            self.counts[(key, _type_text(question.rdtype))] += 1
+            key, rdtype = _name_key(query.question[0].name), query.question[0].rdtype
+        self._count(key, rdtype, tcp=tcp)
         reply = self._reply(query, tcp=tcp)
         if reply is not None:
             self._send(send, reply, key)
+
+    def _count(self, key: str | None, rdtype: int, *, tcp: bool) -> None:
+        """One query received; by (name, type) too when it has a question."""
+        self.queries += 1
+        self.tcp_queries += tcp
+        if key is not None:
+            self.counts[(key, _type_text(rdtype))] += 1
 
     def _send(self, send: Callable[[bytes], None], reply: bytes, key: str | None) -> None:
         delay = self.delay
