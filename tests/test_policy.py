@@ -1736,9 +1736,21 @@ async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:
     assert memo.hits == 1
 
 
+class CountingChecks(FakeChecks):
+    """FakeChecks that count the cached_spf calls (nothing is cached)."""
+
+    def __init__(self, spf: dict[tuple[str, str], SpfOutcome]) -> None:
+        super().__init__(spf)
+        self.cached_calls: list[str] = []
+
+    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+        self.cached_calls.append(sender)
+        return None
+
+
 async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> None:
     settings = settings_from(tmp_path, [])
-    checks = FakeChecks(MEMO_SPF)  # nothing cached
+    checks = CountingChecks(MEMO_SPF)  # nothing cached
     memory = InstanceMemory()
     known = Known(checks)
     assert decide_now(request(), settings, known, memory) is None
@@ -1747,4 +1759,7 @@ async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> N
     assert decision.action.startswith("prepend Received-SPF: Softfail")
     # Each check asked once, in policyd-spf's order, despite the restarts.
     assert [c[2] for c in checks.calls] == ["", "a@example.org"]
+    # cached_spf (which may run pyspf over cached answers) once per check too:
+    # the restart in decide() goes straight to the fetch.
+    assert checks.cached_calls == ["", "a@example.org"]
     assert len(memory) == 1

@@ -667,6 +667,10 @@ class _Missing(Exception):
         self.fetch = fetch
 
 
+# Known.answers' mark of a check found not cached; replaced by its fetched answer.
+_NOT_CACHED = object()
+
+
 class Known:
     """The checks' answers as one request has seen them: what it has fetched
     or found cached (each counted once); any other answer raises ``_Missing``.
@@ -707,11 +711,13 @@ class Known:
         outcome = answers.get(key)
         if outcome is None:
             outcome = self.checks.cached_spf(ip, sender, helo)
-            if outcome is None:
-                raise _Missing(
-                    key, lambda: self.checks.spf(ip, sender, helo, lookup_time=lookup_time)
-                )
-            answers[key] = outcome
+            if outcome is not None:
+                answers[key] = outcome
+        if outcome is None or outcome is _NOT_CACHED:
+            # A restart (the task going on from answer_now) goes straight to
+            # the fetch: cached_spf may have run pyspf up to a missing answer.
+            answers[key] = _NOT_CACHED
+            raise _Missing(key, lambda: self.checks.spf(ip, sender, helo, lookup_time=lookup_time))
         return outcome  # type: ignore[return-value]
 
     def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
