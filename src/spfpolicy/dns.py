@@ -4,10 +4,11 @@
 Rules the cache keeps:
 - positive answers live for the smallest TTL of the records used (CNAME links
   included), clamped to [min_ttl, max_ttl];
-- negative answers (NXDOMAIN, NODATA) are cached too, for ``negative_ttl``
-  (RFC 2308 section 5 asks for the SOA minimum; pycares 5 hands us no response
-  on NXDOMAIN/NODATA, so the SOA is not visible here and the configured value
-  is used — c-ares' own query cache underneath does honour the SOA minimum);
+- negative answers (NXDOMAIN, NODATA) are cached too, for min(SOA TTL, SOA
+  MINIMUM) of the SOA in the reply's authority section (RFC 2308 section 5),
+  capped by ``negative_ttl``; without an SOA, for ``negative_ttl``. pycares'
+  own query callback drops the reply of a negative answer, so queries are sent
+  with a callback of ours that keeps it (``_ask``);
 - timeouts, SERVFAIL and other server failures are temporary errors
   (RFC 7208 section 2.6.6) and are never cached;
 - the number of entries is bounded, least recently used evicted first;
@@ -36,6 +37,7 @@ import aiodns
 import aiodns.error
 import dns.asyncresolver
 import dns.exception
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -207,7 +209,7 @@ class Resolver:
         self.cache = DnsCache(cache_size, clock=clock)
         self.stats = DnsStats()
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
-        self._channel: aiodns.DNSResolver | None = None
+        self._channel: _LoopResolver | None = None
         self._fallback: dns.asyncresolver.Resolver | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -287,7 +289,7 @@ class Resolver:
 
     # -- the network side ---------------------------------------------------
 
-    def _resolver(self) -> aiodns.DNSResolver:
+    def _resolver(self) -> _LoopResolver:
         if self._channel is None:
             options: dict[str, Any] = {"timeout": self.timeout, "tries": self.tries}
             with _without_cares_query_cache():
@@ -305,14 +307,14 @@ class Resolver:
         target = name
         for _ in range(MAX_CNAME_CHAIN + 1):
             try:
-                result = await self._query(target, qtype)
+                reply, negative = await self._query(target, qtype)
             except _UseDnspython:
                 return await self._fetch_with_dnspython(target, qtype)
-            if result is None:
-                return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
+            if reply is None:
+                return self._negative(ttl, None)
             records: list[Record] = []
             links: dict[str, str] = {}
-            for rr in result.answer:
+            for rr in reply.answer:
                 if rr.type == wanted:
                     records.append(_convert(qtype, rr.data))
                     ttl = min(ttl, rr.ttl)
@@ -321,31 +323,35 @@ class Resolver:
                     ttl = min(ttl, rr.ttl)
             if records:
                 return DnsAnswer(tuple(records), self._clamp(ttl))
+            if negative:  # the upstream followed the chain to its end
+                return self._negative(ttl, reply)
             # No data of the wanted type: walk the CNAME chain the answer gave.
             seen = {target}
             while target in links:
                 target = links[target]
                 if target in seen:  # a loop: no data at the end of it
-                    return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
+                    return self._negative(ttl, reply)
                 seen.add(target)
             if target == name or not links:
-                return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
+                return self._negative(ttl, reply)
             # The chain ends at a name the upstream did not resolve: ask it.
         raise CnameChainTooLong(name)
 
-    async def _query(self, name: str, qtype: str) -> pycares.DNSResult | None:
-        """One upstream query: the result, None when negative, or DnsTempError."""
+    async def _query(self, name: str, qtype: str) -> tuple[pycares.DNSResult | None, bool]:
+        """One upstream query: (its reply, whether the answer is negative);
+        the reply is None for a negative answer whose reply c-ares did not
+        hand over. Raises DnsTempError, or _UseDnspython."""
         self.stats.upstream_queries += 1
         try:
-            return await self._resolver().query_dns(name, qtype)
+            return await self._resolver().query_reply(name, qtype)
         except UnicodeError:
             # pycares IDNA-encodes names; one it cannot encode (U+FFFD from a
             # non-UTF-8 sender, say) is malformed: no records (RFC 7208 4.3).
-            return None
+            return None, True
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
             if code in _NEGATIVE:
-                return None
+                return None, True
             if code in _UNASKABLE:
                 raise _UseDnspython from None
             if code == aiodns.error.ARES_EBADRESP:
@@ -358,6 +364,16 @@ class Resolver:
             text = exc.args[1] if len(exc.args) > 1 else str(exc)
             log.debug("DNS %s %s failed: %s (c-ares status %s)", qtype, name, text, code)
             raise DnsTempError(_REASONS.get(code, text), f"{qtype} {name}: {text}") from None
+
+    def _negative(self, ttl: float, reply: pycares.DNSResult | None) -> DnsAnswer:
+        """No records, kept for the reply's negative TTL (RFC 2308 section 5:
+        min(SOA TTL, SOA MINIMUM) of the SOA in the authority section), no
+        longer than ``ttl`` (the CNAME links that led here) nor ``negative_ttl``."""
+        if reply is not None:
+            for rr in reply.authority:
+                if isinstance(rr.data, pycares.SOARecordData):
+                    ttl = min(ttl, rr.ttl, rr.data.minimum)
+        return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
 
     async def _fetch_with_dnspython(self, name: str, qtype: str) -> DnsAnswer:
         """The same lookup through dnspython, for names c-ares will not send."""
@@ -379,7 +395,11 @@ class Resolver:
             return DnsAnswer((), self._clamp(self.negative_ttl))
         try:
             answer = await self._fallback.resolve(qname, qtype, search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer, dns.resolver.YXDOMAIN):
+        except dns.resolver.NXDOMAIN as exc:
+            return self._negative_message(exc.responses().get(qname))
+        except dns.resolver.NoAnswer as exc:
+            return self._negative_message(exc.kwargs.get("response"))
+        except dns.resolver.YXDOMAIN:
             return DnsAnswer((), self._clamp(self.negative_ttl))
         except dns.exception.Timeout:
             self.stats.upstream_failures += 1
@@ -400,6 +420,18 @@ class Resolver:
             elif qtype == "TXT":
                 records.append((b"".join(rdata.strings),))
         return DnsAnswer(tuple(records), self._clamp(answer.rrset.ttl if answer.rrset else 0))
+
+    def _negative_message(self, response: dns.message.Message | None) -> DnsAnswer:
+        """``_negative`` for a reply dnspython read: the same rule, the CNAME
+        links of its answer section included."""
+        ttl = self.max_ttl
+        if response is not None:
+            for rrset in response.answer:
+                ttl = min(ttl, rrset.ttl)
+            for rrset in response.authority:
+                if rrset.rdtype == dns.rdatatype.SOA:
+                    ttl = min(ttl, rrset.ttl, *(soa.minimum for soa in rrset))
+        return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
 
     def renew(self) -> None:
         """Lookups from now on read the system's resolver configuration
@@ -510,6 +542,112 @@ class _LoopResolver(aiodns.DNSResolver):
                 this._sock_state_cb(fd, readable, writable)
 
         return False, pycares.Channel(sock_state_cb=sock_state, timeout=self._timeout, **kwargs)
+
+    def query_reply(
+        self, name: str, qtype: str
+    ) -> asyncio.Future[tuple[pycares.DNSResult | None, bool]]:
+        """One query: (the reply, whether the answer is negative), or
+        aiodns' DNSError for any other status, as ``query_dns`` raises it.
+        Unlike ``query_dns``, a negative answer comes with its reply, where
+        the SOA says how long it may be kept."""
+        future: asyncio.Future[tuple[pycares.DNSResult | None, bool]] = self.loop.create_future()
+        deliver: Any  # (reply, status) -> None, from c-ares' thread or the loop
+        if self._event_thread:
+            deliver = functools.partial(self.loop.call_soon_threadsafe, _deliver, future)  # type: ignore[arg-type]
+        else:
+            deliver = functools.partial(_deliver, future)
+        try:
+            if _KEEPS_NEGATIVE_REPLIES:
+                _ask(self._channel, name, QTYPES[qtype], deliver)
+            else:
+                self._channel.query(name, QTYPES[qtype], callback=deliver)
+        except pycares.AresError as exc:
+            # c-ares may have called back already with the same status.
+            code = exc.args[0] if exc.args else pycares.errno.ARES_EFORMERR
+            _deliver(future, None, code)
+        return future
+
+
+def _deliver(
+    future: asyncio.Future[tuple[pycares.DNSResult | None, bool]],
+    reply: pycares.DNSResult | None,
+    status: int | None,
+) -> None:
+    if future.done():  # cancelled, or the error was delivered twice
+        return
+    if status is None or status == pycares.errno.ARES_SUCCESS:
+        future.set_result((reply, False))
+    elif status in _NEGATIVE:
+        future.set_result((reply, True))
+    else:
+        future.set_exception(aiodns.error.DNSError(status, pycares.errno.strerror(status)))
+
+
+# pycares' query callback parses the reply only when c-ares reports success;
+# for NXDOMAIN and NODATA it passes the status alone, although c-ares hands
+# over the reply (ares_query_dnsrec does). ``_ask`` is pycares' Channel.query
+# with a callback of ours that keeps that reply. It uses pycares internals
+# (the channel lock and handle registry, the cffi objects): where they are
+# missing, pycares' own query is used and negative answers keep
+# ``negative_ttl``. One C callback serves every query, made once here.
+def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
+    if arg not in pycares._handle_to_channel:  # the channel went away
+        return
+    try:
+        deliver = pycares._ffi.from_handle(arg)
+        reply = None
+        if status == pycares.errno.ARES_SUCCESS or (
+            status in _NEGATIVE and dnsrec != pycares._ffi.NULL
+        ):
+            reply, failed = pycares.parse_dnsrec(dnsrec)
+            if failed is not None:
+                status = failed
+        deliver(reply, status)
+    finally:
+        pycares._handle_to_channel.pop(arg, None)
+
+
+def _make_reply_callback() -> Any:
+    try:
+        return pycares._ffi.callback("ares_callback_dnsrec", _on_reply)
+    except Exception:  # another pycares layout, or no cffi callbacks here
+        log.debug("no c-ares reply callback of our own", exc_info=True)
+        return None
+
+
+_REPLY_CALLBACK = _make_reply_callback()
+_KEEPS_NEGATIVE_REPLIES = _REPLY_CALLBACK is not None and all(
+    hasattr(pycares.Channel, method) for method in ("_capture_channel", "_register_callback_handle")
+)
+
+
+def _ask(
+    channel: pycares.Channel,
+    name: str | bytes,
+    qtype: int,
+    deliver: Callable[..., object],
+) -> None:
+    """pycares' Channel.query (name encoding, the lock that keeps a closing
+    channel alive, the handle registry) with ``_on_reply`` as the callback."""
+    wire = pycares.parse_name(name)
+    with channel._capture_channel() as handle:
+        userdata = channel._register_callback_handle(deliver)
+        try:
+            status = pycares._lib.ares_query_dnsrec(
+                handle,
+                wire,
+                pycares.QUERY_CLASS_IN,
+                qtype,
+                _REPLY_CALLBACK,
+                userdata,
+                pycares._ffi.NULL,
+            )
+        except BaseException:
+            pycares._handle_to_channel.pop(userdata, None)
+            raise
+    if status != pycares.errno.ARES_SUCCESS:
+        pycares._handle_to_channel.pop(userdata, None)
+        raise pycares.AresError(status, pycares.errno.strerror(status))
 
 
 def _dnspython_server(spec: str) -> dns.nameserver.Do53Nameserver:

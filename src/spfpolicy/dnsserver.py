@@ -303,6 +303,7 @@ class ZoneServer:
         port: int = 0,
         delay: float = 0.0,
         negative_ttl: int = 300,
+        soa_ttl: int | None = None,
         soa_in_negative: bool = True,
         udp_limit: int | None = None,
     ) -> None:
@@ -316,7 +317,11 @@ class ZoneServer:
         self.host = host
         self.port = port
         self.delay = delay
+        # Negative answers carry an SOA whose MINIMUM is negative_ttl and whose
+        # own TTL is soa_ttl (negative_ttl unless given): RFC 2308 5 takes the
+        # smaller of the two. ``zone`` may be replaced while serving.
         self.negative_ttl = negative_ttl
+        self.soa_ttl = soa_ttl
         self.soa_in_negative = soa_in_negative
         self.udp_limit = udp_limit
         self.faults: dict[str, str] = {}  # name as in counts -> a Fault value
@@ -329,7 +334,7 @@ class ZoneServer:
         self._tcp: asyncio.Server | None = None
         self._connections: set[asyncio.BaseTransport] = set()
         self._delayed: set[_DelayedReply] = set()
-        self._soas: dict[tuple[dns.name.Name, int], dns.rrset.RRset] = {}
+        self._soas: dict[tuple[dns.name.Name, int, int], dns.rrset.RRset] = {}
 
     @property
     def nameserver(self) -> str:
@@ -520,7 +525,8 @@ class ZoneServer:
         # RFC 2308 3: resolvers cache a negative answer for min(SOA TTL, MINIMUM). The
         # owner is an ancestor of the name, which is where resolvers look for it.
         owner = _common_ancestor(name, self.zone.origin)
-        key = (owner, self.negative_ttl)
+        ttl = self.negative_ttl if self.soa_ttl is None else self.soa_ttl
+        key = (owner, self.negative_ttl, ttl)
         rrset = self._soas.get(key)
         if rrset is not None:
             return rrset
@@ -536,7 +542,7 @@ class ZoneServer:
             self.negative_ttl,
         )
         rrset = dns.rrset.RRset(owner, _IN, dns.rdatatype.SOA)
-        rrset.add(soa, self.negative_ttl)
+        rrset.add(soa, ttl)
         if len(self._soas) >= SOA_CACHE_SIZE:
             self._soas.clear()
         self._soas[key] = rrset

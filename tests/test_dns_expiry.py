@@ -1,0 +1,163 @@
+"""How long answers live: a negative answer for its SOA's negative TTL
+(RFC 2308 section 5), an SPF result no longer than the first of the answers
+it used. Real DNS from the loopback server, whose zone is replaced while it
+runs; a fake clock moves time, so nothing here sleeps.
+"""
+
+from __future__ import annotations
+
+import aiodns
+import pytest
+
+from spfpolicy.dns import Resolver
+from spfpolicy.dnsserver import Zone
+from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.results import SpfResult
+
+RECORD = "v=spf1 ip4:192.0.2.0/24 -all"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def resolvers():
+    made: list[Resolver] = []
+
+    def make(server, **kwargs) -> Resolver:
+        kwargs.setdefault("timeout", 0.5)
+        kwargs.setdefault("tries", 1)
+        resolver = Resolver([server.nameserver], **kwargs)
+        made.append(resolver)
+        return resolver
+
+    yield make
+    for resolver in made:
+        await resolver.close()
+
+
+# Names: one c-ares sends, one only dnspython will (a space, from %{l} say).
+NAMES = [
+    pytest.param("new.example.com", id="c-ares"),
+    pytest.param("b s.example.com", id="dnspython"),
+]
+
+
+def _zone(name: str, *, published: bool, nodata: bool) -> Zone:
+    data: dict[str, list[dict[str, object]]] = {"example.com": [{"A": "192.0.2.1"}]}
+    if nodata:
+        data[name] = [{"A": "192.0.2.2"}]  # the name exists: NODATA for TXT
+    if published:
+        data.setdefault(name, []).append({"TXT": RECORD, "ttl": 300})
+    return Zone.from_dict(data)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("nodata", [False, True], ids=["nxdomain", "nodata"])
+@pytest.mark.parametrize(
+    ("soa_ttl", "minimum"),
+    [
+        pytest.param(None, 2, id="soa-ttl=minimum=2"),
+        pytest.param(2, 300, id="soa-ttl-2"),
+        pytest.param(300, 2, id="minimum-2"),
+    ],
+)
+async def test_negative_answer_lives_its_soa_negative_ttl(
+    zone_server, resolvers, name: str, nodata: bool, soa_ttl: int | None, minimum: int
+) -> None:
+    server = await zone_server(
+        _zone(name, published=False, nodata=nodata), negative_ttl=minimum, soa_ttl=soa_ttl
+    )
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock)  # DNS_Negative_TTL 300: only a cap
+    first = await resolver.resolve(name, "TXT")
+    assert first.negative and first.ttl == 2
+    server.zone = _zone(name, published=True, nodata=nodata)
+    clock.now += 1.99
+    assert (await resolver.resolve(name, "TXT")).negative  # still the cached answer
+    clock.now += 0.01
+    assert (await resolver.resolve(name, "TXT")).records == ((RECORD.encode(),),)
+    assert server.queries == 2
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    ("negative_ttl", "min_ttl", "lives"),
+    [
+        pytest.param(300, 0, 2, id="soa"),
+        pytest.param(1, 0, 1, id="capped-by-DNS_Negative_TTL"),
+        pytest.param(300, 5, 5, id="raised-to-DNS_Min_TTL"),
+    ],
+)
+async def test_spf_sees_a_record_published_after_a_negative_answer(
+    zone_server, resolvers, name: str, negative_ttl: float, min_ttl: float, lives: float
+) -> None:
+    server = await zone_server(_zone(name, published=False, nodata=False), negative_ttl=2)
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock, negative_ttl=negative_ttl, min_ttl=min_ttl)
+    evaluator = SpfEvaluator(resolver, prefetch=False, clock=clock)
+    sender = f"u@{name}"
+    assert (await evaluator.check("192.0.2.5", sender, "h")).result is SpfResult.NONE
+    server.zone = _zone(name, published=True, nodata=False)
+    clock.now += lives - 0.01
+    assert (await evaluator.check("192.0.2.5", sender, "h")).result is SpfResult.NONE
+    clock.now += 0.01
+    assert (await evaluator.check("192.0.2.5", sender, "h")).result is SpfResult.PASS
+
+
+@pytest.mark.parametrize("name", NAMES)
+async def test_negative_answer_without_soa_keeps_dns_negative_ttl(
+    zone_server, resolvers, name: str
+) -> None:
+    server = await zone_server(_zone(name, published=False, nodata=False), soa_in_negative=False)
+    resolver = resolvers(server, negative_ttl=45)
+    assert (await resolver.resolve(name, "TXT")).ttl == 45
+
+
+async def test_negative_answer_at_the_end_of_a_cname_lives_no_longer_than_the_link(
+    zone_server, resolvers
+) -> None:
+    server = await zone_server(
+        {
+            "example.com": [{"A": "192.0.2.1"}],
+            "alias.example.com": [{"CNAME": "gone.example.com", "ttl": 1}],
+        },
+        negative_ttl=2,
+    )
+    answer = await resolvers(server).resolve("alias.example.com", "TXT")
+    assert answer.negative and answer.ttl == 1
+    assert server.queries == 1  # the upstream's NXDOMAIN for the target is believed
+
+
+async def test_without_the_reply_callback_negative_answers_keep_dns_negative_ttl(
+    zone_server, resolvers, monkeypatch
+) -> None:
+    # Another pycares layout: its own query is used, which drops the reply
+    # of a negative answer, so the configured value is all there is.
+    monkeypatch.setattr("spfpolicy.dns._KEEPS_NEGATIVE_REPLIES", False)
+    server = await zone_server(_zone("new.example.com", published=False, nodata=False))
+    resolver = resolvers(server, negative_ttl=45)
+    assert (await resolver.resolve("new.example.com", "TXT")).ttl == 45
+    assert (await resolver.resolve("example.com", "A")).records == ("192.0.2.1",)
+
+
+async def test_negative_ttl_read_with_cares_event_thread(
+    zone_server, resolvers, monkeypatch
+) -> None:
+    # aiodns' default, should its hook for a loop-driven channel go away:
+    # replies then arrive on c-ares' own thread.
+    monkeypatch.setattr(
+        "spfpolicy.dns._LoopResolver._make_channel", aiodns.DNSResolver._make_channel
+    )
+    server = await zone_server(
+        _zone("new.example.com", published=False, nodata=False), negative_ttl=2
+    )
+    resolver = resolvers(server)
+    assert (await resolver.resolve("new.example.com", "TXT")).ttl == 2
+    assert resolver._resolver()._event_thread
+    assert (await resolver.resolve("example.com", "A")).records == ("192.0.2.1",)
