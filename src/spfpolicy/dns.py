@@ -66,7 +66,8 @@ MAX_CNAME_CHAIN = 10
 _NEGATIVE = {aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_ENODATA}
 # Names c-ares refuses to put on the wire (it rejects labels with spaces and
 # other bytes that are legal in DNS, as SPF macros can produce, RFC 7208
-# section 7.3): those lookups go through dnspython instead.
+# section 7.3): those lookups go through dnspython instead, as do names with
+# a backslash, which c-ares would read as an escape (see _wire_name).
 _UNASKABLE = {aiodns.error.ARES_EBADNAME, aiodns.error.ARES_EBADSTR}
 
 
@@ -341,13 +342,19 @@ class Resolver:
         """One upstream query: (its reply, whether the answer is negative);
         the reply is None for a negative answer whose reply c-ares did not
         hand over. Raises DnsTempError, or _UseDnspython."""
+        try:
+            wire = _wire_name(name)
+        except UnicodeError:
+            # A name IDNA cannot encode (U+FFFD from a non-UTF-8 sender, say)
+            # is malformed: no records (RFC 7208 section 4.3).
+            return None, True
+        if b"\\" in wire:
+            # c-ares reads a backslash as an escape (\. or \065, say): it
+            # would send another name, or refuse it.
+            raise _UseDnspython
         self.stats.upstream_queries += 1
         try:
-            return await self._resolver().query_reply(name, qtype)
-        except UnicodeError:
-            # pycares IDNA-encodes names; one it cannot encode (U+FFFD from a
-            # non-UTF-8 sender, say) is malformed: no records (RFC 7208 4.3).
-            return None, True
+            return await self._resolver().query_reply(wire, qtype)
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
             if code in _NEGATIVE:
@@ -387,11 +394,10 @@ class Resolver:
             self._fallback = resolver
         self.stats.upstream_queries += 1
         try:
-            labels = [label.encode("utf-8", "surrogateescape") for label in name.split(".")]
-            qname = dns.name.Name([*labels, b""])
+            qname = dns.name.Name([*_wire_name(name).split(b"."), b""])
         except (dns.exception.DNSException, UnicodeError):
-            # Longer than 255 octets (a long macro expansion, say): such a
-            # name cannot exist, so it has no records.
+            # Longer than 255 octets (a long macro expansion, say), or not
+            # encodable: such a name cannot exist, so it has no records.
             return DnsAnswer((), self._clamp(self.negative_ttl))
         try:
             answer = await self._fallback.resolve(qname, qtype, search=False)
@@ -495,6 +501,20 @@ def _without_cares_query_cache() -> Iterator[None]:
         pycares._lib = lib
 
 
+def _wire_name(name: str) -> bytes:
+    """The name as both paths send it: its text, one octet per character.
+
+    SPF macro expansion yields literal text (RFC 7208 section 7.3), so a
+    backslash in it, from a local-part such as ``b\\ s``, is the octet 0x5C
+    and never an escape, and a dot always separates labels. Non-ASCII text is
+    IDNA-encoded, as pycares does itself (without the ``idna`` package) and
+    RFC 7208 section 4.3 asks for A-labels; raises UnicodeError when it
+    cannot be."""
+    if name.isascii():
+        return name.encode("ascii")
+    return name.encode("idna")
+
+
 class _UseDnspython(Exception):
     """c-ares cannot do this lookup (a name it will not send, or a malformed
     reply on its shared socket): dnspython asks instead."""
@@ -544,12 +564,13 @@ class _LoopResolver(aiodns.DNSResolver):
         return False, pycares.Channel(sock_state_cb=sock_state, timeout=self._timeout, **kwargs)
 
     def query_reply(
-        self, name: str, qtype: str
+        self, name: bytes, qtype: str
     ) -> asyncio.Future[tuple[pycares.DNSResult | None, bool]]:
-        """One query: (the reply, whether the answer is negative), or
-        aiodns' DNSError for any other status, as ``query_dns`` raises it.
-        Unlike ``query_dns``, a negative answer comes with its reply, where
-        the SOA says how long it may be kept."""
+        """One query of ``name`` (ASCII, from ``_wire_name``): (the reply,
+        whether the answer is negative), or aiodns' DNSError for any other
+        status, as ``query_dns`` raises it. Unlike ``query_dns``, a negative
+        answer comes with its reply, where the SOA says how long it may be
+        kept."""
         future: asyncio.Future[tuple[pycares.DNSResult | None, bool]] = self.loop.create_future()
         deliver: Any  # (reply, status) -> None, from c-ares' thread or the loop
         if self._event_thread:
@@ -560,7 +581,7 @@ class _LoopResolver(aiodns.DNSResolver):
             if _KEEPS_NEGATIVE_REPLIES:
                 _ask(self._channel, name, QTYPES[qtype], deliver)
             else:
-                self._channel.query(name, QTYPES[qtype], callback=deliver)
+                self._channel.query(name.decode("ascii"), QTYPES[qtype], callback=deliver)
         except pycares.AresError as exc:
             # c-ares may have called back already with the same status.
             code = exc.args[0] if exc.args else pycares.errno.ARES_EFORMERR
@@ -623,19 +644,19 @@ _KEEPS_NEGATIVE_REPLIES = _REPLY_CALLBACK is not None and all(
 
 def _ask(
     channel: pycares.Channel,
-    name: str | bytes,
+    name: bytes,
     qtype: int,
     deliver: Callable[..., object],
 ) -> None:
-    """pycares' Channel.query (name encoding, the lock that keeps a closing
-    channel alive, the handle registry) with ``_on_reply`` as the callback."""
-    wire = pycares.parse_name(name)
+    """pycares' Channel.query (the lock that keeps a closing channel alive,
+    the handle registry) with ``_on_reply`` as the callback; ``name`` is
+    already encoded (``_wire_name``)."""
     with channel._capture_channel() as handle:
         userdata = channel._register_callback_handle(deliver)
         try:
             status = pycares._lib.ares_query_dnsrec(
                 handle,
-                wire,
+                name,
                 pycares.QUERY_CLASS_IN,
                 qtype,
                 _REPLY_CALLBACK,

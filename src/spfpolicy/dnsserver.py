@@ -330,6 +330,8 @@ class ZoneServer:
         self.queries = 0
         self.tcp_queries = 0
         self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Set to a list to record each question's name as received: its labels.
+        self.questions: list[tuple[bytes, ...]] | None = None
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._connections: set[asyncio.BaseTransport] = set()
@@ -401,6 +403,8 @@ class ZoneServer:
             self._handle_unusual(wire, send, tcp=tcp)
             return
         self._count(query.key, query.rdtype, tcp=tcp)
+        if self.questions is not None:
+            self.questions.append(query.labels)
         limit = self._size_limit(query.payload, tcp=tcp)
 
         def render(
@@ -428,6 +432,8 @@ class ZoneServer:
         key, rdtype = None, 0
         if query.question:
             key, rdtype = _name_key(query.question[0].name), query.question[0].rdtype
+            if self.questions is not None:
+                self.questions.append(query.question[0].name.labels[:-1])
         self._count(key, rdtype, tcp=tcp)
         reply = self._reply(query, tcp=tcp)
         if reply is not None:
