@@ -438,7 +438,9 @@ async def test_outcome_reports_mechanism_and_min_ttl(zone_server, resolvers) -> 
             "_spf.example.net": [{"TXT": "v=spf1 ip4:192.0.2.0/24 ~all", "ttl": 120}],
         }
     )
-    outcome = await SpfEvaluator(resolvers(server)).check("192.0.2.5", "u@example.com", "h")
+    clock = FakeClock()  # the ttl is the time left: none passes here
+    evaluator = SpfEvaluator(resolvers(server, clock=clock), clock=clock)
+    outcome = await evaluator.check("192.0.2.5", "u@example.com", "h")
     assert outcome.result == SpfResult.PASS
     assert outcome.mechanism == "include:_spf.example.net"
     assert outcome.ttl == 120
@@ -554,7 +556,8 @@ _NOW_CHECKS = [
 @pytest.mark.parametrize(("ip", "sender", "helo"), _NOW_CHECKS)
 async def test_check_now_gives_what_check_gives(zone_server, resolvers, ip, sender, helo) -> None:
     server = await zone_server(_NOW_ZONE)
-    evaluator = SpfEvaluator(resolvers(server))
+    clock = FakeClock()  # both at one time: the same time left (ttl) too
+    evaluator = SpfEvaluator(resolvers(server, clock=clock), clock=clock)
     waited = await evaluator.check(ip, sender, helo)
     await asyncio.sleep(0.05)  # the lookups' answers reach the cache
     queries = server.queries

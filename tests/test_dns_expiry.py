@@ -6,13 +6,18 @@ runs; a fake clock moves time, so nothing here sleeps.
 
 from __future__ import annotations
 
-import aiodns
-import pytest
+import asyncio
 
+import aiodns
+import dns.resolver
+import pytest
+import spf
+
+from spfpolicy.checks import DnsChecks
 from spfpolicy.dns import Resolver
 from spfpolicy.dnsserver import Zone
 from spfpolicy.evaluator import SpfEvaluator
-from spfpolicy.results import SpfResult
+from spfpolicy.results import SpfOutcome, SpfResult
 
 RECORD = "v=spf1 ip4:192.0.2.0/24 -all"
 
@@ -161,3 +166,130 @@ async def test_negative_ttl_read_with_cares_event_thread(
     assert (await resolver.resolve("new.example.com", "TXT")).ttl == 2
     assert resolver._resolver()._event_thread
     assert (await resolver.resolve("example.com", "A")).records == ("192.0.2.1",)
+
+
+# -- a result lives no longer than the first of its answers -------------------
+
+SHORT = {"example.com": [{"TXT": RECORD, "ttl": 2}]}
+CHANGED = {"example.com": [{"TXT": "v=spf1 -all", "ttl": 2}]}
+
+
+def _pyspf(port: int, ip: str, sender: str, helo: str) -> str:
+    """pyspf alone, its blocking dnspython driver pointed at the server: the
+    result for the DNS data as it is now."""
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = port
+    resolver.timeout = resolver.lifetime = 3.0
+    saved = dns.resolver.default_resolver
+    dns.resolver.default_resolver = resolver
+    try:
+        result, _code, _explanation = spf.query(ip, sender, helo, querytime=10).check()
+    finally:
+        dns.resolver.default_resolver = saved
+    return str(result)
+
+
+async def test_result_expires_with_the_first_answer_it_used(zone_server, resolvers) -> None:
+    # A record with TTL 2 fetched at t=0; a new client evaluated from the
+    # cache at t=1.65; the record changed at t=2. The result for that client
+    # must follow at t=2, not at t=3.65.
+    server = await zone_server(SHORT)
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock)
+    evaluator = SpfEvaluator(resolver, prefetch=False, clock=clock)
+    checks = DnsChecks(
+        evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=3600, clock=clock
+    )
+    sender = "u@example.com"
+    first = await checks.spf("192.0.2.5", sender, "h", lookup_time=5)
+    assert first.result is SpfResult.PASS
+
+    clock.now += 1.65
+    full = evaluator.check_now("192.0.2.6", sender, "h")
+    assert full is not None and full.ttl == pytest.approx(0.35)
+    kept = checks.cached_spf("192.0.2.6", sender, "h")
+    assert kept is not None and kept.result is SpfResult.PASS
+    assert checks.results.remaining_ttl(checks._key("192.0.2.6", sender, "h")) == pytest.approx(
+        0.35
+    )
+
+    clock.now += 0.35  # t=2: the record changes as it expires
+    server.zone = Zone.from_dict(CHANGED)
+    assert checks.cached_spf("192.0.2.6", sender, "h") is None  # nothing left to answer from
+    again = await checks.spf("192.0.2.6", sender, "h", lookup_time=5)
+    assert again.result is SpfResult.FAIL
+    assert server.queries == 2
+
+
+async def test_outcome_with_no_time_left_is_not_kept(zone_server, resolvers) -> None:
+    # The checked domain's record (TTL 2) comes from the cache at t=1.9; the
+    # include's lookup is answered at t=2.1, after that record expired. The
+    # result has no time left: it is given, not kept.
+    server = await zone_server(
+        {
+            "example.com": [{"TXT": "v=spf1 include:inc.example.net -all", "ttl": 2}],
+            "inc.example.net": [{"TXT": RECORD, "ttl": 300}],
+        }
+    )
+    server.delays["inc.example.net"] = 0.05  # holds the reply while the clock moves
+    clock = FakeClock()
+    resolver = resolvers(server, clock=clock)
+    evaluator = SpfEvaluator(resolver, prefetch=False, clock=clock)
+    checks = DnsChecks(
+        evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=3600, clock=clock
+    )
+    outcomes: list[SpfOutcome] = []
+    check = evaluator.check
+
+    async def keep_full(*args, **kwargs) -> SpfOutcome:
+        outcome = await check(*args, **kwargs)
+        outcomes.append(outcome)
+        return outcome
+
+    evaluator.check = keep_full  # type: ignore[method-assign]
+    await resolver.resolve("example.com", "TXT")
+    clock.now += 1.9
+    task = asyncio.create_task(checks.spf("192.0.2.5", "u@example.com", "h", lookup_time=5))
+    while not server.counts[("inc.example.net", "TXT")]:
+        await asyncio.sleep(0.01)
+    clock.now += 0.2
+    assert (await task).result is SpfResult.PASS
+    assert outcomes[0].ttl == 0
+    assert checks.results.get(checks._key("192.0.2.5", "u@example.com", "h")) is None
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        pytest.param(0.0, id="t=0-fetched"),
+        pytest.param(1.65, id="t=1.65-from-cache"),
+        pytest.param(2.0, id="t=2-changed"),
+        pytest.param(3.0, id="t=3"),
+    ],
+)
+async def test_outcomes_match_pyspf_over_the_data_of_the_moment(
+    zone_server, resolvers, step: float
+) -> None:
+    # The same scenario, stopped at each step: spfpolicy's answer (result
+    # cache, DNS cache and all) against pyspf's over the DNS data then.
+    server = await zone_server(SHORT)
+    clock = FakeClock()
+    evaluator = SpfEvaluator(resolvers(server, clock=clock), prefetch=False, clock=clock)
+    checks = DnsChecks(
+        evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=3600, clock=clock
+    )
+    start = clock.now
+    sender = "u@example.com"
+    plan = [(0.0, "192.0.2.5"), (1.65, "192.0.2.6"), (2.0, "192.0.2.6"), (3.0, "192.0.2.5")]
+    for at, ip in plan:
+        if at > step:
+            break
+        clock.now = start + at
+        if at >= 2.0:
+            server.zone = Zone.from_dict(CHANGED)
+        ours = checks.cached_spf(ip, sender, "h") or await checks.spf(
+            ip, sender, "h", lookup_time=5
+        )
+    theirs = await asyncio.to_thread(_pyspf, server.port, ip, sender, "h")
+    assert ours.result.value == theirs

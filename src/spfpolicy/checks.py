@@ -2,9 +2,10 @@
 result cache in front of pyspf) and forward-confirmed PTR names.
 
 The result cache answers a repeated check (same client IP, sender, HELO and
-settings) without re-running pyspf. An entry never outlives the shortest TTL
-of the DNS answers its evaluation used, nor ``Result_Cache_TTL``; temperror
-outcomes are not cached, so a DNS hiccup is not remembered.
+settings) without re-running pyspf. An entry never outlives the first of the
+DNS answers its evaluation used to expire (an answer taken from the cache has
+only what is left of its TTL), nor ``Result_Cache_TTL``; an outcome with no
+time left, and a temperror, are not cached, so a DNS hiccup is not remembered.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class DnsChecks:
 
     def _keep(self, key: _ResultKey, full: SpfOutcome) -> SpfOutcome:
         """The outcome as decisions read it, kept in the result cache unless it
-        is a temperror."""
+        is a temperror or has no time left (a ttl <= 0 stores nothing)."""
         outcome = _for_decisions(full)
         if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
             ttl = self.result_cache_ttl if full.ttl is None else full.ttl

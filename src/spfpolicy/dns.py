@@ -26,11 +26,12 @@ import contextlib
 import functools
 import logging
 import marshal
+import math
 import struct
 import time
 import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiodns
@@ -100,10 +101,18 @@ Record = Any  # str | tuple[int, str] | tuple[bytes, ...]
 
 @dataclass(frozen=True, slots=True)
 class DnsAnswer:
-    """The records of one (name, type), possibly empty, and how long they live."""
+    """The records of one (name, type), possibly empty, and how long they live.
+
+    ``ttl`` is the lifetime the answer was fetched with (clamped);
+    ``expires`` the time on the resolver's clock when it leaves the cache:
+    set on every answer the resolver hands out, so what has been used of it
+    counts. An answer made elsewhere has none (infinity). It is bookkeeping,
+    not part of the answer: equal records and TTL make equal answers.
+    """
 
     records: tuple[Record, ...]
     ttl: float
+    expires: float = field(default=math.inf, compare=False)
 
     @property
     def negative(self) -> bool:
@@ -144,7 +153,8 @@ class DnsCache(TtlLruCache[tuple[str, str], DnsAnswer]):
         if type(item) is not bytes:
             return item
         ttl, records = marshal.loads(item[_EXPIRY.size :])
-        return DnsAnswer(records, ttl), _EXPIRY.unpack_from(item)[0]
+        expires = _EXPIRY.unpack_from(item)[0]
+        return DnsAnswer(records, ttl, expires), expires
 
 
 @dataclass(slots=True)
@@ -207,6 +217,7 @@ class Resolver:
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
         self.negative_ttl = negative_ttl
+        self.clock = clock  # the time answers' ``expires`` are given in
         self.cache = DnsCache(cache_size, clock=clock)
         self.stats = DnsStats()
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
@@ -274,7 +285,7 @@ class Resolver:
 
     def _start(self, key: tuple[str, str]) -> asyncio.Future[DnsAnswer]:
         self.stats.misses += 1
-        future = asyncio.ensure_future(self._fetch(*key))
+        future = asyncio.ensure_future(self._fetch_dated(*key))
         self._inflight[key] = future
         future.add_done_callback(functools.partial(self._settle, key))
         return future
@@ -286,7 +297,13 @@ class Resolver:
         error = future.exception()
         if error is None:
             answer = future.result()
-            self.cache.set(key, answer, answer.ttl)
+            # Kept until the answer's own expiry, the one its users count on.
+            self.cache.set(key, answer, answer.expires - self.clock())
+
+    async def _fetch_dated(self, name: str, qtype: str) -> DnsAnswer:
+        """``_fetch``, with the answer's expiry: it was fetched just now."""
+        answer = await self._fetch(name, qtype)
+        return DnsAnswer(answer.records, answer.ttl, self.clock() + answer.ttl)
 
     # -- the network side ---------------------------------------------------
 

@@ -42,9 +42,10 @@ class SpfOutcome:
     permerror/temperror); ``mechanism`` is the term that decided the result
     (``"-all"``, ``"include:example.org"``, ``"default"`` when nothing
     matched), empty when no record was evaluated. ``lookups`` counts the DNS
-    lookups the evaluation made (from cache or not); ``ttl`` is the shortest
-    TTL among the DNS answers it used (``None`` when it used none), so a
-    cached copy of this outcome never outlives its data. ``record`` is the
+    lookups the evaluation made (from cache or not); ``ttl`` is the time left,
+    when the evaluation ended, until the first of the DNS answers it used
+    leaves the DNS cache (``None`` when it used none; 0 when one already
+    has), so a cached copy of this outcome never outlives its data. ``record`` is the
     SPF record text published by the checked domain itself (not by includes),
     empty when it has none; policy.py needs it for No_Mail ("v=spf1 -all").
     """
