@@ -637,7 +637,11 @@ def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
         if status == pycares.errno.ARES_SUCCESS or (
             status in _NEGATIVE and dnsrec != pycares._ffi.NULL
         ):
-            reply, failed = pycares.parse_dnsrec(dnsrec)
+            try:
+                reply, failed = pycares.parse_dnsrec(dnsrec)
+            except Exception:  # raised here, it would be lost and the query never end
+                log.debug("could not read a reply", exc_info=True)
+                reply, failed = None, pycares.errno.ARES_EBADRESP
             if failed is not None:
                 status = failed
         deliver(reply, status)
