@@ -102,6 +102,10 @@ class DnsChecks:
         )
         return self._keep(key, full)
 
+    def prefetch(self, ip: str, sender: str, helo: str) -> None:
+        if self.results.get(self._key(ip, sender, helo)) is None:
+            self.evaluator.prefetch(ip, sender, helo)
+
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:
         """The result cache's outcome for ``key``, counted as a hit."""
         cached = self.results.get(key)
