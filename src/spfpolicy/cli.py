@@ -8,7 +8,6 @@ drive the command line without a subprocess.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import sys
 import time
@@ -139,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spfpolicy: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        return asyncio.run(_check(args, settings))
+        from spfpolicy import eventloop
+
+        with eventloop.runner() as runner:
+            return runner.run(_check(args, settings))
     from spfpolicy.config import parse_listen, parse_log_target, parse_nameservers
     from spfpolicy.lifecycle import run_server
 

@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import cast
 
+from spfpolicy import eventloop
 from spfpolicy.protocol import ProtocolError, RequestParser, encode_response
 
 __all__ = ["BareProtocol", "main", "serve"]
@@ -83,13 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--listen", required=True, help="unix:PATH or inet:HOST:PORT")
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover
-        runner = asyncio.Runner()
-    with runner:
+    with eventloop.runner() as runner:
         try:
             runner.run(serve(args.listen))
         except (OSError, ValueError) as exc:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from spfpolicy import eventloop
 from spfpolicy.bench.workloads import Message, Request, Workload, WorkloadKind, parse_mix
 from spfpolicy.bench.zone import DEFAULT_MIX
 from spfpolicy.protocol import ProtocolError, ResponseParser
@@ -1374,13 +1375,7 @@ def write_json(data: dict[str, Any], path: str) -> None:
 
 
 def run_sync(config: BenchConfig) -> dict[str, Any]:
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover
-        runner = asyncio.Runner()
-    with runner:
+    with eventloop.runner() as runner:
         return runner.run(run(config))
 
 

@@ -43,6 +43,7 @@ import dns.rdtypes.IN.A
 import dns.rdtypes.IN.AAAA
 import dns.rrset
 
+from spfpolicy import eventloop
 from spfpolicy.bench.dnsserver import Fault, Resolution, Zone, ZoneServer
 
 __all__ = [
@@ -608,13 +609,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover
-        runner = asyncio.Runner()
-    with runner:
+    with eventloop.runner() as runner:
         try:
             return runner.run(_serve(args))
         except (OSError, ValueError) as exc:
