@@ -687,6 +687,17 @@ SAME_CASES = [
         ),
         users="pu@rcpt.example,SPF_Enhanced_Status_Codes=No\n",
     ),
+    # --- equal-preference MX names: tried in string order (py3dns hands pyspf text) ---
+    case(
+        "mx-equal-preference-string-order",
+        ask(
+            AUTH,
+            "helo-none.example.org",
+            "carol@mxorder.example.org",
+            "defer_if_permit 4.7.24 Message deferred due to: SPF Temporary Error: DNS Timeout.",
+        ),
+        conf={"TempError_Defer": "True"},
+    ),
     # --- QueueID (logging only: the action is the same) ------------------------------
     case(
         "queueid-false",
