@@ -75,6 +75,7 @@ class FakeChecks:
         self.address_table = addresses or {}
         self.calls: list[tuple[str, ...]] = []
         self.void_limits: list[int] = []  # of each spf() call
+        self.prefetched: list[tuple[str, str, str]] = []
 
     async def spf(
         self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
@@ -95,6 +96,9 @@ class FakeChecks:
 
     def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
         return None  # every check is asked for, and recorded in calls
+
+    def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int) -> None:
+        self.prefetched.append((ip, sender, helo))
 
 
 def settings_from(tmp_path: Path, lines: list[str]) -> Settings:
@@ -1770,6 +1774,60 @@ async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> N
     # the restart in decide() goes straight to the fetch.
     assert checks.cached_calls == ["", "a@example.org"]
     assert len(memory) == 1
+
+
+# -- prefetch: only the identities the settings check ----------------------------
+
+HELO_CHECK = ("192.0.2.1", "", "mail.example.com")
+MAILFROM_CHECK = ("192.0.2.1", "a@example.org", "mail.example.com")
+
+
+@pytest.mark.parametrize(
+    ("lines", "attributes", "prefetched", "checked"),
+    [
+        # The HELO check is fetched first; the MAIL FROM check's lookups are
+        # started with it, not after it.
+        pytest.param([], {}, [MAILFROM_CHECK], [HELO_CHECK, MAILFROM_CHECK], id="both-checked"),
+        pytest.param(["HELO_reject = No_Check"], {}, [], [MAILFROM_CHECK], id="helo-no-check"),
+        pytest.param(["Mail_From_reject = No_Check"], {}, [], [HELO_CHECK], id="mailfrom-no-check"),
+        pytest.param([], {"sender": ""}, [], [HELO_CHECK], id="null-sender"),
+        pytest.param(["Whitelist = 192.0.2.1"], {}, [], [], id="whitelisted-client"),
+        pytest.param([], {"client_address": "127.0.0.1"}, [], [], id="skipped-address"),
+        pytest.param(
+            ["HELO_reject = No_Check", "Mail_From_reject = No_Check"],
+            {},
+            [],
+            [],
+            id="nothing-checked",
+        ),
+    ],
+)
+async def test_prefetch_asks_only_for_checks_the_settings_make(
+    tmp_path: Path,
+    lines: list[str],
+    attributes: dict[str, str],
+    prefetched: list[tuple[str, str, str]],
+    checked: list[tuple[str, ...]],
+) -> None:
+    table = {
+        ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
+        ("a@example.org", "mail.example.com"): outcome("pass"),
+        ("", "mail.example.com"): outcome("pass"),
+    }
+    checks = FakeChecks(table)
+    await decide(request(**attributes), settings_from(tmp_path, lines), checks, InstanceMemory())
+    assert checks.prefetched == prefetched
+    assert [call[1:4] for call in checks.calls if call[0] == "spf"] == checked
+
+
+async def test_later_recipient_of_a_message_prefetches_nothing(tmp_path: Path) -> None:
+    table = {
+        ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
+        ("a@example.org", "mail.example.com"): outcome("pass"),
+    }
+    checks = FakeChecks(table)
+    await two_recipients(settings_from(tmp_path, []), checks, request())
+    assert checks.prefetched == [MAILFROM_CHECK]  # the first recipient's only
 
 
 # ------------------------------------------------------------ Per_User Void_Limit

@@ -132,6 +132,10 @@ class DnsChecks:
         )
         return self._keep(key, full)
 
+    def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
+        if self.results.get(self._key(ip, sender, helo, self._limit(void_limit))) is None:
+            self.evaluator.prefetch(ip, sender, helo)
+
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:
         """The result cache's outcome for ``key``, counted as a hit."""
         cached = self.results.get(key)

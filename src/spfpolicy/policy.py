@@ -98,6 +98,7 @@ __all__ = [
     "fallback_decision",
     "header_receiver",
     "mailfrom_needed",
+    "planned_checks",
     "ptr_matches",
     "read_request",
     "render",
@@ -147,6 +148,10 @@ class Checks(Protocol):
         self, ip: str, sender: str, helo: str, outcome: SpfOutcome, *, void_limit: int
     ) -> float:
         """Seconds ``outcome`` stays the cached answer of this check (0: it is not)."""
+        ...
+
+    def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int) -> None:
+        """Start fetching what ``spf`` will need for this check; never waits."""
         ...
 
 
@@ -526,6 +531,19 @@ def _helo_stage(ctx: Context, outcome: SpfOutcome) -> _HeloStage:
     return _HeloStage(act, facts, header, entry, final)
 
 
+def planned_checks(ctx: Context) -> tuple[tuple[str, str, str], ...]:
+    """The SPF checks (ip, sender, helo) ``_evaluate`` may make once no
+    bypass applies: HELO unless HELO_reject = No_Check, MAIL FROM when there
+    is a sender and Mail_From_reject is not No_Check (the HELO result may
+    still make it unneeded). Only these are prefetched."""
+    planned = []
+    if ctx.settings.helo_reject is not HeloReject.NO_CHECK:
+        planned.append((ctx.ip, "", ctx.helo))
+    if mailfrom_needed(ctx, None):
+        planned.append((ctx.ip, ctx.view.sender, ctx.helo))
+    return tuple(planned)
+
+
 def mailfrom_needed(ctx: Context, helo: SpfOutcome | None) -> bool:
     """Whether ``spf_verdict`` will look at a MAIL FROM outcome."""
     if not ctx.view.sender or ctx.settings.mail_from_reject is MailFromReject.NO_CHECK:
@@ -687,11 +705,23 @@ class Known:
     answers are all cached is decided without a coroutine or a task.
     """
 
-    __slots__ = ("_context", "_view", "answers", "checks")
+    __slots__ = (
+        "_context",
+        "_prefetched",
+        "_view",
+        "_void_limit",
+        "answers",
+        "checks",
+        "expected",
+    )
 
     def __init__(self, checks: Checks) -> None:
         self.checks = checks
         self.answers: dict[tuple[object, ...], object] = {}
+        # SPF checks the settings will make, not yet prefetched (see expect).
+        self.expected: tuple[tuple[str, str, str], ...] = ()
+        self._prefetched = False
+        self._void_limit = 0  # of the expected checks
         self._view: RequestView | None = None
         # (settings, remembered, context) of the last attempt: a restart with
         # the same settings and memory needs no new context.
@@ -734,6 +764,24 @@ class Known:
                 ),
             )
         return outcome  # type: ignore[return-value]
+
+    def expect(self, planned: tuple[tuple[str, str, str], ...], *, void_limit: int) -> None:
+        """The SPF checks (ip, sender, helo) this request will make, with
+        ``void_limit``; they are prefetched together when the first answer
+        has to be waited for."""
+        if not self._prefetched:
+            self.expected = planned
+            self._void_limit = void_limit
+
+    def prefetch_expected(self) -> None:
+        """Start fetching for the expected checks not answered yet (once)."""
+        if not self.expected:
+            return
+        planned, self.expected, self._prefetched = self.expected, (), True
+        void_limit = self._void_limit
+        for ip, sender, helo in planned:
+            if ("spf", ip, sender, helo, void_limit) not in self.answers:
+                self.checks.prefetch(ip, sender, helo, void_limit=void_limit)
 
     def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
         key = ("ptr", ip)
@@ -882,6 +930,7 @@ async def decide(
         try:
             return _decide(request, settings, known, memory, memo)
         except _Missing as missing:
+            known.prefetch_expected()
             known.answers[missing.key] = await missing.fetch()
 
 
@@ -985,6 +1034,7 @@ def _evaluate(ctx: Context, checks: Known) -> Verdict:
             return bypass_verdict(ctx, Bypass.DOMAIN_WHITELIST_PTR)
     if not ctx.view.sender and not ctx.view.helo:
         return Verdict(Act.NOTHING, note="no sender and no HELO name")
+    checks.expect(planned_checks(ctx), void_limit=void_limit)
     lookup_time = float(s.lookup_time)
     helo: SpfOutcome | None = None
     if s.helo_reject is not HeloReject.NO_CHECK:
