@@ -10,7 +10,7 @@ servers:
   real subprocess, one per distinct configuration, one socket connection per
   connection of the case;
 
-both resolving tests/data/spf_zone.yaml from one ``python -m spfpolicy.dnsserver``.
+both resolving tests/data/spf_zone.yaml from one ``python -m spfpolicy.bench.dnsserver``.
 The actions must be identical, byte for byte (header text included).  Each
 request also names the start of the oracle's action it exists for, so a case
 cannot silently stop testing its option (e.g. after a zone edit).

@@ -31,8 +31,8 @@ import pytest
 import spf
 
 from oracle import LAUNCHER, SYSTEM_PYTHON, oracle_missing
+from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.dns import Resolver
-from spfpolicy.dnsserver import ZoneServer
 from spfpolicy.evaluator import SpfEvaluator
 
 CLIENT = "192.0.2.1"

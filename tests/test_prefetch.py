@@ -17,10 +17,10 @@ import pytest
 import spf
 
 from hardening import request
+from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.checks import DnsChecks
 from spfpolicy.config import HeloReject, Settings
 from spfpolicy.dns import Resolver
-from spfpolicy.dnsserver import ZoneServer
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.policy import InstanceMemory, decide
 from spfpolicy.prefetch import (

@@ -30,8 +30,8 @@ import pytest
 
 import spfpolicy.server
 from hardening import BAD_IP, GOOD_IP, HELO, header, request
+from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, PerUserTable, Settings
-from spfpolicy.dnsserver import ZoneServer
 from spfpolicy.protocol import PolicyRequest, ResponseParser, encode_request
 from spfpolicy.server import ListenError, PolicyServer
 

@@ -78,7 +78,7 @@ async def serve(listen: str, ready: asyncio.Event | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m spfpolicy.bare",
+        prog="python -m spfpolicy.bench.bare",
         description="Reference policy server: parses requests, answers DUNNO, nothing else.",
     )
     parser.add_argument("--listen", required=True, help="unix:PATH or inet:HOST:PORT")
