@@ -479,15 +479,15 @@ async def test_result_cache_shares_equal_outcomes(zone_server, resolvers) -> Non
 
 
 def test_result_cache_keys_of_different_checks_differ() -> None:
-    checks = DnsChecks.__new__(DnsChecks)
-    checks.void_limit = 2
-    key = checks._key
-    assert key("192.0.2.1", "u@example.com", "H.example") == key(
-        "192.0.2.1", "u@example.com", "h.example"
+    key = DnsChecks._key
+    assert key("192.0.2.1", "u@example.com", "H.example", 2) == key(
+        "192.0.2.1", "u@example.com", "h.example", 2
     )
+    # A Per_User Void_Limit makes another check.
+    assert key("192.0.2.1", "u@example.com", "h", 2) != key("192.0.2.1", "u@example.com", "h", 5)
     # NUL, the string key's separator, cannot make two checks share a key.
-    assert key("a\0b", "c", "d") != key("a", "b\0c", "d")
-    assert key("a", "b", "c") != key("a", "b", "c\x002")
+    assert key("a\0b", "c", "d", 2) != key("a", "b\0c", "d", 2)
+    assert key("a", "b", "c", 2) != key("a", "b", "c\x002", 2)
 
 
 # -- how c-ares is driven ----------------------------------------------------
