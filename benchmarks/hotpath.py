@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 from spfpolicy import logs
-from spfpolicy.bench import BENCH_CONF
-from spfpolicy.benchzone import Workload, WorkloadKind
+from spfpolicy.bench.loadgen import BENCH_CONF
+from spfpolicy.bench.workloads import Workload, WorkloadKind
 from spfpolicy.config import load_settings
 from spfpolicy.protocol import RequestParser, encode_response
 from spfpolicy.server import PolicyServer
@@ -99,7 +99,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dns = subprocess.Popen(
-            [sys.executable, "-m", "spfpolicy.benchzone", "--seed", "1", "--delay", "0"],
+            [sys.executable, "-m", "spfpolicy.bench.zone", "--seed", "1", "--delay", "0"],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -12,7 +12,7 @@ seed=${SEED:-1}
 dir=$(mktemp -d)
 trap 'kill $server $dns 2>/dev/null; rm -rf "$dir"' EXIT INT TERM
 
-python -m spfpolicy.benchzone --seed "$seed" --delay "${DNS_DELAY:-0.02}" > "$dir/dns" &
+python -m spfpolicy.bench.zone --seed "$seed" --delay "${DNS_DELAY:-0.02}" > "$dir/dns" &
 dns=$!
 while [ ! -s "$dir/dns" ]; do sleep 0.1; done
 nameserver=$(head -1 "$dir/dns")

@@ -2,7 +2,7 @@
 # The scenarios of docs/performance.md, with the commands of its table.
 #   benchmarks/run_all.sh [OUTDIR]
 # Needs Debian's policyd-spf for the baseline (apt-get install postfix-policyd-spf-python)
-# and matplotlib for the plots (pip install 'spfpolicy[plot]').
+# and matplotlib for the plots (pip install 'spfpolicy[bench]').
 set -eu
 out=${1:-bench-results}
 mkdir -p "$out"

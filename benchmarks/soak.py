@@ -7,7 +7,7 @@ for a fixed time, sampling the server's RSS throughout.
     python benchmarks/soak.py --duration 60 --json soak.json
 
 Processes, all on loopback: the bench's zone server (``python -m
-spfpolicy.benchzone``), the policy server, and the bench itself, which checks
+spfpolicy.bench.zone``), the policy server, and the bench itself, which checks
 every answer against the result the zone implies. Reports requests, errors
 (errors + timeouts + answers contradicting the zone; must be 0), the server's
 RSS at start, middle and end, and its exit status on SIGTERM. Exit status 0
@@ -123,7 +123,7 @@ def soak(args: argparse.Namespace) -> dict[str, Any]:
         conf.write_text(CONF.replace("debugLevel = 0", f"debugLevel = {args.debug_level}"))
         sock = work / "soak.sock"
         bench_json = work / "bench.json"
-        zone_argv = [python, "-m", "spfpolicy.benchzone", "--seed", str(args.seed)]
+        zone_argv = [python, "-m", "spfpolicy.bench.zone", "--seed", str(args.seed)]
         zone_argv += ["--delay", str(args.dns_delay)]
         zone = subprocess.Popen(
             zone_argv,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from spfpolicy.dnsserver import Zone, ZoneServer
+from spfpolicy.bench.dnsserver import Zone, ZoneServer
 
 MakeZoneServer = Callable[..., Awaitable[ZoneServer]]
 

@@ -19,8 +19,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
-from spfpolicy.dnsserver import ZoneServer
 from spfpolicy.protocol import MAX_RESPONSE_LINE, ResponseParser, encode_request
 from spfpolicy.server import PolicyServer
 

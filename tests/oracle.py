@@ -4,9 +4,9 @@ oracle, and the processes it is compared with.
 - ``PolicydSpf`` runs /usr/bin/policyd-spf's code (spf_engine.policyd_spf.main)
   the way Postfix's spawn(8) does: one fresh process per policy connection,
   requests written to its stdin, ``action=...`` replies read from its stdout.
-  src/spfpolicy/pyspf_launcher.py points its DNS (py3dns) at our loopback
+  src/spfpolicy/bench/pyspf_launcher.py points its DNS (py3dns) at our loopback
   server and sends its syslog lines to a file; see that file for why.
-- ``DnsServerProcess`` serves a YAML zone with ``python -m spfpolicy.dnsserver``.
+- ``DnsServerProcess`` serves a YAML zone with ``python -m spfpolicy.bench.dnsserver``.
 - ``SpfpolicyServer`` runs ``spfpolicy serve`` as a real subprocess.
 - ``PolicyClient`` talks the policy protocol over a unix or TCP socket.
 
@@ -39,7 +39,7 @@ from spfpolicy.protocol import encode_request
 DATA = Path(__file__).parent / "data"
 ZONE_FILE = DATA / "spf_zone.yaml"
 # The package's own launcher, the one `spfpolicy bench --baseline-cmd` uses.
-LAUNCHER = Path(spfpolicy.__file__).parent / "pyspf_launcher.py"
+LAUNCHER = Path(spfpolicy.__file__).parent / "bench" / "pyspf_launcher.py"
 POLICYD_SPF = "/usr/bin/policyd-spf"
 # policyd-spf is a system package: it runs with the system interpreter and its
 # dist-packages (spf, DNS, authres, spf_engine), never with the project's venv.
@@ -334,7 +334,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 class DnsServerProcess:
-    """``python -m spfpolicy.dnsserver`` serving a YAML zone on a loopback port."""
+    """``python -m spfpolicy.bench.dnsserver`` serving a YAML zone on a loopback port."""
 
     def __init__(self, zone_file: Path = ZONE_FILE) -> None:
         self.zone_file = zone_file
@@ -343,7 +343,7 @@ class DnsServerProcess:
 
     def __enter__(self) -> Self:
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "spfpolicy.dnsserver", "--zone", str(self.zone_file)],
+            [sys.executable, "-m", "spfpolicy.bench.dnsserver", "--zone", str(self.zone_file)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from spfpolicy import cli
-from spfpolicy.bench import (
+from spfpolicy.bench.loadgen import (
     BenchConfig,
     BenchError,
     TargetResult,
@@ -27,16 +27,8 @@ from spfpolicy.bench import (
     run_sync,
     write_plot,
 )
-from spfpolicy.benchzone import (
-    Message,
-    Workload,
-    WorkloadKind,
-    helo_address,
-    helo_has_spf,
-    helo_name,
-    parse_domain,
-    parse_mix,
-)
+from spfpolicy.bench.workloads import Message, Workload, WorkloadKind, parse_mix
+from spfpolicy.bench.zone import helo_address, helo_has_spf, helo_name, parse_domain
 from spfpolicy.protocol import RequestParser
 
 SMALL = {"requests": 300, "concurrency": 10, "dns_delay": 0.001, "progress": False}
@@ -372,7 +364,7 @@ def test_cli_refuses_a_warmup_that_would_repeat_the_stream(
 def test_connect_to_a_running_server(tmp_path: Path) -> None:
     socket_path = tmp_path / "bare.sock"
     server = subprocess.Popen(
-        [sys.executable, "-m", "spfpolicy.bare", "--listen", f"unix:{socket_path}"]
+        [sys.executable, "-m", "spfpolicy.bench.bare", "--listen", f"unix:{socket_path}"]
     )
     try:
         deadline = time.monotonic() + 20

@@ -309,3 +309,31 @@ def test_version_as_a_module() -> None:
         check=False,
     )
     assert (done.returncode, done.stdout, done.stderr) == (0, f"spfpolicy {__version__}\n", "")
+
+
+def test_serve_never_imports_the_bench() -> None:
+    """`spfpolicy serve` and `check` need neither the bench package nor its
+    extras (PyYAML, matplotlib): `pip install .` alone serves Postfix."""
+    probe = (
+        "import sys\n"
+        "from spfpolicy.cli import main\n"
+        "import spfpolicy.lifecycle, spfpolicy.server\n"
+        "for command in ('serve', 'check'):\n"
+        "    try:\n"
+        "        main([command, '--help'])\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "loaded = [m for m in sys.modules if m.split('.')[:2] == ['spfpolicy', 'bench']\n"
+        "          or m in ('yaml', 'matplotlib')]\n"
+        "print(loaded)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_bench_command_still_parses_its_arguments() -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0

@@ -1,7 +1,8 @@
 """Drop-in compatibility: spfpolicy answers exactly as Debian's policyd-spf 3.0.4.
 
-Each case gives one policyd-spf.conf and one or more policy connections of full
-Postfix RCPT requests to both servers:
+Each case gives one policyd-spf.conf (and, for a Per_User case, its user
+file) and one or more policy connections of full Postfix RCPT requests to both
+servers:
 
 - policyd-spf (the oracle, tests/oracle.py): one fresh process per connection,
   as spawn(8) runs it, its py3dns pointed at the loopback DNS server;
@@ -9,7 +10,7 @@ Postfix RCPT requests to both servers:
   real subprocess, one per distinct configuration, one socket connection per
   connection of the case;
 
-both resolving tests/data/spf_zone.yaml from one ``python -m spfpolicy.dnsserver``.
+both resolving tests/data/spf_zone.yaml from one ``python -m spfpolicy.bench.dnsserver``.
 The actions must be identical, byte for byte (header text included).  Each
 request also names the start of the oracle's action it exists for, so a case
 cannot silently stop testing its option (e.g. after a zone edit).
@@ -107,16 +108,21 @@ class Case:
     id: str
     conf: Mapping[str, str]
     connections: tuple[tuple[Ask, ...], ...]
+    users: str = ""  # the Per_User file's text; "" = no Per_User
 
-    @property
-    def conf_text(self) -> str:
+    def users_file(self, root: Path) -> Path:
+        return root / f"{self.id}.users"
+
+    def conf_text(self, root: Path) -> str:
         settings = {**BASE_CONF, **self.conf}
+        if self.users:
+            settings["Per_User"] = f"text,{self.users_file(root)}"
         return "".join(f"{name} = {value}\n" for name, value in settings.items())
 
 
-def case(case_id: str, *asks: Ask, conf: Mapping[str, str] | None = None) -> Case:
+def case(case_id: str, *asks: Ask, conf: Mapping[str, str] | None = None, users: str = "") -> Case:
     """A case with one connection carrying ``asks``."""
-    return Case(case_id, conf or {}, (asks,))
+    return Case(case_id, conf or {}, (asks,), users)
 
 
 def ask(client: str, helo: str, sender: str, expect: str, **kwargs: object) -> Ask:
@@ -620,6 +626,78 @@ SAME_CASES = [
         ask(AUTH, "helo-none.example.org", "carol@void.example.org", PASS_MFROM),
         conf={"Void_Limit": "5"},
     ),
+    # --- Per_User (policyd-spf writes the recipient's line over its copy of the -------
+    # global settings, so every key it reads afterwards is the recipient's)
+    case(
+        "per-user-void-limit",
+        # The recipient's Void_Limit (policyd-spf's _spfcheck sets pyspf's from it) ...
+        ask(
+            AUTH,
+            "helo-none.example.org",
+            "carol@void.example.org",
+            PASS_MFROM + "client-ip=192.0.2.10; helo=helo-none.example.org; "
+            "envelope-from=carol@void.example.org; receiver=pu@rcpt.example ",
+            recipient="pu@rcpt.example",
+        ),
+        # ... and the global one for a recipient without a line, in the same
+        # message (nothing is remembered for a Per_User recipient) and another.
+        ask(
+            AUTH,
+            "helo-none.example.org",
+            "carol@void.example.org",
+            "prepend Received-SPF: Permerror (mailfrom) identity=mailfrom; "
+            "client-ip=192.0.2.10; helo=helo-none.example.org; "
+            "envelope-from=carol@void.example.org; receiver=other@rcpt.example ",
+            recipient="other@rcpt.example",
+        ),
+        ask(
+            AUTH,
+            "helo-none.example.org",
+            "carol@void.example.org",
+            "prepend Received-SPF: Permerror (mailfrom)",
+            recipient="other@rcpt.example",
+            message="m2",
+        ),
+        ask(
+            AUTH,
+            "helo-none.example.org",
+            "carol@void.example.org",
+            PASS_MFROM,
+            recipient="pu@rcpt.example",
+            message="m3",
+        ),
+        users="pu@rcpt.example,Void_Limit=5\n",
+    ),
+    case(
+        "per-user-enhanced-status-codes",
+        ask(
+            UNAUTH,
+            "helo-none.example.org",
+            "carol@pass.example.org",
+            f"550 {FAIL_REASON}",
+            recipient="pu@rcpt.example",
+        ),
+        ask(
+            UNAUTH,
+            "helo-none.example.org",
+            "carol@pass.example.org",
+            f"550 5.7.23 {FAIL_REASON}",
+            recipient="other@rcpt.example",
+            message="m2",
+        ),
+        users="pu@rcpt.example,SPF_Enhanced_Status_Codes=No\n",
+    ),
+    # --- equal-preference MX names: tried in string order (py3dns hands pyspf text) ---
+    case(
+        "mx-equal-preference-string-order",
+        ask(
+            AUTH,
+            "helo-none.example.org",
+            "carol@mxorder.example.org",
+            "defer_if_permit 4.7.24 Message deferred due to: SPF Temporary Error: DNS Timeout.",
+        ),
+        conf={"TempError_Defer": "True"},
+    ),
     # --- QueueID (logging only: the action is the same) ------------------------------
     case(
         "queueid-false",
@@ -800,7 +878,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Out
     # Cases with the same configuration share one spfpolicy server.
     by_conf: dict[str, list[Case]] = {}
     for c in cases:
-        by_conf.setdefault(c.conf_text, []).append(c)
+        if c.users:
+            c.users_file(root).write_text(c.users)
+        by_conf.setdefault(c.conf_text(root), []).append(c)
     with DnsServerProcess() as dns, ThreadPoolExecutor(max_workers=8) as pool:
         oracle_jobs = {}
         server_jobs = []

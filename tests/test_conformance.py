@@ -19,8 +19,8 @@ import pytest
 import spf
 import yaml
 
+from spfpolicy.bench.dnsserver import Zone, ZoneServer
 from spfpolicy.dns import Resolver
-from spfpolicy.dnsserver import Zone, ZoneServer
 from spfpolicy.evaluator import SpfEvaluator
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc7208-tests.yml"

@@ -328,8 +328,9 @@ async def test_single_flight_for_concurrent_evaluations(zone_server, resolvers) 
     assert {o.result for o in outcomes} == {SpfResult.PASS}
     assert server.counts[("cold.example.com", "TXT")] == 1
     assert resolver.stats.upstream_queries == 1
-    # 99 evaluations plus the one prefetch walk joined the first one's query.
-    assert resolver.stats.shared_waits == 100
+    # 99 evaluations joined the first one's query (the prefetch walk too,
+    # which the counters do not count as a read).
+    assert resolver.stats.shared_waits == 99
     assert evaluator.prefetcher is not None and evaluator.prefetcher.walks == 1
     assert resolver.in_flight == 0
 
@@ -480,15 +481,15 @@ async def test_result_cache_shares_equal_outcomes(zone_server, resolvers) -> Non
 
 
 def test_result_cache_keys_of_different_checks_differ() -> None:
-    checks = DnsChecks.__new__(DnsChecks)
-    checks.void_limit = 2
-    key = checks._key
-    assert key("192.0.2.1", "u@example.com", "H.example") == key(
-        "192.0.2.1", "u@example.com", "h.example"
+    key = DnsChecks._key
+    assert key("192.0.2.1", "u@example.com", "H.example", 2) == key(
+        "192.0.2.1", "u@example.com", "h.example", 2
     )
+    # A Per_User Void_Limit makes another check.
+    assert key("192.0.2.1", "u@example.com", "h", 2) != key("192.0.2.1", "u@example.com", "h", 5)
     # NUL, the string key's separator, cannot make two checks share a key.
-    assert key("a\0b", "c", "d") != key("a", "b\0c", "d")
-    assert key("a", "b", "c") != key("a", "b", "c\x002")
+    assert key("a\0b", "c", "d", 2) != key("a", "b\0c", "d", 2)
+    assert key("a", "b", "c", 2) != key("a", "b", "c\x002", 2)
 
 
 # -- how c-ares is driven ----------------------------------------------------

@@ -13,9 +13,9 @@ import dns.resolver
 import pytest
 import spf
 
+from spfpolicy.bench.dnsserver import Zone
 from spfpolicy.checks import DnsChecks
 from spfpolicy.dns import Resolver
-from spfpolicy.dnsserver import Zone
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.results import SpfOutcome, SpfResult
 
@@ -210,9 +210,7 @@ async def test_result_expires_with_the_first_answer_it_used(zone_server, resolve
     assert full is not None and full.ttl == pytest.approx(0.35)
     kept = checks.cached_spf("192.0.2.6", sender, "h")
     assert kept is not None and kept.result is SpfResult.PASS
-    assert checks.results.remaining_ttl(checks._key("192.0.2.6", sender, "h")) == pytest.approx(
-        0.35
-    )
+    assert checks.cached_lifetime("192.0.2.6", sender, "h", kept) == pytest.approx(0.35)
 
     clock.now += 0.35  # t=2: the record changes as it expires
     server.zone = Zone.from_dict(CHANGED)
@@ -254,9 +252,11 @@ async def test_outcome_with_no_time_left_is_not_kept(zone_server, resolvers) -> 
     while not server.counts[("inc.example.net", "TXT")]:
         await asyncio.sleep(0.01)
     clock.now += 0.2
-    assert (await task).result is SpfResult.PASS
+    given = await task
+    assert given.result is SpfResult.PASS
     assert outcomes[0].ttl == 0
-    assert checks.results.get(checks._key("192.0.2.5", "u@example.com", "h")) is None
+    assert checks.cached_lifetime("192.0.2.5", "u@example.com", "h", given) == 0
+    assert len(checks.results) == 0
 
 
 @pytest.mark.parametrize(

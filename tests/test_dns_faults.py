@@ -31,8 +31,8 @@ from hardening import (
     request,
     wait_for,
 )
+from spfpolicy.bench.dnsserver import Fault, Zone, ZoneServer
 from spfpolicy.config import Nameserver
-from spfpolicy.dnsserver import Fault, Zone, ZoneServer
 
 LOOKUP_TIME = 1  # seconds, the smallest Lookup_Time the configuration accepts
 MARGIN = 1.5  # scheduling slack on a loaded 2-core CI machine

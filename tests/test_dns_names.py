@@ -14,8 +14,8 @@ from __future__ import annotations
 import dns.name
 import pytest
 
+from spfpolicy.bench.dnsserver import Zone
 from spfpolicy.dns import Resolver
-from spfpolicy.dnsserver import Zone
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.results import SpfResult
 

@@ -29,7 +29,7 @@ import dns.rrset
 import pytest
 import yaml
 
-from spfpolicy.dnsserver import Fault, Zone, ZoneServer, _parse_query
+from spfpolicy.bench.dnsserver import Fault, Zone, ZoneServer, _parse_query
 
 RFC7208_TESTS = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc7208-tests.yml"
 
@@ -411,7 +411,7 @@ async def test_cli(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "spfpolicy.dnsserver",
+        "spfpolicy.bench.dnsserver",
         "--zone",
         str(zone_file),
         "--ttl",

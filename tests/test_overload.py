@@ -35,7 +35,7 @@ from hardening import (
     wait_for,
 )
 from oracle import SpfpolicyServer, write_conf
-from spfpolicy.dnsserver import Zone, ZoneServer
+from spfpolicy.bench.dnsserver import Zone, ZoneServer
 from spfpolicy.protocol import encode_request
 
 ZONE: dict[str, Any] = {

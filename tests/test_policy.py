@@ -74,9 +74,14 @@ class FakeChecks:
         self.ptr = ptr or []
         self.address_table = addresses or {}
         self.calls: list[tuple[str, ...]] = []
+        self.void_limits: list[int] = []  # of each spf() call
+        self.prefetched: list[tuple[str, str, str]] = []
 
-    async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
+    async def spf(
+        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
+    ) -> SpfOutcome:
         self.calls.append(("spf", ip, sender, helo, str(lookup_time)))
+        self.void_limits.append(void_limit)
         if sender and sender == helo and "@" not in sender:  # Domain_Whitelist
             return self.domains.get(sender, SpfOutcome(SpfResult.NONE, 250, ""))
         return self.table[(sender or "postmaster@" + helo, helo)]
@@ -89,8 +94,11 @@ class FakeChecks:
         self.calls.append(("addresses", name, str(ipv6)))
         return self.address_table.get((name, ipv6), [])
 
-    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
         return None  # every check is asked for, and recorded in calls
+
+    def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int) -> None:
+        self.prefetched.append((ip, sender, helo))
 
 
 def settings_from(tmp_path: Path, lines: list[str]) -> Settings:
@@ -1602,13 +1610,16 @@ class CachingChecks(FakeChecks):
 
     lifetime = 300.0
 
-    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
         if sender and sender == helo and "@" not in sender:
             return self.domains.get(sender)
         return self.table.get((sender or "postmaster@" + helo, helo))
 
-    def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
-        return self.lifetime if self.cached_spf(ip, sender, helo) is outcome else 0.0
+    def cached_lifetime(
+        self, ip: str, sender: str, helo: str, outcome: SpfOutcome, *, void_limit: int
+    ) -> float:
+        cached = self.cached_spf(ip, sender, helo, void_limit=void_limit)
+        return self.lifetime if cached is outcome else 0.0
 
 
 MEMO_SPF = {
@@ -1743,7 +1754,7 @@ class CountingChecks(FakeChecks):
         super().__init__(spf)
         self.cached_calls: list[str] = []
 
-    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
         self.cached_calls.append(sender)
         return None
 
@@ -1763,3 +1774,129 @@ async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> N
     # the restart in decide() goes straight to the fetch.
     assert checks.cached_calls == ["", "a@example.org"]
     assert len(memory) == 1
+
+
+# -- prefetch: only the identities the settings check ----------------------------
+
+HELO_CHECK = ("192.0.2.1", "", "mail.example.com")
+MAILFROM_CHECK = ("192.0.2.1", "a@example.org", "mail.example.com")
+
+
+@pytest.mark.parametrize(
+    ("lines", "attributes", "prefetched", "checked"),
+    [
+        # The HELO check is fetched first; the MAIL FROM check's lookups are
+        # started with it, not after it.
+        pytest.param([], {}, [MAILFROM_CHECK], [HELO_CHECK, MAILFROM_CHECK], id="both-checked"),
+        pytest.param(["HELO_reject = No_Check"], {}, [], [MAILFROM_CHECK], id="helo-no-check"),
+        pytest.param(["Mail_From_reject = No_Check"], {}, [], [HELO_CHECK], id="mailfrom-no-check"),
+        pytest.param([], {"sender": ""}, [], [HELO_CHECK], id="null-sender"),
+        pytest.param(["Whitelist = 192.0.2.1"], {}, [], [], id="whitelisted-client"),
+        pytest.param([], {"client_address": "127.0.0.1"}, [], [], id="skipped-address"),
+        pytest.param(
+            ["HELO_reject = No_Check", "Mail_From_reject = No_Check"],
+            {},
+            [],
+            [],
+            id="nothing-checked",
+        ),
+    ],
+)
+async def test_prefetch_asks_only_for_checks_the_settings_make(
+    tmp_path: Path,
+    lines: list[str],
+    attributes: dict[str, str],
+    prefetched: list[tuple[str, str, str]],
+    checked: list[tuple[str, ...]],
+) -> None:
+    table = {
+        ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
+        ("a@example.org", "mail.example.com"): outcome("pass"),
+        ("", "mail.example.com"): outcome("pass"),
+    }
+    checks = FakeChecks(table)
+    await decide(request(**attributes), settings_from(tmp_path, lines), checks, InstanceMemory())
+    assert checks.prefetched == prefetched
+    assert [call[1:4] for call in checks.calls if call[0] == "spf"] == checked
+
+
+async def test_later_recipient_of_a_message_prefetches_nothing(tmp_path: Path) -> None:
+    table = {
+        ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
+        ("a@example.org", "mail.example.com"): outcome("pass"),
+    }
+    checks = FakeChecks(table)
+    await two_recipients(settings_from(tmp_path, []), checks, request())
+    assert checks.prefetched == [MAILFROM_CHECK]  # the first recipient's only
+
+
+# ------------------------------------------------------------ Per_User Void_Limit
+
+
+class VoidLimitChecks(FakeChecks):
+    """void.example.org's record makes three void lookups before its ip4 term
+    matches (RFC 7208 4.6.4): permerror below a void limit of 3, pass from 3
+    on. With ``cached``, every outcome is "cached" (see CachingChecks), each
+    limit's its own object, as in the result cache."""
+
+    VOID = {False: outcome("permerror"), True: outcome("pass")}
+
+    def __init__(self, *, cached: bool) -> None:
+        super().__init__(MEMO_SPF, domains={"wl.example": outcome("fail")})
+        self.cached = cached
+
+    def _outcome(self, sender: str, helo: str, void_limit: int) -> SpfOutcome:
+        if sender.endswith("@void.example.org"):
+            return self.VOID[void_limit >= 3]
+        if sender == helo:  # Domain_Whitelist
+            return self.domains[sender]
+        return self.table[(sender or "postmaster@" + helo, helo)]
+
+    async def spf(
+        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
+    ) -> SpfOutcome:
+        self.calls.append(("spf", ip, sender, helo, str(lookup_time)))
+        self.void_limits.append(void_limit)
+        return self._outcome(sender, helo, void_limit)
+
+    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
+        return self._outcome(sender, helo, void_limit) if self.cached else None
+
+    def cached_lifetime(
+        self, ip: str, sender: str, helo: str, outcome: SpfOutcome, *, void_limit: int
+    ) -> float:
+        return 300.0 if self.cached_spf(ip, sender, helo, void_limit=void_limit) is outcome else 0.0
+
+
+async def test_per_user_void_limit_is_the_one_checked(tmp_path: Path) -> None:
+    # policyd-spf 3.0.4 sets pyspf's void limit from the Per_User line
+    # (_spfcheck); the recipient without one gets the global Void_Limit.
+    users = tmp_path / "users"
+    users.write_text("pu@rcpt.example,Void_Limit=5\n")
+    settings = settings_from(
+        tmp_path, [f"Per_User = text,{users}", "Domain_Whitelist = wl.example"]
+    )
+    checks = VoidLimitChecks(cached=False)
+    memory = InstanceMemory()
+
+    def ask(recipient: str, instance: str) -> PolicyRequest:
+        return request(sender="carol@void.example.org", recipient=recipient, instance=instance)
+
+    per_user = await decide(ask("pu@rcpt.example", "i1"), settings, checks, memory)
+    other = await decide(ask("other@rcpt.example", "i2"), settings, checks, memory)
+    assert per_user.action.startswith("prepend Received-SPF: Pass (mailfrom)")
+    assert per_user.action.endswith("receiver=pu@rcpt.example ")
+    assert other.action.startswith("prepend Received-SPF: Permerror (mailfrom)")
+    # Domain_Whitelist, HELO and MAIL FROM checks, each with the limit in effect.
+    assert checks.void_limits == [5, 5, 5, 2, 2, 2]
+
+    # The fast path and the verdict memo keep the two apart as well, in
+    # either order and on repeated sightings (a memo entry is kept the second
+    # time its key is seen).
+    checks = VoidLimitChecks(cached=True)
+    memo = VerdictMemo(settings, 100)
+    for n, recipient in enumerate(["other@rcpt.example", "pu@rcpt.example"] * 3):
+        fast = decide_now(ask(recipient, f"j{n}"), settings, Known(checks), memory, memo)
+        assert fast is not None
+        assert fast.action == (per_user if recipient.startswith("pu@") else other).action
+    assert memo.hits == 2

@@ -30,8 +30,8 @@ import pytest
 
 import spfpolicy.server
 from hardening import BAD_IP, GOOD_IP, HELO, header, request
-from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
-from spfpolicy.dnsserver import ZoneServer
+from spfpolicy.bench.dnsserver import ZoneServer
+from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, PerUserTable, Settings
 from spfpolicy.protocol import PolicyRequest, ResponseParser, encode_request
 from spfpolicy.server import ListenError, PolicyServer
 
@@ -507,6 +507,41 @@ async def test_temperror_is_not_cached(policy_server: Any) -> None:
     assert await client.ask(request("a@temp.example")) == TEMPERROR
     assert running.server.checks.result_hits == hits + 1  # the HELO None only
     assert running.dns.queries > queries
+
+
+async def test_per_user_void_limit(policy_server: Any, tmp_path: Path) -> None:
+    # Three void lookups before the ip4 term: permerror with the global
+    # Void_Limit (2), pass with the recipient's own (5), as in policyd-spf.
+    zone = {
+        **ZONE,
+        "void.example": [
+            {
+                "TXT": "v=spf1 a:nx1.void.example a:nx2.void.example a:nx3.void.example "
+                "ip4:192.0.2.0/24 -all"
+            }
+        ],
+    }
+    per_user = PerUserTable(str(tmp_path / "users"), (("pu@rcpt.example", (("void_limit", 5),)),))
+    running = await policy_server(zone=zone, per_user=per_user)
+    client = await running.connect()
+
+    def expected(result: str, recipient: str) -> str:
+        return (
+            f"prepend Received-SPF: {result} (mailfrom) identity=mailfrom; "
+            f"client-ip={GOOD_IP}; helo={HELO}; envelope-from=a@void.example; "
+            f"receiver={recipient} "
+        )
+
+    for recipient, result in [
+        ("other@rcpt.example", "Permerror"),
+        ("pu@rcpt.example", "Pass"),  # every DNS answer cached: the check tells them apart
+        ("other@rcpt.example", "Permerror"),
+        ("pu@rcpt.example", "Pass"),
+    ]:
+        answer = await client.ask(request("a@void.example", GOOD_IP, recipient=recipient))
+        assert answer == expected(result, recipient)
+    # The repeated checks came from the result cache, one entry per void limit.
+    assert running.server.checks.result_hits >= 4
 
 
 # -- listeners ---------------------------------------------------------------------

@@ -2,7 +2,7 @@
 result cache in front of pyspf) and forward-confirmed PTR names.
 
 The result cache answers a repeated check (same client IP, sender, HELO and
-settings) without re-running pyspf. An entry never outlives the first of the
+void limit) without re-running pyspf. An entry never outlives the first of the
 DNS answers its evaluation used to expire (an answer taken from the cache has
 only what is left of its TTL), nor ``Result_Cache_TTL``; an outcome with no
 time left, and a temperror, are not cached, so a DNS hiccup is not remembered.
@@ -39,7 +39,11 @@ _SHARED: dict[SpfOutcome, SpfOutcome] = {}
 
 
 class DnsChecks:
-    """Implements ``policy.Checks`` with the shared resolver and evaluator."""
+    """Implements ``policy.Checks`` with the shared resolver and evaluator.
+
+    ``void_limit`` is the global Void_Limit, for a check that names none;
+    the policy always names the one in effect (a Per_User line may set it).
+    """
 
     def __init__(
         self,
@@ -60,19 +64,28 @@ class DnsChecks:
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
 
-    def _key(self, ip: str, sender: str, helo: str) -> _ResultKey:
+    def _limit(self, void_limit: int | None) -> int:
+        return self.void_limit if void_limit is None else void_limit
+
+    @staticmethod
+    def _key(ip: str, sender: str, helo: str, void_limit: int) -> _ResultKey:
+        # The void limit the check is evaluated with is part of its key: one
+        # recipient's Per_User Void_Limit must not answer another's check.
         # One string costs a third of a tuple of its parts. Request values
         # come cleaned (no NUL), so NUL separates them unambiguously; anything
         # else gets the tuple, which never equals a string.
-        key = f"{ip}\0{sender}\0{helo.lower()}\0{self.void_limit}"
+        key = f"{ip}\0{sender}\0{helo.lower()}\0{void_limit}"
         if key.count("\0") == 3:
             return key
-        return (ip, sender, helo.lower(), self.void_limit)
+        return (ip, sender, helo.lower(), void_limit)
 
-    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+    def cached_spf(
+        self, ip: str, sender: str, helo: str, *, void_limit: int | None = None
+    ) -> SpfOutcome | None:
         """From the result cache, or evaluated at once when the DNS answers
         the evaluation needs are all cached (a known domain, a new client)."""
-        key = self._key(ip, sender, helo)
+        void_limit = self._limit(void_limit)
+        key = self._key(ip, sender, helo, void_limit)
         cached = self._hit(key)
         if cached is not None:
             return cached
@@ -81,27 +94,48 @@ class DnsChecks:
         domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
         if self.resolver.cache.get((domain, "TXT")) is None:
             return None
-        full = self.evaluator.check_now(ip, sender, helo, void_limit=self.void_limit)
+        full = self.evaluator.check_now(ip, sender, helo, void_limit=void_limit)
         if full is None:
             return None
         self.evaluated_now += 1
         return self._keep(key, full)
 
-    def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
-        key = self._key(ip, sender, helo)
+    def cached_lifetime(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        outcome: SpfOutcome,
+        *,
+        void_limit: int | None = None,
+    ) -> float:
+        key = self._key(ip, sender, helo, self._limit(void_limit))
         if self.results.get(key) is not outcome:
             return 0.0
         return self.results.remaining_ttl(key) or 0.0
 
-    async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
-        key = self._key(ip, sender, helo)
+    async def spf(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        *,
+        lookup_time: float,
+        void_limit: int | None = None,
+    ) -> SpfOutcome:
+        void_limit = self._limit(void_limit)
+        key = self._key(ip, sender, helo, void_limit)
         cached = self._hit(key)
         if cached is not None:
             return cached
         full = await self.evaluator.check(
-            ip, sender, helo, lookup_time=lookup_time, void_limit=self.void_limit
+            ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
         return self._keep(key, full)
+
+    def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
+        if self.results.get(self._key(ip, sender, helo, self._limit(void_limit))) is None:
+            self.evaluator.prefetch(ip, sender, helo)
 
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:
         """The result cache's outcome for ``key``, counted as a hit."""

@@ -8,7 +8,6 @@ drive the command line without a subprocess.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import ipaddress
 import sys
 import time
@@ -46,7 +45,7 @@ def _seconds(value: str) -> float:
     return seconds
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(*, with_bench: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spfpolicy", description="Asynchronous SPF policy server for Postfix."
     )
@@ -89,8 +88,6 @@ def _parser() -> argparse.ArgumentParser:
         "uses stderr, for the journal)",
     )
 
-    from spfpolicy.bench import add_arguments as add_bench_arguments
-
     bench = commands.add_parser(
         "bench",
         help="load generator: loopback DNS, servers, workloads, reports",
@@ -98,7 +95,11 @@ def _parser() -> argparse.ArgumentParser:
         "running server or a spawn(8)-style program, against a generated SPF zone on "
         "loopback DNS, and report throughput, latency, correctness, DNS queries and memory.",
     )
-    add_bench_arguments(bench)
+    if with_bench:
+        # Only `spfpolicy bench` imports the bench package (and its extras).
+        from spfpolicy.bench.loadgen import add_arguments as add_bench_arguments
+
+        add_bench_arguments(bench)
     return parser
 
 
@@ -121,10 +122,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((word for word in words if not word.startswith("-")), None)
+    parser = _parser(with_bench=command == "bench")
+    args = parser.parse_args(words)
     if args.command == "bench":
-        from spfpolicy.bench import run_bench
+        from spfpolicy.bench.loadgen import run_bench
 
         return run_bench(args)
     from spfpolicy.config import ConfigError, load_settings
@@ -135,7 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"spfpolicy: {exc}", file=sys.stderr)
         return 2
     if args.command == "check":
-        return asyncio.run(_check(args, settings))
+        from spfpolicy import eventloop
+
+        with eventloop.runner() as runner:
+            return runner.run(_check(args, settings))
     from spfpolicy.config import parse_listen, parse_log_target, parse_nameservers
     from spfpolicy.lifecycle import run_server
 

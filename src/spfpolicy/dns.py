@@ -60,6 +60,10 @@ QTYPES: dict[str, int] = {
 # RFC 7208 section 3.1: the SPF RR type (99) is obsolete and not queried;
 # pyspf only asks for it in its "harsh" mode, which spfpolicy does not use.
 
+# Prefetched lookups remembered until an evaluation reads them (for the
+# prefetch budget: a guess forgotten unread stays counted as spent).
+MAX_GUESSES = 10_000
+
 # pyspf follows at most 10 CNAME links (spf.MAX_CNAME) before a permerror.
 MAX_CNAME_CHAIN = 10
 
@@ -166,6 +170,15 @@ class DnsStats:
     upstream_queries: int = 0
     upstream_failures: int = 0
     shared_waits: int = 0
+    prefetches: int = 0  # lookups started by prefetch (guesses)
+    prefetches_used: int = 0  # of those, read by an evaluation
+    prefetches_refused: int = 0  # not started: the prefetch budget was spent
+
+    @property
+    def useful_lookups(self) -> int:
+        """Lookups an evaluation read: those it started and the prefetched
+        ones it used (the prefetch budget's income)."""
+        return self.misses - self.prefetches + self.prefetches_used
 
 
 def parse_nameserver(spec: str) -> str:
@@ -221,6 +234,8 @@ class Resolver:
         self.cache = DnsCache(cache_size, clock=clock)
         self.stats = DnsStats()
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
+        # Prefetched keys no evaluation has read yet (oldest dropped first).
+        self._guesses: dict[tuple[str, str], None] = {}
         self._channel: _LoopResolver | None = None
         self._fallback: dns.asyncresolver.Resolver | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -240,6 +255,9 @@ class Resolver:
             "upstream_queries": stats.upstream_queries,
             "upstream_failures": stats.upstream_failures,
             "shared_waits": stats.shared_waits,
+            "prefetches": stats.prefetches,
+            "prefetches_used": stats.prefetches_used,
+            "prefetches_refused": stats.prefetches_refused,
             "in_flight": len(self._inflight),
             "evictions": self.cache.evictions,
             "entries": len(self.cache),
@@ -250,7 +268,23 @@ class Resolver:
         answer = self.cache.get((name, qtype))
         if answer is not None:
             self.stats.hits += 1
+            if self._guesses:
+                self._used((name, qtype))
         return answer
+
+    def peek(self, name: str, qtype: str) -> DnsAnswer | None:
+        """The cached answer, for the prefetcher: counted as no read."""
+        return self.cache.get((name, qtype))
+
+    def pending(self, name: str, qtype: str) -> asyncio.Future[DnsAnswer] | None:
+        """The lookup of name/qtype in flight, if any."""
+        return self._inflight.get((name, qtype))
+
+    def _used(self, key: tuple[str, str]) -> None:
+        guesses = self._guesses
+        if key in guesses:
+            del guesses[key]
+            self.stats.prefetches_used += 1
 
     def _clamp(self, ttl: float) -> float:
         return min(max(ttl, self.min_ttl), self.max_ttl)
@@ -259,6 +293,8 @@ class Resolver:
         """The records of ``name``/``qtype``; raises DnsTempError or
         CnameChainTooLong. ``name`` is lower case without a trailing dot."""
         key = (name, qtype)
+        if self._guesses:
+            self._used(key)
         answer = self.cache.get(key)
         if answer is not None:
             self.stats.hits += 1
@@ -271,11 +307,18 @@ class Resolver:
         # shield: one waiter giving up must not cancel the others' lookup.
         return await asyncio.shield(future)
 
-    def prefetch(self, name: str, qtype: str) -> None:
-        """Start a lookup into the cache without waiting for it."""
+    def prefetch(self, name: str, qtype: str) -> asyncio.Future[DnsAnswer] | None:
+        """Start a lookup into the cache that no evaluation asked for yet (a
+        guess): its future, or None when it is cached or in flight already."""
         key = (name, qtype)
-        if key not in self._inflight and self.cache.get(key) is None:
-            self._start(key)
+        if key in self._inflight or self.cache.get(key) is not None:
+            return None
+        self.stats.prefetches += 1
+        guesses = self._guesses
+        if len(guesses) >= MAX_GUESSES:
+            del guesses[next(iter(guesses))]
+        guesses[key] = None
+        return self._start(key)
 
     def background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run lookups nobody waits for (prefetches); ended by ``close()``."""

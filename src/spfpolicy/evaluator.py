@@ -94,9 +94,11 @@ class _AsyncQuery(spf.query):
         receiver: str | None,
         deadline: float,
         clock: Callable[[], float],
+        prefetcher: SpfPrefetcher | None = None,
     ) -> None:
         super().__init__(ip, sender, helo, receiver=receiver)
         self._resolver = resolver
+        self._prefetcher = prefetcher
         self._void_limit = void_limit
         self._deadline = deadline
         self._clock = clock
@@ -176,6 +178,9 @@ class _AsyncQuery(spf.query):
             self.void_lookups += 1
             if self.void_lookups > self._void_limit:
                 raise spf.PermError(f"Void lookup limit of {self._void_limit} exceeded")
+        elif qtype == "MX" and self._prefetcher is not None:
+            # pyspf now asks each host's addresses in turn: ask them together.
+            self._prefetcher.addresses_of(answer, self.A)
         return list(answer.records)
 
 
@@ -234,7 +239,7 @@ class SpfEvaluator:
         query = self._query(ip, sender, helo, started + budget, void_limit, started)
         if isinstance(query, SpfOutcome):
             return query
-        self._prefetch(str(query.d), query.A)
+        self._prefetch(str(query.d), ip)
         self.in_flight += 1
         try:
             verdict = await self._drive(query, started + budget)
@@ -287,6 +292,7 @@ class SpfEvaluator:
                 sender,
                 helo,
                 resolver=self.resolver,
+                prefetcher=self.prefetcher,
                 void_limit=self.void_limit if void_limit is None else void_limit,
                 receiver=self.receiver,
                 deadline=deadline,
@@ -330,22 +336,19 @@ class SpfEvaluator:
             elapsed=self._clock() - started,
         )
 
-    def hint(self, ip: str, sender: str, helo: str) -> None:
-        """Start fetching the SPF trees a request will need, before its checks
-        run: policyd-spf checks HELO first and MAIL FROM after it, so without
-        this the sender's lookups would wait for the HELO check's."""
-        qtype = "AAAA" if ":" in ip and "." not in ip else "A"
-        if helo:
-            self._prefetch(helo, qtype)
-        if sender:
-            self._prefetch(sender.rpartition("@")[2], qtype)
+    def prefetch(self, ip: str, sender: str, helo: str) -> None:
+        """Start fetching what the check of ``sender`` (HELO when empty) from
+        ``ip`` will need, before it runs: the policy asks for the checks its
+        settings will make, so that the MAIL FROM check's lookups need not
+        wait for the HELO check's."""
+        self._prefetch(sender.rpartition("@")[2] if sender else helo, ip)
 
-    def _prefetch(self, domain: str, qtype: str) -> None:
+    def _prefetch(self, domain: str, ip: str) -> None:
         if self.prefetcher is None:
             return
         domain = domain.lower().rstrip(".")
         if "." in domain and all(0 < len(label) < 64 for label in domain.split(".")):
-            self.prefetcher.start(domain, qtype)
+            self.prefetcher.start(domain, ip)
 
     async def _drive(self, query: _AsyncQuery, deadline: float) -> tuple[str, int, str]:
         """Run ``query.check()`` in a greenlet, serving its DNS requests."""

@@ -23,7 +23,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
-from spfpolicy import logs
+from spfpolicy import eventloop, logs
 from spfpolicy.config import ConfigError, ListenAddress, LogTarget, Nameserver, Settings
 from spfpolicy.metrics import status_line, summary_line
 from spfpolicy.server import PolicyServer, StartupError
@@ -38,14 +38,6 @@ stats_log = logging.getLogger(logs.STATS_LOGGER)
 STATUS_INTERVAL = 10.0
 # Allocations between young-generation collections (Python's default: 700).
 GC_THRESHOLD = 10_000
-
-
-def _event_loop_factory() -> type[asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.Loop
 
 
 def drop_privileges(user: str, group: str) -> None:
@@ -103,9 +95,7 @@ def run_server(
     settings = replace(settings, **overrides)
     reload = (lambda: replace(load(), **overrides)) if load is not None else None
     logs.configure(settings.debug_level, settings.log_target)
-    loop_factory = _event_loop_factory()
-    runner = asyncio.Runner(loop_factory=loop_factory) if loop_factory else asyncio.Runner()
-    with runner:
+    with eventloop.runner() as runner:
         try:
             return runner.run(_serve(settings, reload))
         except StartupError as exc:

@@ -192,6 +192,21 @@ class _Collector:
             "spfpolicy_dns_queries_in_flight", "Upstream DNS queries waited on", dns["in_flight"]
         )
         yield counter(
+            "spfpolicy_dns_prefetches",
+            "Lookups started by prefetch before an evaluation asked for them",
+            dns["prefetches"],
+        )
+        yield counter(
+            "spfpolicy_dns_prefetches_used",
+            "Prefetched lookups an evaluation then read",
+            dns["prefetches_used"],
+        )
+        yield counter(
+            "spfpolicy_dns_prefetches_refused",
+            "Prefetches not sent: unused guesses were at their budget",
+            dns["prefetches_refused"],
+        )
+        yield counter(
             "spfpolicy_result_cache_hits",
             "SPF checks answered by the result cache",
             snap.result_cache_hits,

@@ -61,7 +61,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.config import HeaderType, HeloReject, MailFromReject, Settings
@@ -98,6 +98,7 @@ __all__ = [
     "fallback_decision",
     "header_receiver",
     "mailfrom_needed",
+    "planned_checks",
     "ptr_matches",
     "read_request",
     "render",
@@ -119,8 +120,11 @@ class Checks(Protocol):
     that times out as "not whitelisted").
     """
 
-    async def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
-        """pyspf's check2(i=ip, s=sender, h=helo) within lookup_time seconds.
+    async def spf(
+        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
+    ) -> SpfOutcome:
+        """pyspf's check2(i=ip, s=sender, h=helo) within lookup_time seconds,
+        with at most ``void_limit`` void lookups (RFC 7208 4.6.4).
 
         ``sender`` "" checks the HELO identity (postmaster@helo); a sender
         without "@" means postmaster@sender, as in pyspf.
@@ -135,13 +139,19 @@ class Checks(Protocol):
         """The A (or, with ipv6, AAAA) addresses of ``name``, as text."""
         ...
 
-    def cached_spf(self, ip: str, sender: str, helo: str) -> SpfOutcome | None:
+    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
         """The outcome ``spf`` would return, if it can be had without waiting
         (cached, or worked out from cached DNS answers); never waits."""
         ...
 
-    def cached_lifetime(self, ip: str, sender: str, helo: str, outcome: SpfOutcome) -> float:
+    def cached_lifetime(
+        self, ip: str, sender: str, helo: str, outcome: SpfOutcome, *, void_limit: int
+    ) -> float:
         """Seconds ``outcome`` stays the cached answer of this check (0: it is not)."""
+        ...
+
+    def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int) -> None:
+        """Start fetching what ``spf`` will need for this check; never waits."""
         ...
 
 
@@ -521,6 +531,19 @@ def _helo_stage(ctx: Context, outcome: SpfOutcome) -> _HeloStage:
     return _HeloStage(act, facts, header, entry, final)
 
 
+def planned_checks(ctx: Context) -> tuple[tuple[str, str, str], ...]:
+    """The SPF checks (ip, sender, helo) ``_evaluate`` may make once no
+    bypass applies: HELO unless HELO_reject = No_Check, MAIL FROM when there
+    is a sender and Mail_From_reject is not No_Check (the HELO result may
+    still make it unneeded). Only these are prefetched."""
+    planned = []
+    if ctx.settings.helo_reject is not HeloReject.NO_CHECK:
+        planned.append((ctx.ip, "", ctx.helo))
+    if mailfrom_needed(ctx, None):
+        planned.append((ctx.ip, ctx.view.sender, ctx.helo))
+    return tuple(planned)
+
+
 def mailfrom_needed(ctx: Context, helo: SpfOutcome | None) -> bool:
     """Whether ``spf_verdict`` will look at a MAIL FROM outcome."""
     if not ctx.view.sender or ctx.settings.mail_from_reject is MailFromReject.NO_CHECK:
@@ -669,6 +692,8 @@ class _Missing(Exception):
 
 # Known.answers' mark of a check found not cached; replaced by its fetched answer.
 _NOT_CACHED = object()
+# Known.answers' key of an SPF check: "spf", ip, sender, helo, void limit.
+_SpfKey = tuple[str, str, str, str, int]
 
 
 class Known:
@@ -680,11 +705,23 @@ class Known:
     answers are all cached is decided without a coroutine or a task.
     """
 
-    __slots__ = ("_context", "_view", "answers", "checks")
+    __slots__ = (
+        "_context",
+        "_prefetched",
+        "_view",
+        "_void_limit",
+        "answers",
+        "checks",
+        "expected",
+    )
 
     def __init__(self, checks: Checks) -> None:
         self.checks = checks
         self.answers: dict[tuple[object, ...], object] = {}
+        # SPF checks the settings will make, not yet prefetched (see expect).
+        self.expected: tuple[tuple[str, str, str], ...] = ()
+        self._prefetched = False
+        self._void_limit = 0  # of the expected checks
         self._view: RequestView | None = None
         # (settings, remembered, context) of the last attempt: a restart with
         # the same settings and memory needs no new context.
@@ -705,20 +742,46 @@ class Known:
         self._context = (settings, remembered, ctx)
         return ctx
 
-    def spf(self, ip: str, sender: str, helo: str, *, lookup_time: float) -> SpfOutcome:
-        key = ("spf", ip, sender, helo)
+    def spf(
+        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
+    ) -> SpfOutcome:
+        # The void limit is part of the check: a Per_User line may change it.
+        key = ("spf", ip, sender, helo, void_limit)
         answers = self.answers
         outcome = answers.get(key)
         if outcome is None:
-            outcome = self.checks.cached_spf(ip, sender, helo)
+            outcome = self.checks.cached_spf(ip, sender, helo, void_limit=void_limit)
             if outcome is not None:
                 answers[key] = outcome
         if outcome is None or outcome is _NOT_CACHED:
             # A restart (the task going on from answer_now) goes straight to
             # the fetch: cached_spf may have run pyspf up to a missing answer.
             answers[key] = _NOT_CACHED
-            raise _Missing(key, lambda: self.checks.spf(ip, sender, helo, lookup_time=lookup_time))
+            raise _Missing(
+                key,
+                lambda: self.checks.spf(
+                    ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
+                ),
+            )
         return outcome  # type: ignore[return-value]
+
+    def expect(self, planned: tuple[tuple[str, str, str], ...], *, void_limit: int) -> None:
+        """The SPF checks (ip, sender, helo) this request will make, with
+        ``void_limit``; they are prefetched together when the first answer
+        has to be waited for."""
+        if not self._prefetched:
+            self.expected = planned
+            self._void_limit = void_limit
+
+    def prefetch_expected(self) -> None:
+        """Start fetching for the expected checks not answered yet (once)."""
+        if not self.expected:
+            return
+        planned, self.expected, self._prefetched = self.expected, (), True
+        void_limit = self._void_limit
+        for ip, sender, helo in planned:
+            if ("spf", ip, sender, helo, void_limit) not in self.answers:
+                self.checks.prefetch(ip, sender, helo, void_limit=void_limit)
 
     def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
         key = ("ptr", ip)
@@ -823,8 +886,11 @@ class VerdictMemo:
         for answer_key, answer in known.answers.items():
             if answer_key[0] != "spf":
                 return
-            _, ip, sender, helo = answer_key
-            lifetimes.append(known.checks.cached_lifetime(ip, sender, helo, answer))  # type: ignore[arg-type]
+            _, ip, sender, helo, void_limit = cast(_SpfKey, answer_key)
+            outcome = cast(SpfOutcome, answer)
+            lifetimes.append(
+                known.checks.cached_lifetime(ip, sender, helo, outcome, void_limit=void_limit)
+            )
         memo = _Memo(
             verdict.remember,
             dataclasses.replace(decision, queue_id=""),
@@ -864,6 +930,7 @@ async def decide(
         try:
             return _decide(request, settings, known, memory, memo)
         except _Missing as missing:
+            known.prefetch_expected()
             known.answers[missing.key] = await missing.fetch()
 
 
@@ -949,8 +1016,11 @@ def _evaluate(ctx: Context, checks: Known) -> Verdict:
     if verdict is not None:
         return verdict
     wl_time = float(s.whitelist_lookup_time)
+    # policyd-spf 3.0.4 sets pyspf's void limit from the Per_User line before
+    # any check, Domain_Whitelist's included.
+    void_limit = s.void_limit
     for domain in s.domain_whitelist:
-        outcome = checks.spf(ctx.ip, domain, domain, lookup_time=wl_time)
+        outcome = checks.spf(ctx.ip, domain, domain, lookup_time=wl_time, void_limit=void_limit)
         if outcome.result is SpfResult.PASS:
             return bypass_verdict(ctx, Bypass.DOMAIN_WHITELIST)
     if ctx.view.helo and ctx.view.helo in s.helo_whitelist:
@@ -964,13 +1034,16 @@ def _evaluate(ctx: Context, checks: Known) -> Verdict:
             return bypass_verdict(ctx, Bypass.DOMAIN_WHITELIST_PTR)
     if not ctx.view.sender and not ctx.view.helo:
         return Verdict(Act.NOTHING, note="no sender and no HELO name")
+    checks.expect(planned_checks(ctx), void_limit=void_limit)
     lookup_time = float(s.lookup_time)
     helo: SpfOutcome | None = None
     if s.helo_reject is not HeloReject.NO_CHECK:
-        helo = checks.spf(ctx.ip, "", ctx.helo, lookup_time=lookup_time)
+        helo = checks.spf(ctx.ip, "", ctx.helo, lookup_time=lookup_time, void_limit=void_limit)
     mfrom: SpfOutcome | None = None
     if mailfrom_needed(ctx, helo):
-        mfrom = checks.spf(ctx.ip, ctx.view.sender, ctx.helo, lookup_time=lookup_time)
+        mfrom = checks.spf(
+            ctx.ip, ctx.view.sender, ctx.helo, lookup_time=lookup_time, void_limit=void_limit
+        )
     return spf_verdict(ctx, helo, mfrom)
 
 

@@ -1,4 +1,5 @@
-"""Speculative prefetch of an SPF record tree into the shared DNS cache.
+"""Speculative prefetch of an SPF record tree into the shared DNS cache,
+within the lookup limits RFC 7208 sets for the evaluation itself.
 
 RFC 7208 evaluation is sequential: pyspf fetches a record, then the record
 of its first ``include:``, and so on, one round trip after another. But the
@@ -7,77 +8,137 @@ names a fetched record points at (``include:``, ``redirect=``, ``a``,
 all at once, level by level, while pyspf works through the tree; its own
 lookups then find the answers cached or already in flight (single-flight).
 
-Rules: prefetches go through the resolver like any lookup but are never
-counted against an evaluation's lookup limits (pyspf counts its own terms);
-a tree gets at most ``MAX_PREFETCH`` lookups, so a hostile record with a
-hundred includes cannot fan out past what the RFC would let an evaluation
-ask anyway; names built from macros (``%{...}``) are skipped, since they
-depend on the sender and are not "certainly next".
+A prefetch is a guess, and a hostile record must not turn the guess into an
+amplifier (RFC 7208 sections 4.6.4 and 11.1). So, for one check:
+- the walk reads each record as the evaluation would, in order, and stops at
+  a term that certainly ends it for this client: an ``ip4``/``ip6`` that
+  matches the client address, or ``all``; ``redirect=`` only counts when no
+  ``all`` is present;
+- every term that would make a DNS query (include, a, mx, ptr, exists,
+  redirect) is counted the RFC's way: at most 10 over the whole tree, and
+  none whose place in the evaluation order is certainly past the tenth
+  (``position`` below: the terms before it in its own record and the
+  records above it already count that many);
+- each counted term sends at most one query here. An ``mx`` term's up to 10
+  host lookups are never guessed: they are started when the evaluation has
+  the MX answer and is certain to ask for them (``addresses_of``);
+- names built from macros (``%{...}``) and ``ptr`` are counted, not fetched.
+So one check's prefetch sends at most 10 queries besides the checked
+domain's own record, where a complete evaluation may send 1 + 10 + 10 x 10.
+
+Across requests, a budget keeps guessing from becoming the main source of
+DNS traffic: a prefetch that no evaluation has read yet spends a credit,
+and every lookup an evaluation reads (one it started, or a prefetched one
+it used) earns one, up to ``BURST``. Guesses that nobody uses can therefore
+never outnumber, by more than the burst, the lookups evaluations need.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
+from dataclasses import dataclass
 from functools import lru_cache
 
 from spfpolicy.dns import DnsAnswer, Record, Resolver
 
 log = logging.getLogger(__name__)
 
-# RFC 7208 section 4.6.4: 10 DNS-querying terms, each MX with up to 10
-# names; twice the term limit covers a full tree plus its address lookups.
-MAX_PREFETCH = 20
-MAX_TARGETS_PER_RECORD = 10  # the RFC's term limit
+# RFC 7208 section 4.6.4: at most 10 DNS-querying terms per evaluation, and
+# at most 10 address lookups for the names of one mx (more MX names than
+# that are a permerror in pyspf's strict mode, the one used here).
+MAX_TERMS = 10
+MAX_MX_NAMES = 10
+# Unused guesses allowed ahead of the lookups evaluations read.
+BURST = 200
 ADDRESS = "ADDRESS"  # A or AAAA, as the client address family decides
 
 _SPF_PREFIX = re.compile(rb"^v=spf1(?: |$)", re.IGNORECASE)
 
 Target = tuple[str, str]  # (name, qtype or ADDRESS)
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Term:
+    """One term of a record, as the walk needs it.
+
+    ``target`` is the lookup it makes (None: it makes none, or its name is
+    built from macros); ``counted``, whether it counts against the RFC's 10;
+    ``network``, for ip4/ip6, the networks it matches; ``ends``, whether it
+    matches every client (``all``).
+    """
+
+    target: Target | None = None
+    counted: bool = False
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    ends: bool = False
 
 
 def spf_targets(domain: str, records: tuple[Record, ...]) -> tuple[Target, ...]:
-    """The lookups the SPF record among ``records`` may lead to, in order."""
+    """The lookups the SPF record among ``records`` may lead to, in order
+    (the record as a whole, whatever the client address)."""
+    return tuple(t.target for t in spf_terms(domain, records) if t.target is not None)
+
+
+def spf_terms(domain: str, records: tuple[Record, ...]) -> tuple[Term, ...]:
+    """The terms of the SPF record among ``records`` in evaluation order:
+    mechanisms as written, then ``redirect=`` unless ``all`` is present."""
     try:
-        return _spf_targets(domain, records)
+        return _spf_terms(domain, records)
     except TypeError:  # unhashable records: not from the resolver, which gives tuples
-        return _spf_targets.__wrapped__(domain, records)
+        return _spf_terms.__wrapped__(domain, records)
 
 
 # The shared provider records are parsed again by every walk that reaches them.
 @lru_cache(maxsize=1024)
-def _spf_targets(domain: str, records: tuple[Record, ...]) -> tuple[Target, ...]:
+def _spf_terms(domain: str, records: tuple[Record, ...]) -> tuple[Term, ...]:
     found = [r for r in records if r and _SPF_PREFIX.match(b"".join(r))]
     if len(found) != 1:  # none, or several: a permerror with nothing to fetch
         return ()
     text = b"".join(found[0]).decode("ascii", "replace")
-    targets: list[Target] = []
-    for term in text.split()[1:]:
-        target = _term_target(domain, term)
-        if target is not None:
-            targets.append(target)
-            if len(targets) >= MAX_TARGETS_PER_RECORD:
-                break
-    return tuple(targets)
+    terms: list[Term] = []
+    redirect: Term | None = None
+    has_all = False
+    for word in text.split()[1:]:
+        lowered = word.lower()
+        if lowered.startswith("redirect="):
+            redirect = Term(_target(word[len("redirect=") :], "TXT"), counted=True)
+            continue
+        term = _mechanism(domain, word)
+        if term is not None:
+            has_all = has_all or term.ends
+            terms.append(term)
+    if redirect is not None and not has_all:
+        terms.append(redirect)
+    return tuple(terms)
 
 
-def _term_target(domain: str, term: str) -> Target | None:
-    lowered = term.lower()
-    if lowered.startswith("redirect="):
-        return _target(term[len("redirect=") :], "TXT")
-    mechanism, _, argument = term.lstrip("+-~?").partition(":")
-    mechanism = mechanism.split("/", 1)[0].lower()
-    argument = argument.split("/", 1)[0]
-    if mechanism == "include" and argument:
-        return _target(argument, "TXT")
+def _mechanism(domain: str, word: str) -> Term | None:
+    mechanism, _, argument = word.lstrip("+-~?").partition(":")
+    mechanism, _, _ = mechanism.partition("/")
+    mechanism = mechanism.lower()
+    name = argument.split("/", 1)[0]
+    if mechanism == "all":
+        return Term(ends=True)
+    if mechanism in ("ip4", "ip6"):
+        try:
+            return Term(network=ipaddress.ip_network(argument, strict=False))
+        except ValueError:
+            return None  # a permerror for pyspf; nothing to fetch either way
+    if mechanism == "include":
+        return Term(_target(name, "TXT"), counted=True)
     if mechanism == "a":
-        return _target(argument or domain, ADDRESS)
+        return Term(_target(name or domain, ADDRESS), counted=True)
     if mechanism == "mx":
-        return _target(argument or domain, "MX")
-    if mechanism == "exists" and argument:
-        return _target(argument, "A")  # RFC 7208 section 5.7: always A
-    return None
+        return Term(_target(name or domain, "MX"), counted=True)
+    if mechanism == "exists":
+        return Term(_target(name, "A"), counted=True)  # RFC 7208 5.7: always A
+    if mechanism == "ptr":
+        return Term(counted=True)  # its lookups depend on the reverse zone
+    return None  # a modifier (exp=, unknown) or an unknown mechanism
 
 
 def _target(name: str, qtype: str) -> Target | None:
@@ -89,93 +150,151 @@ def _target(name: str, qtype: str) -> Target | None:
     return (name, qtype)
 
 
+def reached_terms(terms: tuple[Term, ...], client: Address | None) -> tuple[Term, ...]:
+    """The terms an evaluation for ``client`` may reach: all of them up to
+    the first that certainly matches (``all``, or an ip4/ip6 network holding
+    the client address), which ends the record."""
+    for index, term in enumerate(terms):
+        if term.ends:
+            return terms[:index]
+        network = term.network
+        if network is not None and client is not None and client in network:
+            return terms[:index]
+    return terms
+
+
+def client_address(ip: str) -> Address | None:
+    """The client address as ip4/ip6 terms compare it (v4-mapped as v4)."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
 class SpfPrefetcher:
     """Walks SPF record trees ahead of the evaluations that need them."""
 
-    def __init__(self, resolver: Resolver, *, max_lookups: int = MAX_PREFETCH) -> None:
+    def __init__(self, resolver: Resolver, *, max_terms: int = MAX_TERMS, burst: int = BURST):
         self.resolver = resolver
-        self.max_lookups = max_lookups
+        self.max_terms = max_terms
+        self.burst = burst
         self.walks = 0
-        self.lookups = 0
+        self.lookups = 0  # lookups the prefetcher started (queries sent)
+        self._credit = float(burst)
+        self._useful_seen = 0
         self._walking: set[str] = set()  # one walk per tree at a time
 
-    def start(self, domain: str, address_qtype: str) -> None:
-        """Prefetch ``domain``'s tree unless its first level is cached."""
+    # -- the budget -----------------------------------------------------------
+
+    def _allowed(self) -> bool:
+        """Whether one more guess may be sent now (and, if so, spends it)."""
+        useful = self.resolver.stats.useful_lookups
+        self._credit = min(self.burst, self._credit + useful - self._useful_seen)
+        self._useful_seen = useful
+        if self._credit < 1:
+            self.resolver.stats.prefetches_refused += 1
+            return False
+        self._credit -= 1
+        return True
+
+    def _ask(self, name: str, qtype: str) -> asyncio.Future[DnsAnswer] | None:
+        """The lookup of name/qtype in flight, started if needed and allowed;
+        None when it is cached, or not allowed."""
+        resolver = self.resolver
+        pending = resolver.pending(name, qtype)
+        if pending is not None or resolver.peek(name, qtype) is not None:
+            return pending
+        if not self._allowed():
+            return None
+        self.lookups += 1
+        return resolver.prefetch(name, qtype)
+
+    # -- walks ----------------------------------------------------------------
+
+    def start(self, domain: str, ip: str) -> None:
+        """Prefetch ``domain``'s tree for a check of client ``ip``, unless the
+        lookups of its first level are cached already."""
         if domain in self._walking:
             return
-        cache = self.resolver.cache
-        top = cache.get((domain, "TXT"))
+        client = client_address(ip)
+        address_qtype = "AAAA" if client is not None and client.version == 6 else "A"
+        peek = self.resolver.peek
+        top = peek(domain, "TXT")
         if top is not None and all(
-            cache.get((name, address_qtype if qtype == ADDRESS else qtype)) is not None
-            for name, qtype in spf_targets(domain, top.records)
+            peek(t.target[0], address_qtype if t.target[1] == ADDRESS else t.target[1]) is not None
+            for t in reached_terms(spf_terms(domain, top.records), client)
+            if t.target is not None
         ):
             return
         self.walks += 1
         self._walking.add(domain)
-        self.resolver.background(self._walk(domain, address_qtype))
+        self.resolver.background(self._walk(domain, client, address_qtype))
 
-    async def _walk(self, domain: str, address_qtype: str) -> None:
+    async def _walk(self, domain: str, client: Address | None, address_qtype: str) -> None:
         try:
-            await self._walk_levels(domain, address_qtype)
+            await self._walk_levels(domain, client, address_qtype)
         finally:
             self._walking.discard(domain)
 
-    async def _walk_levels(self, domain: str, address_qtype: str) -> None:
-        budget = self.max_lookups
-        level = [domain]
+    async def _walk_levels(self, domain: str, client: Address | None, address_qtype: str) -> None:
+        terms_left = self.max_terms
+        # (name, how many counted terms certainly come before its record's own)
+        level = [(domain, 0)]
         seen = {domain}
-        while level and budget > 0:
-            budget -= len(level)
-            answers = await self._records(level)
-            next_level: list[str] = []
-            for name, answer in zip(level, answers, strict=True):
+        while level:
+            answers = await self._records([name for name, _ in level])
+            next_level: list[tuple[str, int]] = []
+            for (name, position), answer in zip(level, answers, strict=True):
                 if answer is None:
                     continue
-                for target, qtype in spf_targets(name, answer.records):
-                    if budget <= len(next_level):
-                        break
+                for term in reached_terms(spf_terms(name, answer.records), client):
+                    if not term.counted:
+                        continue
+                    position += 1
+                    if position > self.max_terms or terms_left <= 0:
+                        break  # the evaluation would have stopped before it
+                    terms_left -= 1
+                    if term.target is None:
+                        continue
+                    target, qtype = term.target
                     if qtype == "TXT":
                         if target not in seen:
                             seen.add(target)
-                            next_level.append(target)
-                        continue
-                    budget -= 1
-                    if qtype == "MX":
-                        self.resolver.background(self._mx(target, address_qtype))
+                            next_level.append((target, position))
                     else:
-                        self._prefetch(target, address_qtype if qtype == ADDRESS else qtype)
+                        self._ask(target, address_qtype if qtype == ADDRESS else qtype)
             level = next_level
 
     async def _records(self, names: list[str]) -> list[DnsAnswer | None]:
         """The TXT answers of one level: cached ones at once, the rest fetched
         together (most of a tree is shared provider records, in the cache)."""
-        self.lookups += len(names)
-        answers = [self.resolver.cached(name, "TXT") for name in names]
-        missing = [i for i, answer in enumerate(answers) if answer is None]
-        if len(missing) == 1:
-            answers[missing[0]] = await self._fetch(names[missing[0]], "TXT")
-        elif missing:
-            fetched = await asyncio.gather(*(self._fetch(names[i], "TXT") for i in missing))
-            for i, answer in zip(missing, fetched, strict=True):
-                answers[i] = answer
+        answers: list[DnsAnswer | None] = [self.resolver.peek(name, "TXT") for name in names]
+        waits: dict[int, asyncio.Future[DnsAnswer]] = {}
+        for i, answer in enumerate(answers):
+            future = None if answer is not None else self._ask(names[i], "TXT")
+            if future is not None:
+                waits[i] = future
+        if waits:
+            fetched = await asyncio.gather(
+                *(asyncio.shield(future) for future in waits.values()), return_exceptions=True
+            )
+            for i, got in zip(waits, fetched, strict=True):
+                if isinstance(got, DnsAnswer):
+                    answers[i] = got
+                else:  # a prefetch failure is only a missed speed-up
+                    log.debug("prefetch of %s/TXT failed: %s", names[i], got)
         return answers
 
-    async def _mx(self, name: str, address_qtype: str) -> None:
-        self.lookups += 1
-        answer = await self._fetch(name, "MX")
-        if answer is None:
+    def addresses_of(self, mx: DnsAnswer, address_qtype: str) -> None:
+        """Start the host lookups of an mx the evaluation has the answer of:
+        pyspf asks them one by one (all of them, at most 10, else a
+        permerror), so they are asked together here."""
+        if len(mx.records) > MAX_MX_NAMES:
             return
-        # RFC 7208 section 4.6.4: at most 10 MX names are looked up.
-        for _preference, exchange in sorted(answer.records)[:MAX_TARGETS_PER_RECORD]:
-            self._prefetch(str(exchange).lower(), address_qtype)
-
-    def _prefetch(self, name: str, qtype: str) -> None:
-        self.lookups += 1
-        self.resolver.prefetch(name, qtype)
-
-    async def _fetch(self, name: str, qtype: str) -> DnsAnswer | None:
-        try:
-            return await self.resolver.resolve(name, qtype)
-        except Exception as exc:  # a prefetch failure is only a missed speed-up
-            log.debug("prefetch of %s/%s failed: %s", name, qtype, exc)
-            return None
+        for _preference, exchange in mx.records:
+            name = _target(str(exchange), address_qtype)
+            if name is not None:
+                self._ask(*name)

@@ -548,7 +548,6 @@ class PolicyServer:
             log.warning("unsupported request type %r: answering DUNNO", request.request)
             self.stats.record("DUNNO", None, time.perf_counter() - started)
             return "DUNNO"
-        self.evaluator.hint(request.client_address, request.sender, request.helo_name)
         loop = asyncio.get_running_loop()
         when = loop.time() + settings.request_timeout
         if self._stop_deadline is not None:

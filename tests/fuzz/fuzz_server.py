@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Bounded fuzzer for a running spfpolicy: random and mutated requests over
 the unix socket of a real ``spfpolicy serve`` subprocess, DNS from a loopback
-zone server (``python -m spfpolicy.dnsserver``, another subprocess).
+zone server (``python -m spfpolicy.bench.dnsserver``, another subprocess).
 
 Every case is a byte string ending in a blank line, so the project's own
 RequestParser (with the server's limits) predicts exactly how many answers

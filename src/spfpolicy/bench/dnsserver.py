@@ -44,7 +44,6 @@ import dns.rdtypes.ANY.SPF
 import dns.rdtypes.ANY.TXT
 import dns.rdtypes.txtbase
 import dns.rrset
-import yaml
 
 log = logging.getLogger(__name__)
 
@@ -852,7 +851,7 @@ class _TcpProtocol(asyncio.Protocol):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m spfpolicy.dnsserver",
+        prog="python -m spfpolicy.bench.dnsserver",
         description="Serve a YAML zone file over DNS (UDP and TCP) on a loopback port.",
     )
     parser.add_argument("--zone", required=True, type=Path, help="YAML file: name -> records")
@@ -874,6 +873,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        import yaml  # only the command reads a zone file: PyYAML is the bench extra's
+    except ImportError:
+        print(
+            f"{parser.prog}: --zone needs PyYAML: pip install 'spfpolicy[bench]'", file=sys.stderr
+        )
+        return 2
     try:
         host, port = _split_listen(args.listen)
         data = yaml.safe_load(args.zone.read_text(encoding="utf-8")) or {}

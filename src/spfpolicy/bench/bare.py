@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import cast
 
+from spfpolicy import eventloop
 from spfpolicy.protocol import ProtocolError, RequestParser, encode_response
 
 __all__ = ["BareProtocol", "main", "serve"]
@@ -78,18 +79,12 @@ async def serve(listen: str, ready: asyncio.Event | None = None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m spfpolicy.bare",
+        prog="python -m spfpolicy.bench.bare",
         description="Reference policy server: parses requests, answers DUNNO, nothing else.",
     )
     parser.add_argument("--listen", required=True, help="unix:PATH or inet:HOST:PORT")
     args = parser.parse_args(argv)
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover
-        runner = asyncio.Runner()
-    with runner:
+    with eventloop.runner() as runner:
         try:
             runner.run(serve(args.listen))
         except (OSError, ValueError) as exc:

@@ -3,7 +3,7 @@
 C emulated smtpd processes each hold one policy connection and send up to
 ``max_use`` requests on it (full RCPT attribute sets, several recipients per
 message) before reconnecting, as Postfix does. Requests come from a seeded
-workload (``benchzone``) whose zone the bench serves itself on loopback DNS
+workload (``workloads.py``, ``zone.py``) whose zone the bench serves itself on loopback DNS
 with an emulated round trip, so every answer can be checked against the
 result the zone implies. Targets run one after another against the same
 DNS and workload: spfpolicy (its own process), the bare DUNNO server, an
@@ -39,14 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from spfpolicy.benchzone import (
-    DEFAULT_MIX,
-    Message,
-    Request,
-    Workload,
-    WorkloadKind,
-    parse_mix,
-)
+from spfpolicy import eventloop
+from spfpolicy.bench.workloads import Message, Request, Workload, WorkloadKind, parse_mix
+from spfpolicy.bench.zone import DEFAULT_MIX
 from spfpolicy.protocol import ProtocolError, ResponseParser
 
 __all__ = ["BenchConfig", "add_arguments", "classify", "run", "run_bench"]
@@ -401,7 +396,7 @@ def _spfpolicy_argv(bench: Bench, address: str) -> list[str]:
 
 
 def _bare_argv(bench: Bench, address: str) -> list[str]:
-    return [sys.executable, "-m", "spfpolicy.bare", "--listen", address]
+    return [sys.executable, "-m", "spfpolicy.bench.bare", "--listen", address]
 
 
 class SpawnTarget(Target):
@@ -550,7 +545,7 @@ class BenchError(Exception):
 
 
 class DnsProcess:
-    """``python -m spfpolicy.benchzone`` with its stdin control channel."""
+    """``python -m spfpolicy.bench.zone`` with its stdin control channel."""
 
     def __init__(self, seed: int, delay: float) -> None:
         self.seed = seed
@@ -559,7 +554,7 @@ class DnsProcess:
         self.nameserver = ""
 
     async def start(self) -> None:
-        argv = [sys.executable, "-m", "spfpolicy.benchzone", "--control"]
+        argv = [sys.executable, "-m", "spfpolicy.bench.zone", "--control"]
         argv += ["--seed", str(self.seed), "--delay", str(self.delay)]
         self.process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
@@ -1133,7 +1128,7 @@ def _plotting() -> Any:
         import matplotlib.pyplot as plt
     except ImportError:
         raise BenchError(
-            "--plot needs matplotlib: pip install 'spfpolicy[plot]' (or pip install matplotlib)"
+            "--plot needs matplotlib: pip install 'spfpolicy[bench]' (or pip install matplotlib)"
         ) from None
     return plt
 
@@ -1260,7 +1255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dns",
         metavar="HOST:PORT",
-        help="use a running 'python -m spfpolicy.benchzone' (same --seed) instead of starting one",
+        help="use a running 'python -m spfpolicy.bench.zone' (same --seed) instead of starting one",
     )
     parser.add_argument(
         "--timeout",
@@ -1380,13 +1375,7 @@ def write_json(data: dict[str, Any], path: str) -> None:
 
 
 def run_sync(config: BenchConfig) -> dict[str, Any]:
-    try:
-        import uvloop
-
-        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
-    except ImportError:  # pragma: no cover
-        runner = asyncio.Runner()
-    with runner:
+    with eventloop.runner() as runner:
         return runner.run(run(config))
 
 

@@ -22,17 +22,11 @@ PROGRAM ARGS, so it behaves exactly as when spawn(8) starts it, except for:
 ``spfpolicy bench --baseline-cmd`` wraps Python programs with this file.
 """
 
-import os
-import sys
-
-# Run as a script, this file's directory (the spfpolicy package) heads
-# sys.path, and its dns.py would shadow dnspython: drop it first.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
-
 import argparse
+import os
 import runpy
 import socket
+import sys
 import syslog
 
 
