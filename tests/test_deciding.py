@@ -5,6 +5,7 @@ prefetch plan, and the void limit as part of a check's key."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,17 @@ async def test_per_user_void_limit_is_the_one_checked(tmp_path: Path) -> None:
         assert fast is not None
         assert fast.action == (per_user if recipient.startswith("pu@") else other).action
     assert memo.hits == 2
+
+
+async def test_spf_lifetime_is_what_the_memo_may_keep(tmp_path: Path) -> None:
+    settings = settings_from(tmp_path, [])
+    known = Known(CachingChecks(MEMO_SPF))
+    assert known.spf_lifetime() == (math.inf, 0)  # nothing checked: a bypass lasts
+    assert decide_now(request(), settings, known, InstanceMemory()) is not None
+    assert known.spf_lifetime() == (CachingChecks.lifetime, 2)  # HELO and MAIL FROM
+    # A PTR or address answer has no TTL to go by: such a verdict is not kept.
+    ptr = Known(CachingChecks(MEMO_SPF))
+    whitelist_ptr = settings_from(tmp_path, ["Domain_Whitelist_PTR = example.com"])
+    assert decide_now(request(), whitelist_ptr, ptr, InstanceMemory()) is None
+    await decide(request(), whitelist_ptr, ptr.checks, InstanceMemory(), known=ptr)
+    assert ptr.spf_lifetime() is None

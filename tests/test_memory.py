@@ -18,6 +18,7 @@ from policy_support import (
     request,
     settings_from,
 )
+from spfpolicy.config import Settings
 from spfpolicy.deciding import Known, decide, decide_now
 from spfpolicy.memory import InstanceMemory, VerdictMemo, replay
 from spfpolicy.policy import Act, MemoryEntry, Verdict
@@ -151,3 +152,19 @@ async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:
     assert decision is not None
     assert decision.action.startswith("prepend Authentication-Results:")  # not the memo's
     assert memo.hits == 1
+
+
+def test_memo_admits_a_key_the_second_time_it_is_seen() -> None:
+    memo = VerdictMemo(Settings(), 100)
+    key = ("192.0.2.1", "mail.example.com", "a@example.org", "@example.net")
+    assert memo.admit(key) is False  # first sighting: only marked
+    assert memo.admit(key) is True
+    assert memo.admit(key) is False  # the mark was used up, and nothing was put
+    assert VerdictMemo(Settings(), 0).admit(key) is False  # a memo of size 0 keeps nothing
+
+
+def test_memo_key_shares_a_recipient_domain_without_per_user() -> None:
+    memo = VerdictMemo(Settings(), 100)
+    one = memo.key({"client_address": "192.0.2.1", "recipient": "b@example.net"})
+    two = memo.key({"client_address": "192.0.2.1", "recipient": "c@example.net"})
+    assert one == two == ("192.0.2.1", None, None, "@example.net")

@@ -37,6 +37,8 @@ from spfpolicy.policy import (
     MemoryEntry,
     RequestView,
     Verdict,
+    context_for,
+    evaluate,
     fallback_decision,
     header_receiver,
     mailfrom_needed,
@@ -1315,6 +1317,57 @@ def test_spf_verdict_is_pure() -> None:
     assert verdict.remember == MemoryEntry(Act.PREPEND, verdict.text)
     again = spf_verdict(dataclasses.replace(ctx, last_prepended=True), None, outcome("pass"))
     assert (again.act, again.text, again.remember) == (Act.DUNNO, "Header already pre-pended", None)
+
+
+class TableAnswers:
+    """``policy.Answers`` from a table: what ``evaluate`` reads, nothing else."""
+
+    def __init__(self, spf: dict[tuple[str, str], SpfOutcome]) -> None:
+        self.spf_table = spf
+        self.expected: tuple[tuple[str, str, str], ...] = ()
+
+    def spf(
+        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
+    ) -> SpfOutcome:
+        return self.spf_table[(sender or "postmaster@" + helo, helo)]
+
+    def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
+        return []
+
+    def addresses(self, name: str, *, ipv6: bool, lookup_time: float) -> list[str]:
+        return []
+
+    def expect(self, planned: tuple[tuple[str, str, str], ...], *, void_limit: int) -> None:
+        self.expected = planned
+
+
+@pytest.mark.parametrize(
+    ("lines", "act", "remembered"),
+    [
+        pytest.param([], Act.PREPEND, Act.PREPEND, id="header"),
+        pytest.param(["Mail_From_reject = Softfail"], Act.REJECT, Act.REJECT, id="reject"),
+        pytest.param(["Mail_From_pass_restriction = ok"], Act.PREPEND, Act.PREPEND, id="no-pass"),
+        pytest.param(["Whitelist = 192.0.2.1"], Act.PREPEND, Act.PREPEND, id="bypass"),
+    ],
+)
+def test_evaluate_returns_what_to_remember(
+    tmp_path: Path, lines: list[str], act: Act, remembered: Act
+) -> None:
+    # The decision itself writes nowhere: the verdict carries what the
+    # message's later recipients are to be answered, for the caller to keep.
+    settings = settings_from(tmp_path, lines)
+    ctx = context_for(settings, read_request(request()), None)
+    assert ctx is not None
+    answers = TableAnswers(
+        {
+            ("postmaster@mail.example.com", "mail.example.com"): outcome("neutral"),
+            ("a@example.org", "mail.example.com"): outcome("softfail"),
+        }
+    )
+    verdict = evaluate(ctx, answers)
+    assert verdict.act is act
+    assert verdict.remember is not None and verdict.remember.act is remembered
+    assert evaluate(ctx, answers) == verdict  # same answers, same verdict
 
 
 # ------------------------------------------------------------ pure helpers
