@@ -17,7 +17,8 @@ import pytest
 
 from spfpolicy import metrics
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
-from spfpolicy.metrics import LATENCY_BUCKETS, ServerStats, action_label
+from spfpolicy.metrics import LATENCY_BUCKETS, ServerStats, action_label, restriction_label
+from spfpolicy.policy import ActionKind
 from spfpolicy.protocol import ResponseParser, encode_request
 from spfpolicy.server import PolicyServer, StartupError
 
@@ -38,13 +39,24 @@ def request(ip: str, n: int) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("action", "label"),
+    ("kind", "label"),
     [
-        pytest.param("prepend Received-SPF: Pass (mailfrom) ...", "prepend", id="prepend"),
+        pytest.param(ActionKind.PREPEND, "prepend", id="prepend"),
+        pytest.param(ActionKind.DUNNO, "dunno", id="dunno"),
+        pytest.param(ActionKind.REJECT, "550", id="550"),
+        pytest.param(ActionKind.DEFER, "defer_if_permit", id="defer"),
+    ],
+)
+def test_action_label_is_the_first_word_of_the_kind(kind: ActionKind, label: str) -> None:
+    assert action_label(kind) == label
+    assert action_label(kind, "ignored_restriction") == label
+
+
+@pytest.mark.parametrize(
+    ("restriction", "label"),
+    [
+        pytest.param("mfpass_class", "mfpass_class", id="class"),
         pytest.param("DUNNO", "dunno", id="DUNNO"),
-        pytest.param("dunno", "dunno", id="dunno"),
-        pytest.param("550 5.7.23 Message rejected due to: ...", "550", id="550"),
-        pytest.param("defer_if_permit 4.7.24 Message deferred", "defer_if_permit", id="defer"),
         pytest.param("REJECT text", "reject", id="reject"),
         pytest.param("", "empty", id="empty"),
         pytest.param("  ", "empty", id="blank"),
@@ -52,22 +64,27 @@ def request(ip: str, n: int) -> dict[str, str]:
         pytest.param("Reject\ttext", "reject", id="tab"),
     ],
 )
-def test_action_label_is_the_first_word(action: str, label: str) -> None:
-    assert action_label(action) == label
+def test_restriction_label_is_its_first_word(restriction: str, label: str) -> None:
+    # A pass restriction's answer is its class name alone: the label is the
+    # first word of that text, lower-cased, as for every action before kinds.
+    assert restriction_label(restriction) == label
+    assert action_label(ActionKind.RESTRICTION, restriction) == label
 
 
 def test_latency_buckets() -> None:
     stats = ServerStats()
-    stats.record("dunno", None, 0.0001)
-    stats.record("dunno", None, LATENCY_BUCKETS[0])  # on the bound: le= counts it
-    stats.record("550 x", "fail", 0.3)
-    stats.record("prepend x", "pass", 1000.0)  # past the last bucket: +Inf
+    stats.record(ActionKind.DUNNO, None, 0.0001)
+    stats.record(ActionKind.DUNNO, None, LATENCY_BUCKETS[0])  # on the bound: le= counts it
+    stats.record(ActionKind.REJECT, "fail", 0.3)
+    stats.record(ActionKind.PREPEND, "pass", 1000.0)  # past the last bucket: +Inf
     assert stats.latency_counts[0] == 2
     assert stats.latency_counts[LATENCY_BUCKETS.index(0.5)] == 1
     assert stats.latency_counts[-1] == 1
     assert stats.answered() == 4
     assert stats.by_outcome[("dunno", metrics.NOT_CHECKED)] == 2
     assert stats.by_action() == {"dunno": 2, "550": 1, "prepend": 1}
+    stats.record(ActionKind.RESTRICTION, "pass", 0.001, "mfpass")
+    assert stats.by_outcome[("mfpass", "pass")] == 1
 
 
 @pytest.fixture

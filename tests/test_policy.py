@@ -1,8 +1,12 @@
-"""policy.py: a decision table of exact policyd-spf 3.0.4 answers, memory, pure helpers.
+"""policy.py: a decision table of exact policyd-spf 3.0.4 answers, the
+bypasses, deliberate differences, Per_User, unsafe values, what is asked,
+and the pure helpers (rendering, the action kind, the fallback).
 
 Expected action strings are literal: they were produced by running policyd-spf
 3.0.4's own main loop on the same configuration lines, requests and SPF
-results; where spfpolicy differs on purpose the param id says so.
+results; where spfpolicy differs on purpose the param id says so. The tables
+go through ``deciding.decide`` with two recipients per message, so the
+second answer shows what the verdict said to remember.
 """
 
 from __future__ import annotations
@@ -12,128 +16,40 @@ from pathlib import Path
 
 import pytest
 
-from spfpolicy.config import HeaderType, MailFromReject, Settings, load_settings
+from policy_support import (
+    RELAY_SPF,
+    FakeChecks,
+    outcome,
+    request,
+    settings_from,
+    two_recipients,
+)
+from spfpolicy.config import HeaderType, MailFromReject, Settings
+from spfpolicy.deciding import decide
 from spfpolicy.headers import Bypass, clean
+from spfpolicy.memory import InstanceMemory
 from spfpolicy.policy import (
     MOCK_ACTION,
     Act,
+    ActionKind,
     Context,
     Decision,
-    InstanceMemory,
-    Known,
     MemoryEntry,
     RequestView,
     Verdict,
-    VerdictMemo,
-    decide,
-    decide_now,
+    context_for,
+    evaluate,
     fallback_decision,
     header_receiver,
     mailfrom_needed,
     ptr_matches,
     read_request,
     render,
-    replay,
     spf_verdict,
+    to_decision,
 )
 from spfpolicy.protocol import PolicyRequest
 from spfpolicy.results import Identity, SpfOutcome, SpfResult
-
-# pyspf's explanations for each result, as the evaluator returns them.
-EXPLANATION = {
-    "pass": "sender SPF authorized",
-    "fail": "SPF fail - not authorized",
-    "softfail": "domain owner discourages use of this host",
-    "neutral": "access neither permitted nor denied",
-    "none": "",
-    "permerror": "SPF Permanent Error: Too many DNS lookups",
-    "temperror": "SPF Temporary Error: DNS Timeout",
-}
-
-
-def outcome(spec: str) -> SpfOutcome:
-    """'fail' or 'fail-nomail' (the domain publishes exactly "v=spf1 -all")."""
-    name, _, nomail = spec.partition("-")
-    record = "v=spf1 -all" if nomail else "v=spf1 a mx -all"
-    return SpfOutcome(SpfResult(name), 0, EXPLANATION[name], record=record)
-
-
-class FakeChecks:
-    """Canned answers; records every call so tests can see what was asked."""
-
-    def __init__(
-        self,
-        spf: dict[tuple[str, str], SpfOutcome],
-        *,
-        domains: dict[str, SpfOutcome] | None = None,
-        ptr: list[str] | None = None,
-        addresses: dict[tuple[str, bool], list[str]] | None = None,
-    ) -> None:
-        self.table = spf
-        self.domains = domains or {}
-        self.ptr = ptr or []
-        self.address_table = addresses or {}
-        self.calls: list[tuple[str, ...]] = []
-        self.void_limits: list[int] = []  # of each spf() call
-        self.prefetched: list[tuple[str, str, str]] = []
-
-    async def spf(
-        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
-    ) -> SpfOutcome:
-        self.calls.append(("spf", ip, sender, helo, str(lookup_time)))
-        self.void_limits.append(void_limit)
-        if sender and sender == helo and "@" not in sender:  # Domain_Whitelist
-            return self.domains.get(sender, SpfOutcome(SpfResult.NONE, 250, ""))
-        return self.table[(sender or "postmaster@" + helo, helo)]
-
-    async def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
-        self.calls.append(("ptr", ip))
-        return self.ptr
-
-    async def addresses(self, name: str, *, ipv6: bool, lookup_time: float) -> list[str]:
-        self.calls.append(("addresses", name, str(ipv6)))
-        return self.address_table.get((name, ipv6), [])
-
-    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
-        return None  # every check is asked for, and recorded in calls
-
-    def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int) -> None:
-        self.prefetched.append((ip, sender, helo))
-
-
-def settings_from(tmp_path: Path, lines: list[str]) -> Settings:
-    path = tmp_path / "policyd-spf.conf"
-    path.write_text("\n".join(lines) + "\n")
-    return load_settings(path, hostname=lambda: "mx.example.net")
-
-
-def request(**changes: str | None) -> PolicyRequest:
-    attributes: dict[str, str | None] = {
-        "request": "smtpd_access_policy",
-        "protocol_state": "RCPT",
-        "client_address": "192.0.2.1",
-        "helo_name": "mail.example.com",
-        "sender": "a@example.org",
-        "recipient": "b@example.net",
-        "instance": "i1",
-        "queue_id": "Q1",
-    }
-    attributes.update(changes)
-    return PolicyRequest({k: v for k, v in attributes.items() if v is not None})
-
-
-async def two_recipients(
-    settings: Settings, checks: FakeChecks, first: PolicyRequest
-) -> tuple[Decision, Decision]:
-    """The same message asked about twice (two recipients), as Postfix does."""
-    memory = InstanceMemory()
-    one = await decide(first, settings, checks, memory)
-    attributes = dict(first.attributes)
-    if attributes.get("recipient"):
-        attributes["recipient"] = "c@example.net"
-    two = await decide(PolicyRequest(attributes), settings, checks, memory)
-    return one, two
-
 
 DECISIONS = [
     pytest.param(
@@ -968,14 +884,6 @@ async def test_decision_table(
     assert (one.action, two.action) == (first, second)
 
 
-RELAY_SPF = {
-    ("postmaster@relay.example.com", "relay.example.com"): outcome("pass"),
-    ("a@example.org", "relay.example.com"): outcome("fail"),
-    ("", "relay.example.com"): outcome("none"),
-    ("postmaster@example.org", "example.org"): outcome("softfail"),
-    ("a@example.org", "example.org"): outcome("fail"),
-}
-
 BYPASSES = [
     pytest.param(
         ["skip_addresses = 192.0.2.0/24"],
@@ -1411,6 +1319,57 @@ def test_spf_verdict_is_pure() -> None:
     assert (again.act, again.text, again.remember) == (Act.DUNNO, "Header already pre-pended", None)
 
 
+class TableAnswers:
+    """``policy.Answers`` from a table: what ``evaluate`` reads, nothing else."""
+
+    def __init__(self, spf: dict[tuple[str, str], SpfOutcome]) -> None:
+        self.spf_table = spf
+        self.expected: tuple[tuple[str, str, str], ...] = ()
+
+    def spf(
+        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
+    ) -> SpfOutcome:
+        return self.spf_table[(sender or "postmaster@" + helo, helo)]
+
+    def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
+        return []
+
+    def addresses(self, name: str, *, ipv6: bool, lookup_time: float) -> list[str]:
+        return []
+
+    def expect(self, planned: tuple[tuple[str, str, str], ...], *, void_limit: int) -> None:
+        self.expected = planned
+
+
+@pytest.mark.parametrize(
+    ("lines", "act", "remembered"),
+    [
+        pytest.param([], Act.PREPEND, Act.PREPEND, id="header"),
+        pytest.param(["Mail_From_reject = Softfail"], Act.REJECT, Act.REJECT, id="reject"),
+        pytest.param(["Mail_From_pass_restriction = ok"], Act.PREPEND, Act.PREPEND, id="no-pass"),
+        pytest.param(["Whitelist = 192.0.2.1"], Act.PREPEND, Act.PREPEND, id="bypass"),
+    ],
+)
+def test_evaluate_returns_what_to_remember(
+    tmp_path: Path, lines: list[str], act: Act, remembered: Act
+) -> None:
+    # The decision itself writes nowhere: the verdict carries what the
+    # message's later recipients are to be answered, for the caller to keep.
+    settings = settings_from(tmp_path, lines)
+    ctx = context_for(settings, read_request(request()), None)
+    assert ctx is not None
+    answers = TableAnswers(
+        {
+            ("postmaster@mail.example.com", "mail.example.com"): outcome("neutral"),
+            ("a@example.org", "mail.example.com"): outcome("softfail"),
+        }
+    )
+    verdict = evaluate(ctx, answers)
+    assert verdict.act is act
+    assert verdict.remember is not None and verdict.remember.act is remembered
+    assert evaluate(ctx, answers) == verdict  # same answers, same verdict
+
+
 # ------------------------------------------------------------ pure helpers
 
 
@@ -1427,37 +1386,67 @@ def test_header_receiver(changes: dict[str, object], recipient: str, expected: s
     assert header_receiver(Settings().replace(**changes), recipient) == expected
 
 
+REJECT, DEFER, PREPEND = ActionKind.REJECT, ActionKind.DEFER, ActionKind.PREPEND
+DUNNO, RESTRICTION = ActionKind.DUNNO, ActionKind.RESTRICTION
+
+
 @pytest.mark.parametrize(
-    ("changes", "verdict", "expected"),
+    ("changes", "verdict", "kind", "expected"),
     [
-        pytest.param({}, Verdict(Act.REJECT, "no"), "550 5.7.23 no", id="reject"),
-        pytest.param({}, Verdict(Act.REJECT, "no", error=True), "550 5.7.24 no", id="error"),
-        pytest.param({}, Verdict(Act.DEFER, "later"), "defer_if_permit 4.7.24 later", id="defer"),
+        pytest.param({}, Verdict(Act.REJECT, "no"), REJECT, "550 5.7.23 no", id="reject"),
+        pytest.param(
+            {}, Verdict(Act.REJECT, "no", error=True), REJECT, "550 5.7.24 no", id="error"
+        ),
+        pytest.param(
+            {}, Verdict(Act.DEFER, "later"), DEFER, "defer_if_permit 4.7.24 later", id="defer"
+        ),
         pytest.param(
             {"spf_enhanced_status_codes": False},
             Verdict(Act.REJECT, "no", error=True),
+            REJECT,
             "550 no",
             id="no-codes",
         ),
         pytest.param(
             {"spf_enhanced_status_codes": False},
             Verdict(Act.DEFER, "later"),
+            DEFER,
             "defer_if_permit later",
             id="no-codes-defer",
         ),
-        pytest.param({}, Verdict(Act.PREPEND, "X: y"), "prepend X: y", id="prepend"),
-        pytest.param({"prospective": "192.0.2.9"}, Verdict(Act.PREPEND, "X"), "dunno", id="pro"),
+        pytest.param({}, Verdict(Act.PREPEND, "X: y"), PREPEND, "prepend X: y", id="prepend"),
         pytest.param(
-            {"header_type": HeaderType.NONE}, Verdict(Act.PREPEND, "X"), "dunno", id="none"
+            {"prospective": "192.0.2.9"}, Verdict(Act.PREPEND, "X"), DUNNO, "dunno", id="pro"
         ),
-        pytest.param({}, Verdict(Act.RESULT_ONLY, "ok_class"), "ok_class", id="restriction"),
-        pytest.param({"test_only": 0}, Verdict(Act.RESULT_ONLY, "ok"), "dunno", id="test-only"),
-        pytest.param({"test_only": 0}, Verdict(Act.PREPEND, "X"), "prepend X", id="test-hdr"),
-        pytest.param({}, Verdict(Act.NOTHING), "dunno", id="nothing"),
+        pytest.param(
+            {"header_type": HeaderType.NONE}, Verdict(Act.PREPEND, "X"), DUNNO, "dunno", id="none"
+        ),
+        pytest.param(
+            {}, Verdict(Act.RESULT_ONLY, "ok_class"), RESTRICTION, "ok_class", id="restriction"
+        ),
+        pytest.param(
+            {"test_only": 0}, Verdict(Act.RESULT_ONLY, "ok"), DUNNO, "dunno", id="test-only"
+        ),
+        pytest.param(
+            {"test_only": 0}, Verdict(Act.REJECT, "no"), DUNNO, "dunno", id="test-only-reject"
+        ),
+        pytest.param(
+            {"test_only": 0}, Verdict(Act.PREPEND, "X"), PREPEND, "prepend X", id="test-hdr"
+        ),
+        pytest.param(
+            {}, Verdict(Act.DUNNO, "Header already pre-pended"), DUNNO, "dunno", id="dunno"
+        ),
+        pytest.param({}, Verdict(Act.NOTHING), DUNNO, "dunno", id="nothing"),
     ],
 )
-def test_render(changes: dict[str, object], verdict: Verdict, expected: str) -> None:
-    assert render(Settings().replace(**changes), verdict) == expected
+def test_render(
+    changes: dict[str, object], verdict: Verdict, kind: ActionKind, expected: str
+) -> None:
+    settings = Settings().replace(**changes)
+    assert render(settings, verdict) == (kind, expected)
+    decision = to_decision(settings, "Q1", verdict)
+    assert (decision.kind, decision.action) == (kind, expected)
+    assert decision.restriction == (expected if kind is RESTRICTION else "")
 
 
 @pytest.mark.parametrize(
@@ -1478,16 +1467,25 @@ def test_render(changes: dict[str, object], verdict: Verdict, expected: str) -> 
 def test_fallback_decision(changes: dict[str, object], expected: str) -> None:
     decision = fallback_decision(Settings().replace(**changes), request())
     assert decision.action == expected
+    assert decision.kind.value == expected.partition(" ")[0]
 
 
 def test_log_message() -> None:
     decision = Decision(
-        "550 5.7.23 x", Identity.MAILFROM, SpfResult.FAIL, "why", queue_id="Q1", replayed=True
+        ActionKind.REJECT,
+        "550 5.7.23 x",
+        Identity.MAILFROM,
+        SpfResult.FAIL,
+        "why",
+        queue_id="Q1",
+        replayed=True,
     )
     assert decision.log_message() == (
         "Q1: 550 5.7.23 x [mailfrom=fail] [repeated for this message]"
     )
-    assert Decision("dunno", bypass=Bypass.WHITELIST).log_message() == ("dunno [bypass=Whitelist]")
+    assert Decision(ActionKind.DUNNO, "dunno", bypass=Bypass.WHITELIST).log_message() == (
+        "dunno [bypass=Whitelist]"
+    )
 
 
 async def test_queue_id_setting(tmp_path: Path) -> None:
@@ -1496,87 +1494,6 @@ async def test_queue_id_setting(tmp_path: Path) -> None:
         settings = settings_from(tmp_path, [*lines, "Whitelist = 192.0.2.1"])
         decision = await decide(request(), settings, checks, InstanceMemory())
         assert decision.queue_id == expected
-
-
-# ------------------------------------------------------------ memory
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_memory_expires() -> None:
-    clock = FakeClock()
-    memory = InstanceMemory(max_entries=10, ttl=60, clock=clock)
-    entry = MemoryEntry(Act.REJECT, "X")
-    memory.put("a", entry)
-    clock.now += 59.9
-    assert memory.get("a") == entry
-    clock.now += 0.1
-    assert memory.get("a") is None
-    assert len(memory) == 0
-
-
-def test_memory_keeps_no_header_text() -> None:
-    memory = InstanceMemory(clock=FakeClock())
-    memory.put("a", MemoryEntry(Act.PREPEND, "Received-SPF: Pass ..."))
-    remembered = memory.get("a")
-    assert remembered is not None and remembered.act is Act.PREPEND and remembered.text == ""
-    assert replay(remembered) == Verdict(Act.DUNNO, "Header already pre-pended", replayed=True)
-
-
-def test_memory_evicts_least_recently_used() -> None:
-    memory = InstanceMemory(max_entries=2, ttl=60, clock=FakeClock())
-    for key in "abc":
-        if key == "c":
-            assert memory.get("a") is not None  # "a" is now the most recent
-        memory.put(key, MemoryEntry(Act.PREPEND, key))
-    assert memory.get("b") is None
-    assert memory.get("a") is not None and memory.get("c") is not None
-    assert len(memory) == 2
-
-
-@pytest.mark.parametrize(("size", "ttl"), [(0, 60), (10, 0)])
-def test_memory_can_be_disabled(size: int, ttl: float) -> None:
-    memory = InstanceMemory(max_entries=size, ttl=ttl, clock=FakeClock())
-    memory.put("a", MemoryEntry(Act.PREPEND, "X"))
-    assert memory.get("a") is None
-
-
-async def test_header_again_after_the_memory_expired(tmp_path: Path) -> None:
-    clock = FakeClock()
-    memory = InstanceMemory(ttl=10, clock=clock)
-    settings = settings_from(tmp_path, ["Whitelist = 192.0.2.1"])
-    checks = FakeChecks(RELAY_SPF)
-    first = await decide(request(), settings, checks, memory)
-    assert first.action.startswith("prepend X-Comment")
-    assert (await decide(request(), settings, checks, memory)).action == "dunno"
-    clock.now += 10
-    assert (await decide(request(), settings, checks, memory)).action == first.action
-
-
-@pytest.mark.parametrize(
-    "other",
-    [
-        pytest.param({"instance": "i2"}, id="instance"),
-        pytest.param({"client_address": "192.0.2.2"}, id="client"),
-        pytest.param({"sender": "z@example.org"}, id="sender"),
-        pytest.param({"instance": ""}, id="no-instance"),
-    ],
-)
-async def test_memory_is_per_message(tmp_path: Path, other: dict[str, str]) -> None:
-    memory = InstanceMemory()
-    settings = settings_from(tmp_path, ["Whitelist = 192.0.2.0/24"])
-    checks = FakeChecks(RELAY_SPF)
-    await decide(request(**other), settings, checks, memory)
-    again = await decide(request(), settings, checks, memory)
-    assert again.action.startswith("prepend X-Comment")
-    if other == {"instance": ""}:
-        assert len(memory) == 1  # only the second request had an instance
 
 
 def test_read_request_normalizes_like_policyd_spf() -> None:
@@ -1599,304 +1516,3 @@ def test_read_request_normalizes_like_policyd_spf() -> None:
         instance="1a.2b",
         queue_id="AbC12",
     )
-
-
-# ------------------------------------------------------------ decide_now and the verdict memo
-
-
-class CachingChecks(FakeChecks):
-    """FakeChecks whose answers are all "cached": the same outcome objects,
-    handed out by cached_spf without a call (as the result cache does)."""
-
-    lifetime = 300.0
-
-    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
-        if sender and sender == helo and "@" not in sender:
-            return self.domains.get(sender)
-        return self.table.get((sender or "postmaster@" + helo, helo))
-
-    def cached_lifetime(
-        self, ip: str, sender: str, helo: str, outcome: SpfOutcome, *, void_limit: int
-    ) -> float:
-        cached = self.cached_spf(ip, sender, helo, void_limit=void_limit)
-        return self.lifetime if cached is outcome else 0.0
-
-
-MEMO_SPF = {
-    ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
-    ("a@example.org", "mail.example.com"): outcome("softfail"),
-    ("z@example.org", "mail.example.com"): outcome("fail"),
-    ("postmaster@example.org", "example.org"): outcome("neutral"),  # no HELO sent
-    ("a@example.org", "example.org"): outcome("pass"),
-}
-
-# Messages (attribute changes) and their recipients, in the order asked.
-MEMO_MESSAGES: list[tuple[dict[str, str | None], list[str | None]]] = [
-    ({}, ["b@example.net", "c@example.net", "d@other.example"]),
-    ({"instance": "i2"}, ["b@example.net"]),
-    ({"instance": "i3", "sender": "z@example.org"}, ["b@example.net", "e@example.net"]),
-    ({"instance": "i4", "sender": "z@example.org"}, ["c@example.net"]),
-    ({"instance": "i5", "sender": ""}, ["b@example.net", "c@example.net"]),
-    ({"instance": "i6", "helo_name": None}, ["b@example.net", "b@example.net"]),
-    ({"instance": ""}, ["b@example.net", "c@example.net"]),
-    ({"instance": "i7", "recipient": None}, [None]),
-    ({"instance": "i8", "client_address": "bogus"}, ["b@example.net"]),
-    ({"instance": "i9", "queue_id": "Q9"}, ["B@Example.NET ", "b@other.example"]),
-    ({"instance": "i10"}, ["local-user", "b@example.net"]),
-]
-
-
-def memo_requests() -> list[PolicyRequest]:
-    out = []
-    for changes, recipients in MEMO_MESSAGES * 3:  # kept on the second pass, used on the third
-        for recipient in recipients:
-            out.append(request(**{**changes, "recipient": recipient}))
-    return out
-
-
-@pytest.mark.parametrize(
-    "lines",
-    [
-        pytest.param([], id="default"),
-        pytest.param(["HELO_reject = Fail", "Mail_From_reject = Softfail"], id="rejects"),
-        pytest.param(["Hide_Receiver = Yes", "Header_Type = AR"], id="ar-hidden"),
-        pytest.param(["Mail_From_pass_restriction = mfpass"], id="restriction"),
-        pytest.param(["No_Mail = True", "HELO_reject = No_Check"], id="no-helo"),
-        pytest.param(["TestOnly = 0", "Whitelist = 192.0.2.0/30"], id="whitelist"),
-        pytest.param(["Domain_Whitelist = wl.example"], id="domain-whitelist"),
-        pytest.param(["Per_User = users"], id="per-user"),
-    ],
-)
-async def test_memo_and_fast_path_answer_as_decide_does(tmp_path: Path, lines: list[str]) -> None:
-    (tmp_path / "users").write_text("c@example.net,Mail_From_reject=False|Header_Type=AR\n")
-    lines = [
-        f"Per_User = text,{tmp_path / 'users'}" if x == "Per_User = users" else x for x in lines
-    ]
-    settings = settings_from(tmp_path, lines)
-    domains = {"wl.example": outcome("fail")}
-    plain = FakeChecks(MEMO_SPF, domains=domains)
-    cached = CachingChecks(MEMO_SPF, domains=domains)
-    plain_memory, fast_memory = InstanceMemory(), InstanceMemory()
-    memo = VerdictMemo(settings, 100)
-    for req in memo_requests():
-        expected = await decide(req, settings, plain, plain_memory)
-        fast = decide_now(req, settings, Known(cached), fast_memory, memo)
-        assert fast == expected, req.attributes
-    assert cached.calls == []  # every answer came from the "cache"
-    assert memo.hits > 0
-
-    def remembered(memory: InstanceMemory) -> list[tuple[str, MemoryEntry]]:
-        return [(key, entry) for key, (entry, _) in memory._entries._data.items()]
-
-    assert remembered(plain_memory) == remembered(fast_memory)
-
-
-async def test_memo_lives_as_long_as_the_cached_outcomes(tmp_path: Path) -> None:
-    settings = settings_from(tmp_path, [])
-    table = dict(MEMO_SPF)
-    checks = CachingChecks(table)
-    clock = FakeClock()
-    memo = VerdictMemo(settings, 100, clock=clock)
-    memory = InstanceMemory()
-    first = decide_now(request(), settings, Known(checks), memory, memo)
-    assert first is not None and first.result is SpfResult.SOFTFAIL
-    assert len(memo) == 0  # a key seen once is only marked
-    assert decide_now(request(instance="i1b"), settings, Known(checks), memory, memo) == first
-    assert len(memo) == 1
-    assert decide_now(request(instance="i2"), settings, Known(checks), memory, memo) == first
-    assert (memo.hits, memo.checks_saved) == (1, 2)
-    # The result cache's outcome expires (and is fetched again, different).
-    table[("a@example.org", "mail.example.com")] = outcome("pass")
-    clock.now += checks.lifetime
-    again = decide_now(request(instance="i3"), settings, Known(checks), memory, memo)
-    assert again is not None and again.result is SpfResult.PASS
-    assert memo.hits == 1
-
-
-async def test_uncached_outcomes_are_not_memoized(tmp_path: Path) -> None:
-    settings = settings_from(tmp_path, [])
-    checks = CachingChecks(MEMO_SPF)
-    checks.lifetime = 0.0  # temperror, or Result_Cache_TTL = 0
-    memo = VerdictMemo(settings, 100)
-    assert decide_now(request(), settings, Known(checks), InstanceMemory(), memo) is not None
-    assert len(memo) == 0
-
-
-async def test_memo_is_bounded_and_per_settings(tmp_path: Path) -> None:
-    settings = settings_from(tmp_path, [])
-    checks = CachingChecks(MEMO_SPF)
-    memo = VerdictMemo(settings, 2)
-    for n, domain in enumerate(["a.example"] * 2 + ["b.example"] * 2 + ["c.example"] * 2):
-        decide_now(
-            request(instance=f"i{n}", recipient=f"x@{domain}"),
-            settings,
-            Known(checks),
-            InstanceMemory(),
-            memo,
-        )
-    assert len(memo) == 2
-    assert not memo._seen  # all kept on their second sighting; a.example evicted
-    other = settings_from(tmp_path, ["Header_Type = AR"])
-    decide_now(request(recipient="x@b.example"), settings, Known(checks), InstanceMemory(), memo)
-    assert memo.hits == 1
-    decision = decide_now(
-        request(recipient="x@b.example"), other, Known(checks), InstanceMemory(), memo
-    )
-    assert decision is not None
-    assert decision.action.startswith("prepend Authentication-Results:")  # not the memo's
-    assert memo.hits == 1
-
-
-class CountingChecks(FakeChecks):
-    """FakeChecks that count the cached_spf calls (nothing is cached)."""
-
-    def __init__(self, spf: dict[tuple[str, str], SpfOutcome]) -> None:
-        super().__init__(spf)
-        self.cached_calls: list[str] = []
-
-    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
-        self.cached_calls.append(sender)
-        return None
-
-
-async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> None:
-    settings = settings_from(tmp_path, [])
-    checks = CountingChecks(MEMO_SPF)  # nothing cached
-    memory = InstanceMemory()
-    known = Known(checks)
-    assert decide_now(request(), settings, known, memory) is None
-    assert len(memory) == 0 and checks.calls == []
-    decision = await decide(request(), settings, checks, memory, known=known)
-    assert decision.action.startswith("prepend Received-SPF: Softfail")
-    # Each check asked once, in policyd-spf's order, despite the restarts.
-    assert [c[2] for c in checks.calls] == ["", "a@example.org"]
-    # cached_spf (which may run pyspf over cached answers) once per check too:
-    # the restart in decide() goes straight to the fetch.
-    assert checks.cached_calls == ["", "a@example.org"]
-    assert len(memory) == 1
-
-
-# -- prefetch: only the identities the settings check ----------------------------
-
-HELO_CHECK = ("192.0.2.1", "", "mail.example.com")
-MAILFROM_CHECK = ("192.0.2.1", "a@example.org", "mail.example.com")
-
-
-@pytest.mark.parametrize(
-    ("lines", "attributes", "prefetched", "checked"),
-    [
-        # The HELO check is fetched first; the MAIL FROM check's lookups are
-        # started with it, not after it.
-        pytest.param([], {}, [MAILFROM_CHECK], [HELO_CHECK, MAILFROM_CHECK], id="both-checked"),
-        pytest.param(["HELO_reject = No_Check"], {}, [], [MAILFROM_CHECK], id="helo-no-check"),
-        pytest.param(["Mail_From_reject = No_Check"], {}, [], [HELO_CHECK], id="mailfrom-no-check"),
-        pytest.param([], {"sender": ""}, [], [HELO_CHECK], id="null-sender"),
-        pytest.param(["Whitelist = 192.0.2.1"], {}, [], [], id="whitelisted-client"),
-        pytest.param([], {"client_address": "127.0.0.1"}, [], [], id="skipped-address"),
-        pytest.param(
-            ["HELO_reject = No_Check", "Mail_From_reject = No_Check"],
-            {},
-            [],
-            [],
-            id="nothing-checked",
-        ),
-    ],
-)
-async def test_prefetch_asks_only_for_checks_the_settings_make(
-    tmp_path: Path,
-    lines: list[str],
-    attributes: dict[str, str],
-    prefetched: list[tuple[str, str, str]],
-    checked: list[tuple[str, ...]],
-) -> None:
-    table = {
-        ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
-        ("a@example.org", "mail.example.com"): outcome("pass"),
-        ("", "mail.example.com"): outcome("pass"),
-    }
-    checks = FakeChecks(table)
-    await decide(request(**attributes), settings_from(tmp_path, lines), checks, InstanceMemory())
-    assert checks.prefetched == prefetched
-    assert [call[1:4] for call in checks.calls if call[0] == "spf"] == checked
-
-
-async def test_later_recipient_of_a_message_prefetches_nothing(tmp_path: Path) -> None:
-    table = {
-        ("postmaster@mail.example.com", "mail.example.com"): outcome("pass"),
-        ("a@example.org", "mail.example.com"): outcome("pass"),
-    }
-    checks = FakeChecks(table)
-    await two_recipients(settings_from(tmp_path, []), checks, request())
-    assert checks.prefetched == [MAILFROM_CHECK]  # the first recipient's only
-
-
-# ------------------------------------------------------------ Per_User Void_Limit
-
-
-class VoidLimitChecks(FakeChecks):
-    """void.example.org's record makes three void lookups before its ip4 term
-    matches (RFC 7208 4.6.4): permerror below a void limit of 3, pass from 3
-    on. With ``cached``, every outcome is "cached" (see CachingChecks), each
-    limit's its own object, as in the result cache."""
-
-    VOID = {False: outcome("permerror"), True: outcome("pass")}
-
-    def __init__(self, *, cached: bool) -> None:
-        super().__init__(MEMO_SPF, domains={"wl.example": outcome("fail")})
-        self.cached = cached
-
-    def _outcome(self, sender: str, helo: str, void_limit: int) -> SpfOutcome:
-        if sender.endswith("@void.example.org"):
-            return self.VOID[void_limit >= 3]
-        if sender == helo:  # Domain_Whitelist
-            return self.domains[sender]
-        return self.table[(sender or "postmaster@" + helo, helo)]
-
-    async def spf(
-        self, ip: str, sender: str, helo: str, *, lookup_time: float, void_limit: int
-    ) -> SpfOutcome:
-        self.calls.append(("spf", ip, sender, helo, str(lookup_time)))
-        self.void_limits.append(void_limit)
-        return self._outcome(sender, helo, void_limit)
-
-    def cached_spf(self, ip: str, sender: str, helo: str, *, void_limit: int) -> SpfOutcome | None:
-        return self._outcome(sender, helo, void_limit) if self.cached else None
-
-    def cached_lifetime(
-        self, ip: str, sender: str, helo: str, outcome: SpfOutcome, *, void_limit: int
-    ) -> float:
-        return 300.0 if self.cached_spf(ip, sender, helo, void_limit=void_limit) is outcome else 0.0
-
-
-async def test_per_user_void_limit_is_the_one_checked(tmp_path: Path) -> None:
-    # policyd-spf 3.0.4 sets pyspf's void limit from the Per_User line
-    # (_spfcheck); the recipient without one gets the global Void_Limit.
-    users = tmp_path / "users"
-    users.write_text("pu@rcpt.example,Void_Limit=5\n")
-    settings = settings_from(
-        tmp_path, [f"Per_User = text,{users}", "Domain_Whitelist = wl.example"]
-    )
-    checks = VoidLimitChecks(cached=False)
-    memory = InstanceMemory()
-
-    def ask(recipient: str, instance: str) -> PolicyRequest:
-        return request(sender="carol@void.example.org", recipient=recipient, instance=instance)
-
-    per_user = await decide(ask("pu@rcpt.example", "i1"), settings, checks, memory)
-    other = await decide(ask("other@rcpt.example", "i2"), settings, checks, memory)
-    assert per_user.action.startswith("prepend Received-SPF: Pass (mailfrom)")
-    assert per_user.action.endswith("receiver=pu@rcpt.example ")
-    assert other.action.startswith("prepend Received-SPF: Permerror (mailfrom)")
-    # Domain_Whitelist, HELO and MAIL FROM checks, each with the limit in effect.
-    assert checks.void_limits == [5, 5, 5, 2, 2, 2]
-
-    # The fast path and the verdict memo keep the two apart as well, in
-    # either order and on repeated sightings (a memo entry is kept the second
-    # time its key is seen).
-    checks = VoidLimitChecks(cached=True)
-    memo = VerdictMemo(settings, 100)
-    for n, recipient in enumerate(["other@rcpt.example", "pu@rcpt.example"] * 3):
-        fast = decide_now(ask(recipient, f"j{n}"), settings, Known(checks), memory, memo)
-        assert fast is not None
-        assert fast.action == (per_user if recipient.startswith("pu@") else other).action
-    assert memo.hits == 2

@@ -20,9 +20,10 @@ from hardening import request
 from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.checks import DnsChecks
 from spfpolicy.config import HeloReject, Settings
+from spfpolicy.deciding import decide
 from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
-from spfpolicy.policy import InstanceMemory, decide
+from spfpolicy.memory import InstanceMemory
 from spfpolicy.prefetch import (
     ADDRESS,
     MAX_TERMS,

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from spfpolicy.policy import ActionKind
+
 log = logging.getLogger(__name__)
 
 # Request latency buckets, seconds: cache hits answer in well under a
@@ -36,15 +38,23 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 NOT_CHECKED = "not_checked"  # result label of a request answered without an SPF check
 
 
-def action_label(action: str) -> str:
-    """The action's first word, lower-cased: prepend, dunno, 550, defer_if_permit...
+def action_label(kind: ActionKind, restriction: str = "") -> str:
+    """The action's first word, lower-cased: prepend, dunno, 550, defer_if_permit,
+    or a pass restriction's class name.
 
     The rest (header text, reason, URL) differs per request; as a label it
     would make one time series per message.
     """
-    word = action.partition(" ")[0]
+    if kind is ActionKind.RESTRICTION:
+        return restriction_label(restriction)
+    return kind.value
+
+
+def restriction_label(name: str) -> str:
+    """A pass restriction's label: the first word of its class name, lower-cased."""
+    word = name.partition(" ")[0]
     if not (word and word.isprintable()):  # a leading blank, another kind of space
-        word = action.split(None, 1)[0] if action.strip() else "empty"
+        word = name.split(None, 1)[0] if name.strip() else "empty"
     return word.lower()
 
 
@@ -61,8 +71,11 @@ class ServerStats:
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
 
-    def record(self, action: str, result: str | None, seconds: float) -> None:
-        self.by_outcome[(action_label(action), result or NOT_CHECKED)] += 1
+    def record(
+        self, kind: ActionKind, result: str | None, seconds: float, restriction: str = ""
+    ) -> None:
+        """One answer: its kind (and restriction name), SPF result and latency."""
+        self.by_outcome[(action_label(kind, restriction), result or NOT_CHECKED)] += 1
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 

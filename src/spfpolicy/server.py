@@ -37,23 +37,17 @@ from spfpolicy.config import (
     Nameserver,
     Settings,
 )
+from spfpolicy.deciding import Known, decide, decide_now
 from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.memory import InstanceMemory, VerdictMemo
 from spfpolicy.metrics import (
     MetricsEndpoint,
     MetricsUnavailable,
     ServerStats,
     Snapshot,
 )
-from spfpolicy.policy import (
-    Decision,
-    InstanceMemory,
-    Known,
-    VerdictMemo,
-    decide,
-    decide_now,
-    fallback_decision,
-)
+from spfpolicy.policy import ActionKind, Decision, fallback_decision
 from spfpolicy.protocol import (
     REQUEST_TYPE,
     PolicyRequest,
@@ -546,7 +540,7 @@ class PolicyServer:
                 request_log.debug("%s=%r", name, value)
         if request.request != REQUEST_TYPE:
             log.warning("unsupported request type %r: answering DUNNO", request.request)
-            self.stats.record("DUNNO", None, time.perf_counter() - started)
+            self.stats.record(ActionKind.DUNNO, None, time.perf_counter() - started)
             return "DUNNO"
         loop = asyncio.get_running_loop()
         when = loop.time() + settings.request_timeout
@@ -589,7 +583,9 @@ class PolicyServer:
     def _answered(self, request: PolicyRequest, decision: Decision, started: float) -> str:
         """Count and log a decision; its action."""
         result = None if decision.result is None else str(decision.result)
-        self.stats.record(decision.action, result, time.perf_counter() - started)
+        self.stats.record(
+            decision.kind, result, time.perf_counter() - started, decision.restriction
+        )
         logs.info(
             log,
             f"{decision.log_message()} client={request.client_address or '-'} "

@@ -1,0 +1,220 @@
+"""checks.py: DnsChecks against the loopback DNS server (real UDP, real
+c-ares), with a fake clock for the result cache where time matters.
+
+The result cache: its key includes the void limit a check ran with, a
+temperror is never kept, an entry lives no longer than Result_Cache_TTL nor
+the shortest DNS TTL behind it, and ``cached_spf`` works a new check out of
+cached DNS answers without waiting. Whitelist lookups: forward-confirmed PTR
+names (RFC 7208 5.5), at most 10 of them, and A/AAAA addresses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from spfpolicy.checks import MAX_PTR_NAMES, DnsChecks
+from spfpolicy.dns import Resolver
+from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.results import SpfResult
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# Three void lookups before the ip4 term (RFC 7208 4.6.4): a permerror with a
+# void limit of 2, a pass from 3 on.
+VOIDS = "a:n1.void.example a:n2.void.example a:n3.void.example"
+
+ZONE: dict[str, Any] = {
+    "void.example": [{"TXT": f"v=spf1 {VOIDS} ip4:192.0.2.0/24 -all"}],
+    "pass.example": [{"TXT": "v=spf1 ip4:192.0.2.0/28 include:inc.example -all"}],
+    "inc.example": [{"TXT": "v=spf1 ip4:198.51.100.0/24 -all"}],
+    "short.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all", "ttl": 20}],
+    "broken.example": ["servfail"],
+    # Whitelist lookups.
+    "7.2.0.192.in-addr.arpa": [
+        {"PTR": "good.example."},
+        {"PTR": "forged.example."},
+        {"PTR": "gone.example."},
+    ],
+    "good.example": [{"A": "192.0.2.7"}, {"AAAA": "2001:db8::7"}],
+    "forged.example": [{"A": "192.0.2.99"}],
+    "7.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa": [
+        {"PTR": "good.example."}
+    ],
+    "8.2.0.192.in-addr.arpa": [{"PTR": f"h{n}.many.example."} for n in range(12)],
+    **{f"h{n}.many.example": [{"A": "192.0.2.8"}] for n in range(12)},
+    "9.2.0.192.in-addr.arpa": ["timeout"],
+}
+
+MakeChecks = Callable[..., DnsChecks]
+
+
+@pytest.fixture
+async def make_checks(zone_server: Any) -> AsyncIterator[tuple[Any, MakeChecks]]:
+    """The zone server, and ``make(**DnsChecks_kwargs)`` over a fresh resolver."""
+    server = await zone_server(ZONE)
+    resolvers: list[Resolver] = []
+
+    def make(**kwargs: Any) -> DnsChecks:
+        resolver = Resolver([server.nameserver], timeout=0.5, tries=1)
+        resolvers.append(resolver)
+        kwargs.setdefault("void_limit", 2)
+        kwargs.setdefault("result_cache_size", 100)
+        kwargs.setdefault("result_cache_ttl", 60)
+        return DnsChecks(SpfEvaluator(resolver), **kwargs)
+
+    yield server, make
+    for resolver in resolvers:
+        await resolver.close()
+
+
+# ------------------------------------------------------------ the result cache
+
+
+async def test_result_cache_key_includes_the_void_limit(make_checks: Any) -> None:
+    server, make = make_checks
+    checks = make()
+    ip, sender = "192.0.2.1", "a@void.example"
+    strict = await checks.spf(ip, sender, "h.example", lookup_time=5, void_limit=2)
+    loose = await checks.spf(ip, sender, "h.example", lookup_time=5, void_limit=3)
+    assert (strict.result, loose.result) == (SpfResult.PERMERROR, SpfResult.PASS)
+    # Each limit has its own entry: asked again, each gets its own answer.
+    queries = server.queries
+    assert checks.cached_spf(ip, sender, "h.example", void_limit=2) is strict
+    assert checks.cached_spf(ip, sender, "h.example", void_limit=3) is loose
+    assert await checks.spf(ip, sender, "h.example", lookup_time=5, void_limit=2) is strict
+    assert checks.result_hits == 3 and server.queries == queries
+    # A check that names no limit runs with the global Void_Limit (2 here).
+    assert checks.cached_spf(ip, sender, "h.example") is strict
+
+
+async def test_temperror_is_not_cached(make_checks: Any) -> None:
+    server, make = make_checks
+    checks = make()
+    first = await checks.spf("192.0.2.1", "a@broken.example", "h", lookup_time=5)
+    assert first.result is SpfResult.TEMPERROR
+    assert len(checks.results) == 0
+    assert checks.cached_lifetime("192.0.2.1", "a@broken.example", "h", first) == 0.0
+    asked = server.counts[("broken.example", "TXT")]
+    again = await checks.spf("192.0.2.1", "a@broken.example", "h", lookup_time=5)
+    assert again.result is SpfResult.TEMPERROR
+    assert server.counts[("broken.example", "TXT")] > asked  # asked the DNS again
+    assert checks.result_hits == 0
+
+
+async def test_an_entry_lives_no_longer_than_result_cache_ttl(make_checks: Any) -> None:
+    _, make = make_checks
+    clock = FakeClock()
+    checks = make(result_cache_ttl=60, clock=clock)
+    outcome = await checks.spf("192.0.2.1", "a@pass.example", "h", lookup_time=5)
+    assert outcome.result is SpfResult.PASS  # the zone's TTL is 300 s
+    assert checks.cached_lifetime("192.0.2.1", "a@pass.example", "h", outcome) == 60
+    clock.now += 59
+    assert checks.cached_lifetime("192.0.2.1", "a@pass.example", "h", outcome) == 1
+    clock.now += 1
+    assert checks.cached_lifetime("192.0.2.1", "a@pass.example", "h", outcome) == 0.0
+    assert len(checks.results) == 0  # the expired entry is gone
+
+
+async def test_an_entry_lives_no_longer_than_its_dns_ttl(make_checks: Any) -> None:
+    _, make = make_checks
+    checks = make(result_cache_ttl=60, clock=FakeClock())
+    outcome = await checks.spf("192.0.2.1", "a@short.example", "h", lookup_time=5)
+    assert outcome.result is SpfResult.PASS
+    assert checks.cached_lifetime("192.0.2.1", "a@short.example", "h", outcome) == 20
+
+
+async def test_result_cache_ttl_zero_keeps_nothing(make_checks: Any) -> None:
+    _, make = make_checks
+    checks = make(result_cache_ttl=0)
+    outcome = await checks.spf("192.0.2.1", "a@pass.example", "h", lookup_time=5)
+    assert outcome.result is SpfResult.PASS and len(checks.results) == 0
+    assert checks.cached_lifetime("192.0.2.1", "a@pass.example", "h", outcome) == 0.0
+
+
+async def test_cached_lifetime_is_for_the_cached_outcome_only(make_checks: Any) -> None:
+    _, make = make_checks
+    checks = make(clock=FakeClock())
+    outcome = await checks.spf("192.0.2.1", "a@void.example", "h", lookup_time=5, void_limit=3)
+    other = await checks.spf("192.0.2.1", "a@void.example", "h", lookup_time=5, void_limit=2)
+    assert checks.cached_lifetime("192.0.2.1", "a@void.example", "h", outcome, void_limit=3) > 0
+    # Not the outcome this check's entry holds, or no entry at all: 0.
+    assert checks.cached_lifetime("192.0.2.1", "a@void.example", "h", other, void_limit=3) == 0
+    assert checks.cached_lifetime("192.0.2.2", "a@void.example", "h", outcome, void_limit=3) == 0
+
+
+async def test_cached_spf_evaluates_from_cached_dns(make_checks: Any) -> None:
+    server, make = make_checks
+    checks = make()
+    # Nothing cached: nothing to evaluate, and nothing asked.
+    assert checks.cached_spf("192.0.2.1", "a@pass.example", "h") is None
+    assert server.queries == 0 and checks.evaluated_now == 0
+    first = await checks.spf("192.0.2.1", "a@pass.example", "h", lookup_time=5)
+    assert first.result is SpfResult.PASS  # ip4 matched: inc.example not looked up
+    queries = server.queries
+    # Another client of the same domain, decided by the cached TXT record alone.
+    second = checks.cached_spf("192.0.2.2", "b@pass.example", "h")
+    assert second is not None and second.result is SpfResult.PASS
+    assert checks.evaluated_now == 1 and server.queries == queries
+    assert checks.cached_spf("192.0.2.2", "b@pass.example", "h") is second  # now kept
+    # A client the include would decide: its record is not cached, no answer now.
+    assert checks.cached_spf("198.51.100.1", "c@pass.example", "h") is None
+    assert checks.evaluated_now == 1
+    third = await checks.spf("198.51.100.1", "c@pass.example", "h", lookup_time=5)
+    assert third.result is SpfResult.PASS
+    # Both records are cached now: a failing client is worked out at once.
+    failed = checks.cached_spf("203.0.113.1", "d@pass.example", "h")
+    assert failed is not None and failed.result is SpfResult.FAIL
+
+
+# ------------------------------------------------------------ whitelist lookups
+
+
+@pytest.mark.parametrize(
+    ("ip", "expected"),
+    [
+        # forged.example points elsewhere, gone.example nowhere.
+        pytest.param("192.0.2.7", ["good.example"], id="ipv4"),
+        pytest.param("2001:db8::7", ["good.example"], id="ipv6"),
+        pytest.param("::ffff:192.0.2.7", ["good.example"], id="ipv4-mapped"),
+        pytest.param("192.0.2.6", [], id="no-ptr"),
+        pytest.param("not-an-ip", [], id="invalid"),
+        pytest.param("192.0.2.9", [], id="ptr-timeout"),
+    ],
+)
+async def test_confirmed_ptr_names(make_checks: Any, ip: str, expected: list[str]) -> None:
+    _, make = make_checks
+    names = await make().confirmed_ptr_names(ip, lookup_time=2)
+    assert [name.rstrip(".") for name in names] == expected
+
+
+async def test_confirmed_ptr_names_are_at_most_ten(make_checks: Any) -> None:
+    server, make = make_checks
+    names = await make().confirmed_ptr_names("192.0.2.8", lookup_time=5)
+    assert len(names) == MAX_PTR_NAMES == 10
+    forward = sum(n for (name, qtype), n in server.counts.items() if qtype == "A")
+    assert forward == MAX_PTR_NAMES  # the names past the tenth are never looked up
+
+
+@pytest.mark.parametrize(
+    ("name", "ipv6", "expected"),
+    [
+        pytest.param("good.example", False, ["192.0.2.7"], id="a"),
+        pytest.param("Good.Example.", False, ["192.0.2.7"], id="case-and-dot"),
+        pytest.param("good.example", True, ["2001:db8::7"], id="aaaa"),
+        pytest.param("forged.example", True, [], id="no-aaaa"),
+        pytest.param("missing.example", False, [], id="nxdomain"),
+    ],
+)
+async def test_addresses(make_checks: Any, name: str, ipv6: bool, expected: list[str]) -> None:
+    _, make = make_checks
+    assert await make().addresses(name, ipv6=ipv6, lookup_time=5) == expected
