@@ -10,6 +10,7 @@ names (RFC 7208 5.5), at most 10 of them, and A/AAAA addresses.
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -65,12 +66,15 @@ async def make_checks(zone_server: Any) -> AsyncIterator[tuple[Any, MakeChecks]]
     resolvers: list[Resolver] = []
 
     def make(**kwargs: Any) -> DnsChecks:
-        resolver = Resolver([server.nameserver], timeout=0.5, tries=1)
+        # One clock for the resolver, the evaluator and the result cache: an
+        # outcome's TTL is the time left on its answers, by the resolver's clock.
+        clock = kwargs.setdefault("clock", time.monotonic)
+        resolver = Resolver([server.nameserver], timeout=0.5, tries=1, clock=clock)
         resolvers.append(resolver)
         kwargs.setdefault("void_limit", 2)
         kwargs.setdefault("result_cache_size", 100)
         kwargs.setdefault("result_cache_ttl", 60)
-        return DnsChecks(SpfEvaluator(resolver), **kwargs)
+        return DnsChecks(SpfEvaluator(resolver, clock=clock), **kwargs)
 
     yield server, make
     for resolver in resolvers:

@@ -39,7 +39,7 @@ _SHARED: dict[SpfOutcome, SpfOutcome] = {}
 
 
 class DnsChecks:
-    """Implements ``policy.Checks`` with the shared resolver and evaluator.
+    """Implements ``deciding.Checks`` with the shared resolver and evaluator.
 
     ``void_limit`` is the global Void_Limit, for a check that names none;
     the policy always names the one in effect (a Per_User line may set it).
