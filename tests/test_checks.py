@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from spfpolicy.checks import MAX_PTR_NAMES, DnsChecks
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.resolver import Resolver
 from spfpolicy.results import SpfResult
 
 

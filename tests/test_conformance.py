@@ -20,8 +20,8 @@ import spf
 import yaml
 
 from spfpolicy.bench.dnsserver import Zone, ZoneServer
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.resolver import Resolver
 
 SUITE = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "rfc7208-tests.yml"
 

@@ -17,8 +17,8 @@ import pytest
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.checks import DnsChecks
-from spfpolicy.dns import DnsAnswer, DnsCache, DnsTempError, Resolver, parse_nameserver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.resolver import DnsAnswer, DnsCache, DnsTempError, Resolver, parse_nameserver
 from spfpolicy.results import SpfResult
 
 
@@ -499,7 +499,7 @@ async def test_cares_runs_on_the_event_loop(zone_server, resolvers) -> None:
     server = await zone_server({"example.com": [{"A": "192.0.2.1"}]})
     resolver = resolvers(server)
     assert (await resolver.resolve("example.com", "A")).records == ("192.0.2.1",)
-    # No c-ares event thread: the loop watches its sockets (see _LoopResolver).
+    # No c-ares event thread: the loop watches its sockets (see cares.LoopResolver).
     assert resolver._channel is not None and resolver._channel._event_thread is False
 
 

@@ -15,8 +15,8 @@ import spf
 
 from spfpolicy.bench.dnsserver import Zone
 from spfpolicy.checks import DnsChecks
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.resolver import Resolver
 from spfpolicy.results import SpfOutcome, SpfResult
 
 RECORD = "v=spf1 ip4:192.0.2.0/24 -all"
@@ -144,7 +144,7 @@ async def test_without_the_reply_callback_negative_answers_keep_dns_negative_ttl
 ) -> None:
     # Another pycares layout: its own query is used, which drops the reply
     # of a negative answer, so the configured value is all there is.
-    monkeypatch.setattr("spfpolicy.dns._KEEPS_NEGATIVE_REPLIES", False)
+    monkeypatch.setattr("spfpolicy.cares.KEEPS_NEGATIVE_REPLIES", False)
     server = await zone_server(_zone("new.example.com", published=False, nodata=False))
     resolver = resolvers(server, negative_ttl=45)
     assert (await resolver.resolve("new.example.com", "TXT")).ttl == 45
@@ -157,7 +157,7 @@ async def test_negative_ttl_read_with_cares_event_thread(
     # aiodns' default, should its hook for a loop-driven channel go away:
     # replies then arrive on c-ares' own thread.
     monkeypatch.setattr(
-        "spfpolicy.dns._LoopResolver._make_channel", aiodns.DNSResolver._make_channel
+        "spfpolicy.cares.LoopResolver._make_channel", aiodns.DNSResolver._make_channel
     )
     server = await zone_server(
         _zone("new.example.com", published=False, nodata=False), negative_ttl=2

@@ -15,8 +15,8 @@ import dns.name
 import pytest
 
 from spfpolicy.bench.dnsserver import Zone
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.resolver import Resolver
 from spfpolicy.results import SpfResult
 
 NAMES = [
@@ -73,7 +73,7 @@ async def test_both_paths_send_the_literal_name(zone_server, resolver_for, name:
     resolver = resolver_for(server)
     assert (await resolver.resolve(name, "TXT")).records == expected
     through_resolve = server.questions
-    assert resolver.cache.get((name, "TXT")) is not None  # under the text pyspf gave
+    assert resolver.peek(name, "TXT") is not None  # under the text pyspf gave
 
     server.questions = []
     answer = await resolver_for(server)._fetch_with_dnspython(name, "TXT")

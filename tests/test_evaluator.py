@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import spf
 
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import _AsyncQuery
+from spfpolicy.resolver import Resolver
 
 
 def queries(ip: str) -> tuple[_AsyncQuery, spf.query]:

@@ -32,8 +32,8 @@ import spf
 
 from oracle import LAUNCHER, SYSTEM_PYTHON, oracle_missing
 from spfpolicy.bench.dnsserver import ZoneServer
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.resolver import Resolver
 
 CLIENT = "192.0.2.1"
 QUERY_TIME = 1.0  # seconds until the name that never answers is a temperror

@@ -21,7 +21,6 @@ from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.checks import DnsChecks
 from spfpolicy.config import HeloReject, Settings
 from spfpolicy.deciding import decide
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.memory import InstanceMemory
 from spfpolicy.prefetch import (
@@ -34,6 +33,7 @@ from spfpolicy.prefetch import (
     spf_terms,
 )
 from spfpolicy.protocol import PolicyRequest
+from spfpolicy.resolver import Resolver
 from spfpolicy.results import SpfResult
 
 

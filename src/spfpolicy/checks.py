@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 
 from spfpolicy.cache import TtlLruCache
-from spfpolicy.dns import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.resolver import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.results import NO_MAIL_RECORD, SpfOutcome, SpfResult
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class DnsChecks:
         # Not even the checked domain's TXT is cached: pyspf would stop at
         # its first lookup, so do not start it.
         domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
-        if self.resolver.cache.get((domain, "TXT")) is None:
+        if self.resolver.peek(domain, "TXT") is None:
             return None
         full = self.evaluator.check_now(ip, sender, helo, void_limit=void_limit)
         if full is None:

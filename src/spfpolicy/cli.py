@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from spfpolicy import __version__
-from spfpolicy.dns import parse_nameserver
+from spfpolicy.resolver import parse_nameserver
 
 if TYPE_CHECKING:
     from spfpolicy.config import Settings
@@ -161,8 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
-    from spfpolicy.dns import Resolver
     from spfpolicy.evaluator import SpfEvaluator
+    from spfpolicy.resolver import Resolver
 
     lookup_time = args.timeout or float(settings.lookup_time)
     nameservers = args.nameserver or [

@@ -37,8 +37,8 @@ from typing import Any
 import greenlet
 import spf
 
-from spfpolicy.dns import CnameChainTooLong, DnsAnswer, DnsTempError, Resolver
 from spfpolicy.prefetch import SpfPrefetcher
+from spfpolicy.resolver import CnameChainTooLong, DnsAnswer, DnsTempError, Resolver
 from spfpolicy.results import Identity, SpfOutcome, SpfResult
 
 log = logging.getLogger(__name__)

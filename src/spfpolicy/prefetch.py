@@ -42,7 +42,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from spfpolicy.dns import DnsAnswer, Record, Resolver
+from spfpolicy.resolver import DnsAnswer, Record, Resolver
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,6 @@ from spfpolicy.config import (
     Settings,
 )
 from spfpolicy.deciding import Known, decide, decide_now
-from spfpolicy.dns import Resolver
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.memory import InstanceMemory, VerdictMemo
 from spfpolicy.metrics import (
@@ -55,6 +54,7 @@ from spfpolicy.protocol import (
     RequestParser,
     encode_response,
 )
+from spfpolicy.resolver import Resolver
 from spfpolicy.systemd import InheritedSocket
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,8 @@
-"""The only module that talks to DNS: asynchronous lookups through aiodns
-(c-ares) behind one process-wide cache shared by every SPF evaluation.
+"""The resolver: asynchronous DNS lookups through aiodns (c-ares; the private
+parts of aiodns and pycares it needs are fenced in ``cares.py``, and names
+c-ares will not send go through dnspython) behind one process-wide cache
+shared by every SPF evaluation. Nothing else knows the cache's key format:
+``peek`` says whether an answer is cached.
 
 Rules the cache keeps:
 - positive answers live for the smallest TTL of the records used (CNAME links
@@ -8,7 +11,7 @@ Rules the cache keeps:
   MINIMUM) of the SOA in the reply's authority section (RFC 2308 section 5),
   capped by ``negative_ttl``; without an SOA, for ``negative_ttl``. pycares'
   own query callback drops the reply of a negative answer, so queries are sent
-  with a callback of ours that keeps it (``_ask``);
+  with a callback of ours that keeps it (``cares.LoopResolver.query_reply``);
 - timeouts, SERVFAIL and other server failures are temporary errors
   (RFC 7208 section 2.6.6) and are never cached;
 - the number of entries is bounded, least recently used evicted first;
@@ -22,15 +25,13 @@ evaluator can hand them to pyspf unchanged: A/AAAA address strings, MX
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import marshal
 import math
 import struct
 import time
-import weakref
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ import dns.resolver
 import pycares
 
 from spfpolicy.cache import TtlLruCache
+from spfpolicy.cares import NEGATIVE, LoopResolver, without_query_cache
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +69,6 @@ MAX_GUESSES = 10_000
 # pyspf follows at most 10 CNAME links (spf.MAX_CNAME) before a permerror.
 MAX_CNAME_CHAIN = 10
 
-# c-ares statuses that mean "this name has no such data": a negative answer.
-_NEGATIVE = {aiodns.error.ARES_ENOTFOUND, aiodns.error.ARES_ENODATA}
 # Names c-ares refuses to put on the wire (it rejects labels with spaces and
 # other bytes that are legal in DNS, as SPF macros can produce, RFC 7208
 # section 7.3): those lookups go through dnspython instead, as do names with
@@ -236,7 +236,7 @@ class Resolver:
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
         # Prefetched keys no evaluation has read yet (oldest dropped first).
         self._guesses: dict[tuple[str, str], None] = {}
-        self._channel: _LoopResolver | None = None
+        self._channel: LoopResolver | None = None
         self._fallback: dns.asyncresolver.Resolver | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -350,11 +350,11 @@ class Resolver:
 
     # -- the network side ---------------------------------------------------
 
-    def _resolver(self) -> _LoopResolver:
+    def _resolver(self) -> LoopResolver:
         if self._channel is None:
             options: dict[str, Any] = {"timeout": self.timeout, "tries": self.tries}
-            with _without_cares_query_cache():
-                self._channel = _LoopResolver(
+            with without_query_cache():
+                self._channel = LoopResolver(
                     nameservers=self.nameservers or None,
                     loop=asyncio.get_running_loop(),
                     **options,
@@ -414,10 +414,10 @@ class Resolver:
             raise _UseDnspython
         self.stats.upstream_queries += 1
         try:
-            return await self._resolver().query_reply(wire, qtype)
+            return await self._resolver().query_reply(wire, QTYPES[qtype])
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
-            if code in _NEGATIVE:
+            if code in NEGATIVE:
                 return None, True
             if code in _UNASKABLE:
                 raise _UseDnspython from None
@@ -504,7 +504,7 @@ class Resolver:
         (/etc/resolv.conf) afresh, unless nameservers were given; queries
         already sent finish on the old channel, closed when they are done.
         c-ares' event thread would notice a change by itself; the loop-driven
-        channel (``_LoopResolver``) is renewed on reload instead."""
+        channel (``LoopResolver``) is renewed on reload instead."""
         old = self._channel
         if old is None or self.nameservers:
             return
@@ -522,43 +522,6 @@ class Resolver:
             self._channel.cancel()
             await self._channel.close()
             self._channel = None
-
-
-# c-ares (1.31 and later) keeps a query cache of its own, on by default, with
-# no bound on entries: under a flood of new domains it grows with the rate
-# times the TTLs, outside DNS_Cache_Size. This cache is the one that counts,
-# so c-ares' is switched off with its documented option (qcache_max_ttl = 0,
-# ARES_OPT_QUERY_CACHE). pycares 5 does not expose that option, so for the
-# moment a channel is created, its call to ares_init_options is given it.
-_ARES_OPT_QUERY_CACHE = 1 << 21
-
-
-class _InitOptionsWithoutQueryCache:
-    """pycares' C library, with ares_init_options disabling the query cache."""
-
-    def __init__(self, lib: Any) -> None:
-        self._lib = lib
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._lib, name)
-
-    def ares_init_options(self, channel: Any, options: Any, optmask: int) -> int:
-        options.qcache_max_ttl = 0
-        result: int = self._lib.ares_init_options(channel, options, optmask | _ARES_OPT_QUERY_CACHE)
-        return result
-
-
-@contextlib.contextmanager
-def _without_cares_query_cache() -> Iterator[None]:
-    lib = getattr(pycares, "_lib", None)
-    if lib is None or not hasattr(lib, "ares_init_options"):
-        yield  # another pycares layout: keep its default
-        return
-    pycares._lib = _InitOptionsWithoutQueryCache(lib)
-    try:
-        yield
-    finally:
-        pycares._lib = lib
 
 
 def _wire_name(name: str) -> bytes:
@@ -592,147 +555,6 @@ async def _retire(channel: aiodns.DNSResolver) -> None:
     finally:
         channel.cancel()
         await channel.close()
-
-
-class _LoopResolver(aiodns.DNSResolver):
-    """aiodns' resolver with c-ares driven from the event loop, not a thread.
-
-    aiodns 4 runs c-ares with its own event thread whenever it can; every
-    answer then reaches the loop through ``call_soon_threadsafe`` (a write to
-    the loop's self-pipe, a wake-up, the GIL handed over and back). Driven
-    from the loop instead, c-ares' sockets are watched with ``add_reader``
-    and its timeouts with a loop timer: aiodns' own path for platforms
-    without the thread (``sock_state_cb``). Cold requests cost 8-15 % less
-    CPU for it (unique workload: 497-506 against 544-598 us per request).
-    The thread also re-read /etc/resolv.conf when it changed; here a reload
-    does that (``Resolver.renew``). Should aiodns drop the hook used here,
-    its default (the thread) is used.
-    """
-
-    def _make_channel(self, **kwargs: Any) -> tuple[bool, pycares.Channel]:
-        if not callable(getattr(self, "_sock_state_cb", None)):
-            return super()._make_channel(**kwargs)
-        # A weak reference, as aiodns does: the channel holds the callback,
-        # which must not keep the resolver alive.
-        resolver = weakref.ref(self)
-
-        def sock_state(fd: int, readable: bool, writable: bool) -> None:
-            this = resolver()
-            if this is not None:
-                this._sock_state_cb(fd, readable, writable)
-
-        return False, pycares.Channel(sock_state_cb=sock_state, timeout=self._timeout, **kwargs)
-
-    def query_reply(
-        self, name: bytes, qtype: str
-    ) -> asyncio.Future[tuple[pycares.DNSResult | None, bool]]:
-        """One query of ``name`` (ASCII, from ``_wire_name``): (the reply,
-        whether the answer is negative), or aiodns' DNSError for any other
-        status, as ``query_dns`` raises it. Unlike ``query_dns``, a negative
-        answer comes with its reply, where the SOA says how long it may be
-        kept."""
-        future: asyncio.Future[tuple[pycares.DNSResult | None, bool]] = self.loop.create_future()
-        deliver: Any  # (reply, status) -> None, from c-ares' thread or the loop
-        if self._event_thread:
-            deliver = functools.partial(self.loop.call_soon_threadsafe, _deliver, future)  # type: ignore[arg-type]
-        else:
-            deliver = functools.partial(_deliver, future)
-        try:
-            if _KEEPS_NEGATIVE_REPLIES:
-                _ask(self._channel, name, QTYPES[qtype], deliver)
-            else:
-                self._channel.query(name.decode("ascii"), QTYPES[qtype], callback=deliver)
-        except pycares.AresError as exc:
-            # c-ares may have called back already with the same status.
-            code = exc.args[0] if exc.args else pycares.errno.ARES_EFORMERR
-            _deliver(future, None, code)
-        return future
-
-
-def _deliver(
-    future: asyncio.Future[tuple[pycares.DNSResult | None, bool]],
-    reply: pycares.DNSResult | None,
-    status: int | None,
-) -> None:
-    if future.done():  # cancelled, or the error was delivered twice
-        return
-    if status is None or status == pycares.errno.ARES_SUCCESS:
-        future.set_result((reply, False))
-    elif status in _NEGATIVE:
-        future.set_result((reply, True))
-    else:
-        future.set_exception(aiodns.error.DNSError(status, pycares.errno.strerror(status)))
-
-
-# pycares' query callback parses the reply only when c-ares reports success;
-# for NXDOMAIN and NODATA it passes the status alone, although c-ares hands
-# over the reply (ares_query_dnsrec does). ``_ask`` is pycares' Channel.query
-# with a callback of ours that keeps that reply. It uses pycares internals
-# (the channel lock and handle registry, the cffi objects): where they are
-# missing, pycares' own query is used and negative answers keep
-# ``negative_ttl``. One C callback serves every query, made once here.
-def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
-    if arg not in pycares._handle_to_channel:  # the channel went away
-        return
-    try:
-        deliver = pycares._ffi.from_handle(arg)
-        reply = None
-        if status == pycares.errno.ARES_SUCCESS or (
-            status in _NEGATIVE and dnsrec != pycares._ffi.NULL
-        ):
-            try:
-                reply, failed = pycares.parse_dnsrec(dnsrec)
-            except Exception:  # raised here, it would be lost and the query never end
-                log.debug("could not read a reply", exc_info=True)
-                reply, failed = None, pycares.errno.ARES_EBADRESP
-            if failed is not None:
-                status = failed
-        deliver(reply, status)
-    finally:
-        pycares._handle_to_channel.pop(arg, None)
-
-
-def _make_reply_callback() -> Any:
-    try:
-        return pycares._ffi.callback("ares_callback_dnsrec", _on_reply)
-    except Exception:  # another pycares layout, or no cffi callbacks here
-        log.debug("no c-ares reply callback of our own", exc_info=True)
-        return None
-
-
-_REPLY_CALLBACK = _make_reply_callback()
-_KEEPS_NEGATIVE_REPLIES = _REPLY_CALLBACK is not None and all(
-    hasattr(pycares.Channel, method) for method in ("_capture_channel", "_register_callback_handle")
-)
-
-
-def _ask(
-    channel: pycares.Channel,
-    name: bytes,
-    qtype: int,
-    deliver: Callable[..., object],
-) -> None:
-    """pycares' Channel.query (the lock that keeps a closing channel alive,
-    the handle registry) with ``_on_reply`` as the callback; ``name`` is
-    already encoded (``_wire_name``)."""
-    with channel._capture_channel() as handle:
-        userdata = channel._register_callback_handle(deliver)
-        try:
-            status = pycares._lib.ares_query_dnsrec(
-                handle,
-                name,
-                pycares.QUERY_CLASS_IN,
-                qtype,
-                _REPLY_CALLBACK,
-                userdata,
-                pycares._ffi.NULL,
-            )
-        except BaseException:
-            pycares._handle_to_channel.pop(userdata, None)
-            raise
-    if status != pycares.errno.ARES_SUCCESS:
-        pycares._handle_to_channel.pop(userdata, None)
-        raise pycares.AresError(status, pycares.errno.strerror(status))
 
 
 def _dnspython_server(spec: str) -> dns.nameserver.Do53Nameserver:
