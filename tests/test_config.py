@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from spfpolicy import config
+from spfpolicy.address import HostPort
 from spfpolicy.config import (
     ConfigError,
     HeaderType,
@@ -278,10 +279,18 @@ EVERY_KEY = [
     pytest.param("Stats_Interval", "0", "stats_interval", 0.0, id="Stats_Interval-off"),
     pytest.param("Stats_Interval", "", "stats_interval", None, id="Stats_Interval-unset"),
     pytest.param(
-        "Metrics_Listen", "127.0.0.1:9469", "metrics_listen", ("127.0.0.1", 9469), id="Metrics"
+        "Metrics_Listen",
+        "127.0.0.1:9469",
+        "metrics_listen",
+        HostPort("127.0.0.1", 9469),
+        id="Metrics",
     ),
     pytest.param(
-        "Metrics_Listen", "inet:[::1]:9469", "metrics_listen", ("::1", 9469), id="Metrics-v6"
+        "Metrics_Listen",
+        "inet:[::1]:9469",
+        "metrics_listen",
+        HostPort("::1", 9469),
+        id="Metrics-v6",
     ),
     pytest.param("Metrics_Listen", "", "metrics_listen", None, id="Metrics-off"),
 ]

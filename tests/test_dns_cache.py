@@ -18,7 +18,7 @@ import pytest
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.checks import DnsChecks
 from spfpolicy.evaluator import SpfEvaluator
-from spfpolicy.resolver import DnsAnswer, DnsCache, DnsTempError, Resolver, parse_nameserver
+from spfpolicy.resolver import DnsAnswer, DnsCache, DnsTempError, Resolver
 from spfpolicy.results import SpfResult
 
 
@@ -194,25 +194,6 @@ def test_dns_cache_keys_do_not_collide() -> None:
     assert [cache.get(key) for key in keys] == [
         DnsAnswer((f"192.0.2.{i}",), 60) for i in range(len(keys))
     ]
-
-
-@pytest.mark.parametrize(
-    ("spec", "expected"),
-    [
-        pytest.param("127.0.0.1", "127.0.0.1", id="bare-v4"),
-        pytest.param("127.0.0.1:5353", "127.0.0.1:5353", id="v4-port"),
-        pytest.param("::1", "::1", id="bare-v6"),
-        pytest.param("[::1]:5353", "[::1]:5353", id="v6-port"),
-    ],
-)
-def test_parse_nameserver(spec: str, expected: str) -> None:
-    assert parse_nameserver(spec) == expected
-
-
-@pytest.mark.parametrize("spec", ["", "127.0.0.1:0", "127.0.0.1:99999", "[::1]x", "h:p"])
-def test_parse_nameserver_rejects(spec: str) -> None:
-    with pytest.raises(ValueError):
-        parse_nameserver(spec)
 
 
 # -- against the loopback DNS server ------------------------------------------

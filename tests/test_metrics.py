@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from spfpolicy import metrics
+from spfpolicy.address import HostPort
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
 from spfpolicy.metrics import LATENCY_BUCKETS, ServerStats, action_label, restriction_label
 from spfpolicy.policy import ActionKind
@@ -94,7 +95,7 @@ async def metrics_server(zone_server: Any, tmp_path: Path) -> AsyncIterator[Poli
         Settings(),
         listen=(ListenAddress(ListenFamily.UNIX, path=str(tmp_path / "m.sock")),),
         nameservers=(Nameserver("127.0.0.1", dns.port),),
-        metrics_listen=("127.0.0.1", 0),
+        metrics_listen=HostPort("127.0.0.1", 0),
     )
     server = PolicyServer(settings)
     await server.start(settings.listen)
@@ -176,7 +177,7 @@ async def test_metrics_without_prometheus_client_is_a_startup_error(
     zone_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
-    server = PolicyServer(dataclasses.replace(Settings(), metrics_listen=("127.0.0.1", 0)))
+    server = PolicyServer(dataclasses.replace(Settings(), metrics_listen=HostPort("127.0.0.1", 0)))
     try:
         with pytest.raises(StartupError, match=r"pip install 'spfpolicy\[metrics\]'"):
             await server.start_metrics()

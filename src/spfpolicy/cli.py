@@ -15,15 +15,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from spfpolicy import __version__
-from spfpolicy.resolver import parse_nameserver
 
 if TYPE_CHECKING:
-    from spfpolicy.config import Settings
+    from spfpolicy.config import Nameserver, Settings
 
 
-def _nameserver(value: str) -> str:
+def _nameservers(value: str) -> tuple[Nameserver, ...]:
+    from spfpolicy.config import parse_nameservers
+
     try:
-        return parse_nameserver(value)
+        return parse_nameservers(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -115,7 +116,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--nameserver",
         action="append",
-        type=_nameserver,
+        type=_nameservers,
         metavar="HOST[:PORT]",
         help="DNS server to ask (repeatable; default: /etc/resolv.conf)",
     )
@@ -142,12 +143,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         with eventloop.runner() as runner:
             return runner.run(_check(args, settings))
-    from spfpolicy.config import parse_listen, parse_log_target, parse_nameservers
+    from spfpolicy.config import parse_listen, parse_log_target
     from spfpolicy.lifecycle import run_server
 
     try:
         listen = [a for spec in args.listen or () for a in parse_listen(spec)]
-        nameservers = [n for spec in args.nameserver or () for n in parse_nameservers(spec)]
+        nameservers = [n for servers in args.nameserver or () for n in servers]
         log_target = parse_log_target(args.log_target) if args.log_target else None
     except ValueError as exc:
         parser.error(str(exc))
@@ -165,10 +166,8 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from spfpolicy.resolver import Resolver
 
     lookup_time = args.timeout or float(settings.lookup_time)
-    nameservers = args.nameserver or [
-        f"[{n.host}]:{n.port}" if ":" in n.host else f"{n.host}:{n.port}"
-        for n in settings.nameservers
-    ]
+    nameservers = [n for servers in args.nameserver or () for n in servers]
+    nameservers = nameservers or list(settings.nameservers)
     resolver = Resolver(nameservers, timeout=min(settings.dns_timeout, lookup_time))
     evaluator = SpfEvaluator(resolver, void_limit=settings.void_limit, lookup_time=lookup_time)
     started = time.perf_counter()

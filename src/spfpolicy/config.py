@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from spfpolicy.address import HostPort
+
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ConfigError",
@@ -143,13 +145,13 @@ class ListenAddress:
     def __str__(self) -> str:
         if self.family is ListenFamily.UNIX:
             return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"inet:{host}:{self.port}"
+        return f"inet:{HostPort(self.host, self.port)}"
 
 
 @dataclass(frozen=True, slots=True)
-class Nameserver:
-    host: str
+class Nameserver(HostPort):
+    """One ``Nameservers`` entry: an IP address, port 53 unless given."""
+
     port: int = 53
 
 
@@ -276,7 +278,7 @@ class Settings:
     # 0 = off; unset = DEFAULT_STATS_INTERVAL at debugLevel >= 1, off at 0.
     stats_interval: float | None = None
     # Metrics_Listen: host:port of the Prometheus endpoint (None = off).
-    metrics_listen: tuple[str, int] | None = None
+    metrics_listen: HostPort | None = None
 
     @property
     def effective_stats_interval(self) -> float:
@@ -449,42 +451,13 @@ def _listen(text: str) -> tuple[ListenAddress, ...]:
                 raise ValueError(f"unix socket path must be absolute: {rest!r}")
             addresses.append(ListenAddress(ListenFamily.UNIX, path=rest))
         elif family == "inet":
-            host, port = _host_port(rest, None)
-            addresses.append(ListenAddress(ListenFamily.INET, host=host, port=port))
+            address = HostPort.parse(rest)
+            addresses.append(ListenAddress(ListenFamily.INET, host=address.host, port=address.port))
         else:
             raise ValueError(f"bad Listen entry {item!r}: expected unix: or inet:")
     if not addresses:
         raise ValueError("Listen needs at least one address")
     return tuple(addresses)
-
-
-def _host_port(text: str, default_port: int | None) -> tuple[str, int]:
-    """``host:port``, ``[v6]:port``; a bare IPv6 address or host when a default exists."""
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket:
-            raise ValueError(f"unclosed '[' in {text!r}")
-        port_text = rest.removeprefix(":") if rest.startswith(":") else None
-        if rest and port_text is None:
-            raise ValueError(f"junk after ']' in {text!r}")
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        host, port_text = text, None
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"missing port in {text!r}")
-        port = default_port
-    else:
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise ValueError(f"bad port in {text!r}") from None
-        if not 0 < port < 65536:
-            raise ValueError(f"port out of range in {text!r}")
-    if not host:
-        raise ValueError(f"missing host in {text!r}")
-    return host, port
 
 
 def _interval(text: str) -> float | None:
@@ -499,21 +472,21 @@ def _interval(text: str) -> float | None:
     return value
 
 
-def _metrics_listen(text: str) -> tuple[str, int] | None:
+def _metrics_listen(text: str) -> HostPort | None:
     if not text:
         return None
-    return _host_port(text.removeprefix("inet:"), None)
+    return HostPort.parse(text.removeprefix("inet:"))
 
 
 def _nameservers(text: str) -> tuple[Nameserver, ...]:
     servers = []
     for item in _items(text):
-        host, port = _host_port(item, 53)
+        server = Nameserver.parse(item, default_port=53)
         try:
-            ipaddress.ip_address(host)
+            ipaddress.ip_address(server.host)
         except ValueError:
-            raise ValueError(f"nameserver must be an IP address: {host!r}") from None
-        servers.append(Nameserver(host, port))
+            raise ValueError(f"nameserver must be an IP address: {server.host!r}") from None
+        servers.append(server)
     return tuple(servers)
 
 

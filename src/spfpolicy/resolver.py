@@ -46,6 +46,7 @@ import dns.rdatatype
 import dns.resolver
 import pycares
 
+from spfpolicy.address import HostPort
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.cares import NEGATIVE, LoopResolver, without_query_cache
 
@@ -181,36 +182,12 @@ class DnsStats:
         return self.misses - self.prefetches + self.prefetches_used
 
 
-def parse_nameserver(spec: str) -> str:
-    """Normalise ``HOST``, ``HOST:PORT``, ``[V6]:PORT`` for c-ares' server list."""
-    spec = spec.strip()
-    if not spec:
-        raise ValueError("empty nameserver")
-    if spec.startswith("["):
-        host, sep, port = spec[1:].partition("]")
-        if not sep or (port and not port.startswith(":")):
-            raise ValueError(f"bad nameserver {spec!r}")
-        port = port[1:]
-        _check_port(spec, port)
-        return f"[{host}]:{port}" if port else host
-    if spec.count(":") == 1:
-        host, port = spec.split(":")
-        _check_port(spec, port)
-        return f"{host}:{port}"
-    return spec  # a bare IPv4 or IPv6 address
-
-
-def _check_port(spec: str, port: str) -> None:
-    if port and not (port.isdigit() and 0 < int(port) < 65536):
-        raise ValueError(f"bad port in nameserver {spec!r}")
-
-
 class Resolver:
     """Cached, single-flight DNS lookups for the whole process."""
 
     def __init__(
         self,
-        nameservers: Sequence[str] | None = None,
+        nameservers: Sequence[HostPort | str] | None = None,
         *,
         timeout: float = 2.0,
         # c-ares adapts each try's timeout to the server's measured response
@@ -224,7 +201,11 @@ class Resolver:
         negative_ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.nameservers = [parse_nameserver(n) for n in nameservers or ()]
+        # Text is read as ``host[:port]`` (port 53 unless given).
+        self.nameservers = [
+            n if isinstance(n, HostPort) else HostPort.parse(n, default_port=53)
+            for n in nameservers or ()
+        ]
         self.timeout = timeout
         self.tries = tries
         self.min_ttl = min_ttl
@@ -355,7 +336,7 @@ class Resolver:
             options: dict[str, Any] = {"timeout": self.timeout, "tries": self.tries}
             with without_query_cache():
                 self._channel = LoopResolver(
-                    nameservers=self.nameservers or None,
+                    nameservers=[str(n) for n in self.nameservers] or None,
                     loop=asyncio.get_running_loop(),
                     **options,
                 )
@@ -447,7 +428,9 @@ class Resolver:
         if self._fallback is None:
             resolver = dns.asyncresolver.Resolver(configure=not self.nameservers)
             if self.nameservers:
-                resolver.nameservers = [_dnspython_server(n) for n in self.nameservers]
+                resolver.nameservers = [
+                    dns.nameserver.Do53Nameserver(n.host, n.port) for n in self.nameservers
+                ]
             resolver.timeout = self.timeout
             resolver.lifetime = self.timeout * max(1, self.tries)
             resolver.cache = None
@@ -555,17 +538,6 @@ async def _retire(channel: aiodns.DNSResolver) -> None:
     finally:
         channel.cancel()
         await channel.close()
-
-
-def _dnspython_server(spec: str) -> dns.nameserver.Do53Nameserver:
-    host, port = spec, 53
-    if spec.startswith("["):
-        host, _, rest = spec[1:].partition("]")
-        port = int(rest[1:]) if rest else 53
-    elif spec.count(":") == 1:
-        host, text = spec.split(":")
-        port = int(text)
-    return dns.nameserver.Do53Nameserver(host, port)
 
 
 def _convert(qtype: str, data: Any) -> Record:

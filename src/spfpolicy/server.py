@@ -34,7 +34,6 @@ from spfpolicy.checks import DnsChecks
 from spfpolicy.config import (
     ListenAddress,
     ListenFamily,
-    Nameserver,
     Settings,
 )
 from spfpolicy.deciding import Known, decide, decide_now
@@ -302,7 +301,7 @@ class PolicyServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.resolver = Resolver(
-            [_nameserver_text(n) for n in settings.nameservers],
+            settings.nameservers,
             timeout=settings.dns_timeout,
             cache_size=settings.dns_cache_size,
             min_ttl=settings.dns_min_ttl,
@@ -421,7 +420,7 @@ class PolicyServer:
         """The Prometheus endpoint, when Metrics_Listen is set (before dropping privileges)."""
         if self.settings.metrics_listen is None:
             return
-        host, port = self.settings.metrics_listen
+        host, port = self.settings.metrics_listen.host, self.settings.metrics_listen.port
         try:
             self.metrics = MetricsEndpoint(self.snapshot)
             await self.metrics.start(host, port)
@@ -669,11 +668,6 @@ class PolicyServer:
             await self.metrics.close()
             self.metrics = None
         await self.resolver.close()
-
-
-def _nameserver_text(server: Nameserver) -> str:
-    host = f"[{server.host}]" if ":" in server.host else server.host
-    return f"{host}:{server.port}"
 
 
 def _remove_stale_socket(path: str) -> None:

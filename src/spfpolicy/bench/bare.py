@@ -17,6 +17,7 @@ import sys
 from typing import cast
 
 from spfpolicy import eventloop
+from spfpolicy.address import HostPort
 from spfpolicy.protocol import ProtocolError, RequestParser, encode_response
 
 __all__ = ["BareProtocol", "main", "serve"]
@@ -57,8 +58,8 @@ async def serve(listen: str, ready: asyncio.Event | None = None) -> None:
             os.unlink(where)
         server = await loop.create_unix_server(BareProtocol, where)
     elif family == "inet":
-        host, _, port = where.rpartition(":")
-        server = await loop.create_server(BareProtocol, host.strip("[]"), int(port))
+        inet = HostPort.parse(where)
+        server = await loop.create_server(BareProtocol, inet.host, inet.port)
     else:
         raise ValueError(f"expected unix:PATH or inet:HOST:PORT, not {listen!r}")
     stop = asyncio.Event()

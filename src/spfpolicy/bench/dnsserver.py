@@ -45,6 +45,8 @@ import dns.rdtypes.ANY.TXT
 import dns.rdtypes.txtbase
 import dns.rrset
 
+from spfpolicy.address import HostPort
+
 log = logging.getLogger(__name__)
 
 MAX_CNAME_CHAIN = 10  # what common resolvers follow before giving up
@@ -855,18 +857,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Serve a YAML zone file over DNS (UDP and TCP) on a loopback port.",
     )
     parser.add_argument("--zone", required=True, type=Path, help="YAML file: name -> records")
-    parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT (default %(default)s)")
+    parser.add_argument(
+        "--listen", default="127.0.0.1", help="HOST[:PORT] (default %(default)s, any free port)"
+    )
     parser.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
     parser.add_argument("--ttl", type=int, default=300, help="TTL of records without their own")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
-
-
-def _split_listen(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or (":" in host and not host.startswith("[")):
-        return text.strip("[]"), 0  # no port given (or a bare IPv6 address)
-    return host.strip("[]"), int(port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -881,7 +878,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        host, port = _split_listen(args.listen)
+        listen = HostPort.parse(args.listen, default_port=0)
+        host, port = listen.host, listen.port
         data = yaml.safe_load(args.zone.read_text(encoding="utf-8")) or {}
         zone = Zone.from_dict(data, ttl=args.ttl)
         server = ZoneServer(zone, host=host, port=port, delay=args.delay)

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from spfpolicy import eventloop
+from spfpolicy.address import HostPort
 from spfpolicy.bench.workloads import Message, Request, Workload, WorkloadKind, parse_mix
 from spfpolicy.bench.zone import DEFAULT_MIX
 from spfpolicy.protocol import ProtocolError, ResponseParser
@@ -322,10 +323,8 @@ class SocketTarget(Target):
         if family == "unix":
             reader, writer = await asyncio.open_unix_connection(where, limit=READ_SIZE)
         else:
-            host, _, port = where.rpartition(":")
-            reader, writer = await asyncio.open_connection(
-                host.strip("[]"), int(port), limit=READ_SIZE
-            )
+            inet = HostPort.parse(where)
+            reader, writer = await asyncio.open_connection(inet.host, inet.port, limit=READ_SIZE)
         return Connection(reader, writer)
 
 
@@ -951,13 +950,12 @@ def _check_loopback(address: str) -> None:
     if family == "unix" and where:
         return
     if family == "inet":
-        host, _, port = where.rpartition(":")
-        host = host.strip("[]")
         try:
+            host = HostPort.parse(where).host
             loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
         except ValueError:
             loopback = False
-        if loopback and port.isdigit():
+        if loopback:
             return
         raise BenchError(f"--connect {address}: the bench only talks to loopback addresses")
     raise BenchError(f"--connect {address}: expected unix:PATH or inet:HOST:PORT")
