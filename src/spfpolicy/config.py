@@ -258,7 +258,13 @@ class Settings:
     # Idle_Timeout: a connection with no request for this long is closed;
     # above Postfix's max_idle (300 s) so Postfix normally closes first.
     idle_timeout: float = 600.0
-    # Protocol limits (see protocol.RequestParser for the reasons).
+    # Protocol limits. Postfix's line_length_limit is 2048, and smtpd refuses
+    # longer SMTP lines, so real values (sender, recipient, ccert_subject)
+    # stay below it; 8192 leaves room for a Postfix with a raised limit while
+    # bounding memory. Postfix 3.x sends about 35 attributes: room for new
+    # ones (malformed lines count too: each costs a warning). Real requests
+    # are under 2 KiB; 64 KiB bounds per-connection memory even with
+    # thousands of connections open.
     max_line_length: int = 8192  # Max_Line_Length, bytes
     max_attributes: int = 128  # Max_Attributes per request
     max_request_size: int = 65536  # Max_Request_Size, bytes
@@ -507,6 +513,11 @@ class _Key:
     field: str
     parse: Callable[[str], Any]
     per_user: bool = False  # may appear in a Per_User line
+
+
+# The defaults, written once (above): the modules that take a setting as a
+# parameter (protocol, resolver, evaluator, memory) default to these.
+DEFAULTS = Settings()
 
 
 # Key name -> Settings field. policyd-spf's keys first, then our own.

@@ -37,6 +37,7 @@ from typing import Any
 import greenlet
 import spf
 
+from spfpolicy.config import DEFAULTS
 from spfpolicy.prefetch import SpfPrefetcher
 from spfpolicy.resolver import CnameChainTooLong, DnsAnswer, DnsTempError, Resolver
 from spfpolicy.results import Identity, SpfOutcome, SpfResult
@@ -44,9 +45,9 @@ from spfpolicy.results import Identity, SpfOutcome, SpfResult
 log = logging.getLogger(__name__)
 
 # RFC 7208 section 4.6.4: at most two void lookups (pyspf's default too).
-DEFAULT_VOID_LIMIT = 2
+DEFAULT_VOID_LIMIT = DEFAULTS.void_limit
 # RFC 7208 section 4.6.4 lets evaluation time out after "at least 20 seconds".
-DEFAULT_LOOKUP_TIME = 20.0
+DEFAULT_LOOKUP_TIME = float(DEFAULTS.lookup_time)
 
 # What pyspf says when its DNS driver times out (py3dns and dnspython both
 # surface it as "DNS Timeout"); policyd-spf copies it into defer texts.

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from spfpolicy.cache import TtlLruCache
-from spfpolicy.config import Settings
+from spfpolicy.config import DEFAULTS, Settings
 from spfpolicy.policy import (
     ALREADY_PREPENDED,
     Act,
@@ -43,8 +43,8 @@ class InstanceMemory:
 
     def __init__(
         self,
-        max_entries: int = 10_000,
-        ttl: float = 1800.0,
+        max_entries: int = DEFAULTS.instance_cache_size,
+        ttl: float = DEFAULTS.instance_ttl,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ttl = ttl

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from itertools import repeat
 from types import MappingProxyType
 
+from spfpolicy.config import DEFAULTS
+
 __all__ = [
     "MAX_RESPONSE_LINE",
     "REQUEST_TYPE",
@@ -141,16 +143,11 @@ class RequestParser:
     A limit error is sticky; requests completed before it are returned first.
     """
 
-    # Postfix's line_length_limit is 2048, and smtpd refuses longer SMTP lines,
-    # so real values (sender, recipient, ccert_subject) stay below it. 8192
-    # leaves room for a Postfix with a raised limit while bounding memory.
-    max_line_length = 8192
-    # Postfix 3.x sends about 35 attributes; leave room for new ones. Malformed
-    # lines count too: each one costs a warning.
-    max_attributes = 128
-    # Real requests are under 2 KiB; 64 KiB bounds per-connection memory even
-    # with thousands of connections open.
-    max_request_size = 64 * 1024
+    # Max_Line_Length, Max_Attributes, Max_Request_Size (the reasons for
+    # the defaults are with them, in config.Settings).
+    max_line_length = DEFAULTS.max_line_length
+    max_attributes = DEFAULTS.max_attributes
+    max_request_size = DEFAULTS.max_request_size
 
     def __init__(
         self,

@@ -49,6 +49,7 @@ import pycares
 from spfpolicy.address import HostPort
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.cares import NEGATIVE, LoopResolver, without_query_cache
+from spfpolicy.config import DEFAULTS
 
 log = logging.getLogger(__name__)
 
@@ -189,16 +190,16 @@ class Resolver:
         self,
         nameservers: Sequence[HostPort | str] | None = None,
         *,
-        timeout: float = 2.0,
+        timeout: float = DEFAULTS.dns_timeout,
         # c-ares adapts each try's timeout to the server's measured response
         # times; a server that is briefly slower than usual (a load spike)
         # then misses a try, so allow enough tries that only a server that
         # stays silent for most of Lookup_Time gives a temperror.
         tries: int = 4,
-        cache_size: int = 100_000,
-        min_ttl: float = 0.0,
-        max_ttl: float = 86_400.0,
-        negative_ttl: float = 300.0,
+        cache_size: int = DEFAULTS.dns_cache_size,
+        min_ttl: float = DEFAULTS.dns_min_ttl,
+        max_ttl: float = DEFAULTS.dns_max_ttl,
+        negative_ttl: float = DEFAULTS.dns_negative_ttl,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Text is read as ``host[:port]`` (port 53 unless given).
