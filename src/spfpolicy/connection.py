@@ -67,6 +67,11 @@ class _Lookup:
     known: Known | None
 
 
+# What stopped ``_answer_at_once``: a wait, a lookup, or a broken protocol
+# (logged, and the connection closed, after the requests read before it).
+_Stop = _Wait | _Lookup | ProtocolError
+
+
 class Connection(asyncio.Protocol):
     """One client connection and the task that answers what needs waiting for."""
 
@@ -186,7 +191,7 @@ class Connection(asyncio.Protocol):
 
     # -- answering ------------------------------------------------------------
 
-    def _answer_at_once(self) -> _Wait | _Lookup | ProtocolError:
+    def _answer_at_once(self) -> _Stop:
         """Answer, in order, the requests read whose answers need no lookup,
         while the client reads its answers; return what stopped it."""
         parser, transport, writable = self._parser, self._transport, self._writable
@@ -212,9 +217,9 @@ class Connection(asyncio.Protocol):
         assert transport is not None
         try:
             while not self._lost:
+                stopped: _Stop
                 if self._handed_over is not None:
-                    stopped: _Wait | _Lookup | ProtocolError = self._handed_over
-                    self._handed_over = None
+                    stopped, self._handed_over = self._handed_over, None
                 else:
                     stopped = self._answer_at_once()
                 if isinstance(stopped, _Lookup):
