@@ -1,17 +1,23 @@
-"""Shared fixtures: real DNS answers from the project's loopback server.
+"""Shared fixtures: real DNS answers from the project's loopback server, and
+a PolicyServer on a real unix socket.
 
 ``zone_server`` starts as many ``ZoneServer`` instances as a test asks for and
-closes them all at teardown, so no test leaks a socket.
+closes them all at teardown, so no test leaks a socket; ``policy_server`` and
+``clients`` likewise stop every server and close every client they made.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from serving import ZONE, Client, Running, settings_for
 from spfpolicy.bench.dnsserver import Zone, ZoneServer
+from spfpolicy.server import PolicyServer
 
 MakeZoneServer = Callable[..., Awaitable[ZoneServer]]
 
@@ -32,3 +38,46 @@ async def zone_server() -> AsyncIterator[MakeZoneServer]:
     yield make
     for server in servers:
         await server.close()
+
+
+# -- a PolicyServer on a unix socket (tests/serving.py has the plumbing) --------
+
+
+@pytest.fixture
+async def clients() -> AsyncIterator[Callable[..., Awaitable[Client]]]:
+    """``await clients(path)`` or ``await clients(host=, port=)``; all closed at teardown."""
+    made: list[Client] = []
+
+    async def connect(path: Path | str | None = None, *, host: str = "", port: int = 0) -> Client:
+        if path is not None:
+            reader, writer = await asyncio.open_unix_connection(str(path))
+        else:
+            reader, writer = await asyncio.open_connection(host, port)
+        client = Client(reader, writer)
+        made.append(client)
+        return client
+
+    yield connect
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+async def policy_server(
+    tmp_path: Path, zone_server: Any, clients: Callable[..., Awaitable[Client]]
+) -> AsyncIterator[Callable[..., Awaitable[Running]]]:
+    """``await policy_server(**settings_changes)`` -> a started server on tmp_path/pN.sock."""
+    started: list[PolicyServer] = []
+
+    async def start(*, zone: dict[str, Any] = ZONE, delay: float = 0.0, **changes: Any) -> Running:
+        dns = await zone_server(zone, delay=delay)
+        path = tmp_path / f"p{len(started)}.sock"
+        settings = settings_for(dns, path, **changes)
+        server = PolicyServer(settings)
+        started.append(server)
+        await server.start(settings.listen)
+        return Running(server, dns, path, lambda: clients(path))
+
+    yield start
+    for server in started:
+        await server.stop(grace=1.0)

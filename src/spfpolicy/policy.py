@@ -62,7 +62,7 @@ import dataclasses
 import enum
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from spfpolicy.config import HeaderType, HeloReject, MailFromReject, Settings
 from spfpolicy.headers import (
@@ -721,27 +721,3 @@ def fallback_decision(settings: Settings, request: PolicyRequest) -> Decision:
     )
     verdict = Verdict(Act.DEFER, text, error=True, note="fallback")
     return to_decision(effective, view.queue_id, verdict)
-
-
-# Names that moved to memory.py and deciding.py (issue 12), importable from
-# here for code written against the old layout until it is merged; new code
-# imports them from their modules.
-_MOVED = {
-    "Checks": "spfpolicy.deciding",
-    "Known": "spfpolicy.deciding",
-    "decide": "spfpolicy.deciding",
-    "decide_now": "spfpolicy.deciding",
-    "InstanceMemory": "spfpolicy.memory",
-    "VerdictMemo": "spfpolicy.memory",
-    "memory_key": "spfpolicy.memory",
-    "replay": "spfpolicy.memory",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _MOVED.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)

@@ -1,9 +1,12 @@
-"""The policy server: listeners, connections, requests, reload and stop.
+"""The policy server: one request in, one action out; reload and stop.
 
-Every smtpd connection is served concurrently in one process; requests on a
-connection are answered in order. A request that fails in any way is still
-answered (DUNNO, or the TempError action when TempError_Defer is set), and
-the connection and the server live on.
+A request's way: listeners.py accepts a connection; connection.py reads its
+bytes, parses requests and writes answers in order, asking ``answer_now``
+(every answer cached: decided in the socket callback) or else ``answer``
+(awaited in the connection's task); both go to policy.py for the decision.
+Every smtpd connection is served concurrently in one process. A request that
+fails in any way is still answered (DUNNO, or the TempError action when
+TempError_Defer is set), and the connection and the server live on.
 
 ``PolicyServer.reload()`` applies new settings to requests read from then
 on; ``stop()`` stops accepting and reading, answers every request already
@@ -16,28 +19,19 @@ lifecycle.py.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import grp
 import logging
-import os
-import pwd
-import socket
-import stat
 import time
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import cast
 
 from spfpolicy import logs
+from spfpolicy.address import HostPort
 from spfpolicy.checks import DnsChecks
-from spfpolicy.config import (
-    ListenAddress,
-    ListenFamily,
-    Settings,
-)
+from spfpolicy.config import ListenAddress, Settings
+from spfpolicy.connection import Connection
 from spfpolicy.deciding import Known, decide, decide_now
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.listeners import ListenError, Listeners, StartupError
 from spfpolicy.memory import InstanceMemory, VerdictMemo
 from spfpolicy.metrics import (
     MetricsEndpoint,
@@ -46,24 +40,14 @@ from spfpolicy.metrics import (
     Snapshot,
 )
 from spfpolicy.policy import ActionKind, Decision, fallback_decision
-from spfpolicy.protocol import (
-    REQUEST_TYPE,
-    PolicyRequest,
-    ProtocolError,
-    RequestParser,
-    encode_response,
-)
+from spfpolicy.protocol import REQUEST_TYPE, PolicyRequest
 from spfpolicy.resolver import Resolver
 from spfpolicy.systemd import InheritedSocket
 
+__all__ = ["RESTART_ONLY", "ListenError", "PolicyServer", "StartupError"]
+
 log = logging.getLogger(__name__)
 request_log = logging.getLogger(logs.REQUEST_LOGGER)
-
-# Requests already read get this long to finish when stop() is not told.
-SHUTDOWN_GRACE = 30.0
-# Listen backlog: a Postfix restart reconnects every smtpd (default_process_limit
-# 100, often raised) at once.
-BACKLOG = 1024
 
 # Keys a SIGHUP cannot change in a running process: the sockets are bound
 # and privileges dropped, and the DNS channel (servers, timeout) and cache
@@ -81,218 +65,6 @@ RESTART_ONLY = {
     "dns_timeout": "DNS_Timeout",
     "dns_cache_size": "DNS_Cache_Size",
 }
-
-
-class StartupError(Exception):
-    """The server cannot start; the message says what to do."""
-
-
-class ListenError(StartupError):
-    """A listener could not be set up; the message says what to do."""
-
-
-class _Connection(asyncio.Protocol):
-    """One client connection.
-
-    Bytes go straight into the sans-IO parser as they arrive; one task takes
-    complete requests from it and answers them in order. Because the parser
-    holds everything read, "stop reading, then answer what was read" is
-    exact at shutdown: nothing read is lost in a stream buffer.
-
-    Fast path: while the task is idle, ``data_received`` answers at once
-    the requests whose answers are all cached (``PolicyServer.answer_now``);
-    the first one that needs a lookup goes to the task, and with it the
-    order of everything after it.
-    """
-
-    def __init__(self, server: PolicyServer) -> None:
-        self._server = server
-        self._transport: asyncio.Transport | None = None
-        self._parser: RequestParser | None = None
-        self._wakeup = asyncio.Event()  # data, EOF or shutdown
-        self._writable = asyncio.Event()  # transport flow control
-        self._writable.set()
-        self._closing = False  # nothing more will be read
-        self._lost = False
-        self._paused = False
-        self._last_read = 0.0  # loop time of the last bytes received
-        self._idle_timer: asyncio.TimerHandle | None = None
-        self._idle_expired = False
-        self._waiting = False  # the task waits for data, with nothing to answer
-        # A request the fast path hands to the task, with what it found cached.
-        self._pending: tuple[PolicyRequest, Known | None] | None = None
-        self.task: asyncio.Task[None] | None = None
-
-    # -- transport callbacks --------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
-        self._transport = transport = cast(asyncio.Transport, transport)
-        server = self._server
-        settings = server.settings
-        if server.stopping or len(server.connections) >= settings.max_connections:
-            server.refuse(self)
-            transport.close()
-            return
-        self._parser = RequestParser(
-            max_line_length=settings.max_line_length,
-            max_attributes=settings.max_attributes,
-            max_request_size=settings.max_request_size,
-        )
-        server.connections.add(self)
-        loop = asyncio.get_running_loop()
-        # Idle_Timeout: one timer per connection, re-armed only when it fires
-        # early (cheaper than a timeout around every wait for data).
-        self._last_read = loop.time()
-        self._idle_timer = loop.call_later(settings.idle_timeout, self._check_idle)
-        self.task = loop.create_task(self._serve())
-
-    def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is None or self._closing:
-            return
-        self._last_read = asyncio.get_running_loop().time()
-        # A ProtocolError is raised again by next_request(), after the
-        # requests before it: the serving task logs it and closes.
-        with contextlib.suppress(ProtocolError):
-            parser.feed(data)
-        if self._waiting and self._writable.is_set():
-            try:
-                if self._answer_at_once(parser):
-                    return  # all answered; the task sleeps on
-            except Exception:
-                # A bug must not escape into the transport (which would drop
-                # the connection): the task answers what is left.
-                log.exception("answering at once failed; the connection's task goes on")
-        # Backpressure on a client that pipelines faster than we answer.
-        if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
-            self._set_reading(False)
-        self._wakeup.set()
-
-    def _answer_at_once(self, parser: RequestParser) -> bool:
-        """Answer the requests that need no lookup; False when the task has
-        work left (a request that does, a protocol error, a client that does
-        not read its answers)."""
-        answer_now = self._server.answer_now
-        transport = self._transport
-        assert transport is not None
-        while True:
-            try:
-                request = parser.next_request()
-            except ProtocolError:
-                return False  # raised again in the task, which logs it and closes
-            if request is None:
-                return True
-            action = answer_now(request)
-            if not isinstance(action, str):
-                self._pending = (request, action)
-                return False
-            transport.write(encode_response(action))
-            if not self._writable.is_set():
-                return False  # the task waits until the client reads (or gives up)
-
-    def eof_received(self) -> bool:
-        self._closing = True
-        self._wakeup.set()
-        return True  # keep our side open to answer what was already sent
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = self._closing = True
-        self._writable.set()
-        self._wakeup.set()
-
-    def pause_writing(self) -> None:
-        self._writable.clear()
-
-    def resume_writing(self) -> None:
-        self._writable.set()
-
-    def _check_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        idle = self._server.settings.idle_timeout
-        quiet_until = self._last_read + idle
-        if loop.time() < quiet_until:
-            self._idle_timer = loop.call_at(quiet_until, self._check_idle)
-            return
-        self._idle_timer = None
-        self._idle_expired = True
-        self._wakeup.set()
-
-    # -- the server's side -------------------------------------------------
-
-    def shutdown(self) -> None:
-        """Read nothing more; what was read is still answered, then close."""
-        self._closing = True
-        if self._transport is not None and not self._lost:
-            self._set_reading(False)
-        self._wakeup.set()
-
-    def _set_reading(self, on: bool) -> None:
-        assert self._transport is not None
-        with contextlib.suppress(RuntimeError):  # transport already closing
-            if on:
-                self._transport.resume_reading()
-            else:
-                self._transport.pause_reading()
-        self._paused = not on
-
-    async def _serve(self) -> None:
-        server = self._server
-        parser = self._parser
-        transport = self._transport
-        assert parser is not None and transport is not None
-        try:
-            while not self._lost:
-                now: str | Known | None
-                if self._pending is not None:
-                    (request, now), self._pending = self._pending, None
-                else:
-                    try:
-                        next_request = parser.next_request()
-                    except ProtocolError as exc:
-                        log.warning("closing connection: %s", exc)
-                        break
-                    if next_request is None:
-                        if self._closing:
-                            break
-                        if self._paused:
-                            self._set_reading(True)
-                        if self._idle_expired:
-                            idle = server.settings.idle_timeout
-                            log.info("closing connection idle for %ss (Idle_Timeout)", idle)
-                            break
-                        self._wakeup.clear()
-                        self._waiting = True
-                        try:
-                            await self._wakeup.wait()
-                        finally:
-                            self._waiting = False
-                        continue
-                    request = next_request
-                    now = server.answer_now(request)
-                action = now if isinstance(now, str) else await server.answer(request, now)
-                if self._lost:
-                    break
-                transport.write(encode_response(action))
-                if not self._writable.is_set():
-                    try:
-                        async with asyncio.timeout(server.settings.idle_timeout):
-                            await self._writable.wait()
-                    except TimeoutError:
-                        log.info("closing connection: the client does not read its answers")
-                        break
-        except Exception:
-            log.exception("connection handler failed; closing that connection")
-        finally:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            server.connections.discard(self)
-            if self._idle_expired or not self._writable.is_set():
-                # Answers nobody reads: close() would keep the socket open
-                # until they were sent, that is, forever.
-                transport.abort()
-            else:
-                transport.close()
 
 
 class PolicyServer:
@@ -319,10 +91,9 @@ class PolicyServer:
         self.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
         self.memo = VerdictMemo(settings, settings.result_cache_size)
         self.stats = ServerStats()
-        self.connections: set[_Connection] = set()
+        self.connections: set[Connection] = set()
+        self.listeners = Listeners(lambda: Connection(self))
         self.metrics: MetricsEndpoint | None = None
-        self._servers: list[asyncio.Server] = []
-        self._unix_paths: list[str] = []
         self._deadlines: set[asyncio.Timeout] = set()  # of requests being answered
         self._stop_deadline: float | None = None  # loop time answers are due by
         self._slots = asyncio.Semaphore(settings.max_in_flight)
@@ -371,127 +142,43 @@ class PolicyServer:
             result_cache_ttl=settings.result_cache_ttl,
         )
 
-    # -- listeners ----------------------------------------------------------
+    # -- start ----------------------------------------------------------------
 
     async def start(
         self, listen: Sequence[ListenAddress], inherited: Sequence[InheritedSocket] = ()
     ) -> None:
         """Listen on ``inherited`` sockets (systemd's) if any, else on ``listen``."""
-        loop = asyncio.get_running_loop()
         try:
-            if inherited:
-                for item in inherited:
-                    if item.sock.family == socket.AF_UNIX:
-                        server = await loop.create_unix_server(self._protocol, sock=item.sock)
-                    else:
-                        server = await loop.create_server(self._protocol, sock=item.sock)
-                    self._servers.append(server)
-                    log.info("listening on %s, passed by systemd", item.describe())
-                if listen:
-                    log.info(
-                        "socket activation: not listening on %s (Listen)",
-                        ", ".join(str(a) for a in listen),
-                    )
-            else:
-                for address in listen:
-                    try:
-                        if address.family is ListenFamily.UNIX:
-                            await self._listen_unix(address.path)
-                        else:
-                            server = await loop.create_server(
-                                self._protocol,
-                                address.host,
-                                address.port,
-                                reuse_address=True,
-                                backlog=BACKLOG,
-                            )
-                            self._servers.append(server)
-                    except OSError as exc:  # in use, no permission, no such address
-                        raise ListenError(f"cannot listen on {address}: {exc}") from None
-                    log.info("listening on %s", address)
+            await self.listeners.open(listen, inherited, self.settings)
         except BaseException:
             await self.close()
             raise
-
-    def _protocol(self) -> _Connection:
-        return _Connection(self)
 
     async def start_metrics(self) -> None:
         """The Prometheus endpoint, when Metrics_Listen is set (before dropping privileges)."""
         if self.settings.metrics_listen is None:
             return
-        host, port = self.settings.metrics_listen.host, self.settings.metrics_listen.port
+        listen = self.settings.metrics_listen
         try:
             self.metrics = MetricsEndpoint(self.snapshot)
-            await self.metrics.start(host, port)
+            await self.metrics.start(listen.host, listen.port)
         except MetricsUnavailable as exc:
             self.metrics = None
             raise StartupError(str(exc)) from None
         except OSError as exc:
             self.metrics = None
-            message = f"cannot serve metrics on {host}:{port} (Metrics_Listen): {exc}"
+            message = f"cannot serve metrics on {listen} (Metrics_Listen): {exc}"
             raise StartupError(message) from None
-        log.info("metrics on http://%s:%d/metrics", _host_text(host), self.metrics.port)
+        bound = HostPort(listen.host, self.metrics.port)
+        log.info("metrics on http://%s/metrics", bound)
 
     @property
     def inet_ports(self) -> list[int]:
-        ports = []
-        for server in self._servers:
-            for sock in server.sockets:
-                if sock.family in (socket.AF_INET, socket.AF_INET6):
-                    ports.append(sock.getsockname()[1])
-        return ports
-
-    async def _listen_unix(self, path: str) -> None:
-        directory = os.path.dirname(path) or "."
-        if not os.path.isdir(directory):
-            raise ListenError(
-                f"cannot listen on unix:{path}: directory {directory} does not exist "
-                "(is Postfix installed?); choose another socket with "
-                "--listen unix:/path/to/socket or --listen inet:127.0.0.1:PORT"
-            )
-        _remove_stale_socket(path)
-        # Bind, chmod/chown and listen under a temporary name, then rename:
-        # the socket appears at its path only once it accepts connections
-        # with its final mode and owner (Postfix, or a test waiting for the
-        # path, never meets a socket that refuses or has the wrong mode).
-        temporary = f"{path}~{os.getpid()}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(temporary)
-            sock.bind(temporary)
-            try:
-                settings = self.settings
-                os.chmod(temporary, settings.socket_mode)
-                if settings.socket_owner or settings.socket_group:
-                    owner, group = settings.socket_owner, settings.socket_group
-                    try:
-                        uid = pwd.getpwnam(owner).pw_uid if owner else -1
-                        gid = grp.getgrnam(group).gr_gid if group else -1
-                    except KeyError as exc:
-                        raise ListenError(
-                            f"cannot listen on unix:{path}: no such user or group {exc} "
-                            "(Socket_Owner / Socket_Group)"
-                        ) from None
-                    os.chown(temporary, uid, gid)
-                sock.listen(BACKLOG)
-                os.rename(temporary, path)
-            except BaseException:
-                os.unlink(temporary)
-                raise
-        except BaseException:
-            sock.close()
-            raise
-        server = await asyncio.get_running_loop().create_unix_server(
-            self._protocol, sock=sock, backlog=BACKLOG
-        )
-        self._servers.append(server)
-        self._unix_paths.append(path)
+        return self.listeners.inet_ports
 
     # -- requests -----------------------------------------------------------
 
-    def refuse(self, connection: _Connection) -> None:
+    def refuse(self, connection: Connection) -> None:
         if self.stopping:
             return  # a connection in the accept queue at shutdown: not a refusal
         self.stats.refused_connections += 1
@@ -637,8 +324,7 @@ class PolicyServer:
         # Checks still running near the end of the grace get the fallback
         # answer, leaving a moment to write it.
         self._stop_deadline = loop.time() + grace - min(1.0, grace / 4)
-        for server in self._servers:
-            server.close()
+        self.listeners.stop_accepting()
         for deadline in list(self._deadlines):
             when = deadline.when()
             if when is None or when > self._stop_deadline:
@@ -656,40 +342,8 @@ class PolicyServer:
         await self.close()
 
     async def close(self) -> None:
-        for server in self._servers:
-            server.close()
-        for path in self._unix_paths:
-            # After dropping privileges the socket directory may not be ours.
-            with contextlib.suppress(FileNotFoundError, PermissionError):
-                os.unlink(path)
-        self._servers.clear()
-        self._unix_paths.clear()
+        self.listeners.close()
         if self.metrics is not None:
             await self.metrics.close()
             self.metrics = None
         await self.resolver.close()
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Replace a socket left by a crash; never delete anything else."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise ListenError(f"cannot listen on unix:{path}: it exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ListenError(f"cannot listen on unix:{path}: {exc}") from None
-        os.unlink(path)  # nobody listens: a stale socket
-        return
-    finally:
-        probe.close()
-    raise ListenError(f"cannot listen on unix:{path}: another server is listening there")
-
-
-def _host_text(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

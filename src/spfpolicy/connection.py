@@ -1,0 +1,266 @@
+"""One client connection: bytes in, answers out, in order.
+
+Bytes go straight into the sans-IO parser as they arrive. ``_answer_at_once``
+is the one place requests are answered: it takes the next request from the
+parser, answers it if ``answer_now`` can (every answer it needs cached),
+writes the answer, and goes on while the client reads its answers; it stops
+at what must be waited for, and says what:
+
+- in ``data_received``, while the connection's task sleeps, it answers the
+  cached requests without waking the task (the fast path: no task switch);
+- the connection's task runs the same steps and does the waiting between
+  them: for more data, for a request's lookups (``answer``), for the client
+  to read (flow control), with Idle_Timeout on the first and the last.
+
+Because the parser holds everything read, "stop reading, then answer what
+was read" is exact at shutdown: nothing read is lost in a stream buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from spfpolicy.config import Settings
+from spfpolicy.deciding import Known
+from spfpolicy.protocol import PolicyRequest, ProtocolError, RequestParser, encode_response
+
+# The server's log lines keep the logger name operators know them by.
+log = logging.getLogger("spfpolicy.server")
+
+
+class Answers(Protocol):
+    """What a connection needs from its server (``server.PolicyServer``)."""
+
+    settings: Settings
+
+    @property
+    def stopping(self) -> bool: ...
+
+    @property
+    def connections(self) -> set[Connection]: ...
+
+    def refuse(self, connection: Connection) -> None: ...
+
+    def answer_now(self, request: PolicyRequest) -> str | Known | None: ...
+
+    async def answer(self, request: PolicyRequest, known: Known | None = None) -> str: ...
+
+
+class _Wait(enum.Enum):
+    """Why ``_answer_at_once`` stopped, when not for a lookup."""
+
+    DATA = enum.auto()  # no complete request read
+    CLIENT = enum.auto()  # the client does not read its answers (transport paused writing)
+
+
+@dataclass(frozen=True, slots=True)
+class _Lookup:
+    """A request taken from the parser whose answer waits for DNS, with what
+    ``answer_now`` found cached."""
+
+    request: PolicyRequest
+    known: Known | None
+
+
+# What stopped ``_answer_at_once``: a wait, a lookup, or a broken protocol
+# (logged, and the connection closed, after the requests read before it).
+_Stop = _Wait | _Lookup | ProtocolError
+
+
+class Connection(asyncio.Protocol):
+    """One client connection and the task that answers what needs waiting for."""
+
+    def __init__(self, server: Answers) -> None:
+        self._server = server
+        self._transport: asyncio.Transport | None = None
+        self._parser: RequestParser | None = None
+        self._wakeup = asyncio.Event()  # data, EOF or shutdown
+        self._writable = asyncio.Event()  # transport flow control
+        self._writable.set()
+        self._closing = False  # nothing more will be read
+        self._lost = False
+        self._paused = False
+        self._last_read = 0.0  # loop time of the last bytes received
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_expired = False
+        self._waiting = False  # the task sleeps until data, with nothing to answer
+        # A request the fast path took from the parser and leaves to the task.
+        self._handed_over: _Lookup | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # -- transport callbacks --------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        server = self._server
+        settings = server.settings
+        if server.stopping or len(server.connections) >= settings.max_connections:
+            server.refuse(self)
+            transport.close()
+            return
+        self._parser = RequestParser(
+            max_line_length=settings.max_line_length,
+            max_attributes=settings.max_attributes,
+            max_request_size=settings.max_request_size,
+        )
+        server.connections.add(self)
+        loop = asyncio.get_running_loop()
+        # Idle_Timeout: one timer per connection, re-armed only when it fires
+        # early (cheaper than a timeout around every wait for data).
+        self._last_read = loop.time()
+        self._idle_timer = loop.call_later(settings.idle_timeout, self._check_idle)
+        self.task = loop.create_task(self._serve())
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._closing:
+            return
+        self._last_read = asyncio.get_running_loop().time()
+        # A ProtocolError is raised again by next_request(), after the
+        # requests before it, where _answer_at_once reports it.
+        with contextlib.suppress(ProtocolError):
+            parser.feed(data)
+        if self._waiting:
+            try:
+                stopped = self._answer_at_once()
+            except Exception:
+                # A bug must not escape into the transport (which would drop
+                # the connection): the task answers what is left.
+                log.exception("answering at once failed; the connection's task goes on")
+            else:
+                if stopped is _Wait.DATA:
+                    return  # all answered; the task sleeps on
+                if isinstance(stopped, _Lookup):
+                    self._handed_over = stopped
+            self._waiting = False  # the task has work: the fast path waits for it
+        # Backpressure on a client that pipelines faster than we answer.
+        if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
+            self._set_reading(False)
+        self._wakeup.set()
+
+    def eof_received(self) -> bool:
+        self._closing = True
+        self._wakeup.set()
+        return True  # keep our side open to answer what was already sent
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = self._closing = True
+        self._writable.set()
+        self._wakeup.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def _check_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        idle = self._server.settings.idle_timeout
+        quiet_until = self._last_read + idle
+        if loop.time() < quiet_until:
+            self._idle_timer = loop.call_at(quiet_until, self._check_idle)
+            return
+        self._idle_timer = None
+        self._idle_expired = True
+        self._wakeup.set()
+
+    # -- the server's side -------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Read nothing more; what was read is still answered, then close."""
+        self._closing = True
+        if self._transport is not None and not self._lost:
+            self._set_reading(False)
+        self._wakeup.set()
+
+    def _set_reading(self, on: bool) -> None:
+        assert self._transport is not None
+        with contextlib.suppress(RuntimeError):  # transport already closing
+            if on:
+                self._transport.resume_reading()
+            else:
+                self._transport.pause_reading()
+        self._paused = not on
+
+    # -- answering ------------------------------------------------------------
+
+    def _answer_at_once(self) -> _Stop:
+        """Answer, in order, the requests read whose answers need no lookup,
+        while the client reads its answers; return what stopped it."""
+        parser, transport, writable = self._parser, self._transport, self._writable
+        assert parser is not None and transport is not None
+        answer_now = self._server.answer_now
+        while writable.is_set():
+            try:
+                request = parser.next_request()
+            except ProtocolError as exc:
+                return exc
+            if request is None:
+                return _Wait.DATA
+            action = answer_now(request)
+            if not isinstance(action, str):
+                return _Lookup(request, action)
+            transport.write(encode_response(action))
+        return _Wait.CLIENT
+
+    async def _serve(self) -> None:
+        """Answer what ``data_received`` leaves, waiting where it cannot; close."""
+        server = self._server
+        transport = self._transport
+        assert transport is not None
+        try:
+            while not self._lost:
+                stopped: _Stop
+                if self._handed_over is not None:
+                    stopped, self._handed_over = self._handed_over, None
+                else:
+                    stopped = self._answer_at_once()
+                if isinstance(stopped, _Lookup):
+                    action = await server.answer(stopped.request, stopped.known)
+                    if self._lost:
+                        break
+                    transport.write(encode_response(action))
+                elif stopped is _Wait.CLIENT:
+                    try:
+                        async with asyncio.timeout(server.settings.idle_timeout):
+                            await self._writable.wait()
+                    except TimeoutError:
+                        log.info("closing connection: the client does not read its answers")
+                        break
+                elif stopped is _Wait.DATA:
+                    if self._closing:
+                        break
+                    if self._paused:
+                        self._set_reading(True)
+                    if self._idle_expired:
+                        idle = server.settings.idle_timeout
+                        log.info("closing connection idle for %ss (Idle_Timeout)", idle)
+                        break
+                    self._wakeup.clear()
+                    self._waiting = True
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        self._waiting = False
+                else:
+                    log.warning("closing connection: %s", stopped)
+                    break
+        except Exception:
+            log.exception("connection handler failed; closing that connection")
+        finally:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            server.connections.discard(self)
+            if self._idle_expired or not self._writable.is_set():
+                # Answers nobody reads: close() would keep the socket open
+                # until they were sent, that is, forever.
+                transport.abort()
+            else:
+                transport.close()
