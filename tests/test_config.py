@@ -254,6 +254,11 @@ EVERY_KEY = [
     pytest.param("DNS_Min_TTL", "5", "dns_min_ttl", 5, id="DNS_Min_TTL"),
     pytest.param("DNS_Max_TTL", "600", "dns_max_ttl", 600, id="DNS_Max_TTL"),
     pytest.param("DNS_Negative_TTL", "60", "dns_negative_ttl", 60, id="DNS_Negative_TTL"),
+    pytest.param(
+        "Slow_Domain_Threshold", "0", "slow_domain_threshold", 0, id="Slow_Domain_Threshold"
+    ),
+    pytest.param("Slow_Domain_Window", "30", "slow_domain_window", 30.0, id="Slow_Domain_Window"),
+    pytest.param("Slow_Domain_Hold", "300", "slow_domain_hold", 300.0, id="Slow_Domain_Hold"),
     pytest.param("Result_Cache_Size", "0", "result_cache_size", 0, id="Result_Cache_Size"),
     pytest.param("Result_Cache_TTL", "0", "result_cache_ttl", 0, id="Result_Cache_TTL"),
     pytest.param("Max_Connections", "50", "max_connections", 50, id="Max_Connections"),

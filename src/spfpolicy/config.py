@@ -242,6 +242,19 @@ class Settings:
     dns_min_ttl: int = 0  # DNS_Min_TTL
     dns_max_ttl: int = 86_400  # DNS_Max_TTL
     dns_negative_ttl: int = 300  # DNS_Negative_TTL
+    # A name is held down (its lookups fail at once, one probe per hold-down;
+    # slownames.py) after Slow_Domain_Threshold timeouts or server failures
+    # within Slow_Domain_Window seconds, for Slow_Domain_Hold seconds. A
+    # timeout counts when c-ares gives up on a query or a check runs out of
+    # Lookup_Time after waiting at least half of it for the name, so three
+    # messages that each waited 20 s within a minute hold it down, while a
+    # single lost reply or SERVFAIL does not. Two minutes of hold-down cost at
+    # most one probe's wait per name, and release a name that answers again
+    # before Postfix retries a deferred message (minimal_backoff_time, 300 s);
+    # RFC 2308 section 7 allows at most 300 s. Threshold 0 switches it off.
+    slow_domain_threshold: int = 3  # Slow_Domain_Threshold, failures (0 = off)
+    slow_domain_window: float = 60.0  # Slow_Domain_Window, seconds
+    slow_domain_hold: float = 120.0  # Slow_Domain_Hold, seconds (at most 300)
     result_cache_size: int = 10_000  # Result_Cache_Size
     result_cache_ttl: int = 60  # Result_Cache_TTL (0 disables)
     # Max_Connections: open client connections; one more is closed at once
@@ -375,6 +388,14 @@ def _seconds(text: str) -> float:
         raise ValueError("expected a number of seconds") from None
     if not value > 0 or value == float("inf"):
         raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _hold(text: str) -> float:
+    value = _seconds(text)
+    # RFC 2308 section 7: a failure is not remembered for more than 5 minutes.
+    if value > 300:
+        raise ValueError("must be at most 300 seconds (RFC 2308 section 7)")
     return value
 
 
@@ -569,6 +590,9 @@ _KEYS: Mapping[str, _Key] = {
     "DNS_Min_TTL": _Key("dns_min_ttl", _int(0)),
     "DNS_Max_TTL": _Key("dns_max_ttl", _int(0)),
     "DNS_Negative_TTL": _Key("dns_negative_ttl", _int(0)),
+    "Slow_Domain_Threshold": _Key("slow_domain_threshold", _int(0)),
+    "Slow_Domain_Window": _Key("slow_domain_window", _seconds),
+    "Slow_Domain_Hold": _Key("slow_domain_hold", _hold),
     "Result_Cache_Size": _Key("result_cache_size", _int(0)),
     "Result_Cache_TTL": _Key("result_cache_ttl", _int(0)),
     "Max_Connections": _Key("max_connections", _int(1)),

@@ -243,7 +243,7 @@ class SpfEvaluator:
         self._prefetch(str(query.d), ip)
         self.in_flight += 1
         try:
-            verdict = await self._drive(query, started + budget)
+            verdict = await self._drive(query, started + budget, budget)
         except Exception:
             verdict = _failed(ip, sender, helo)
         finally:
@@ -351,7 +351,9 @@ class SpfEvaluator:
         if "." in domain and all(0 < len(label) < 64 for label in domain.split(".")):
             self.prefetcher.start(domain, ip)
 
-    async def _drive(self, query: _AsyncQuery, deadline: float) -> tuple[str, int, str]:
+    async def _drive(
+        self, query: _AsyncQuery, deadline: float, budget: float
+    ) -> tuple[str, int, str]:
         """Run ``query.check()`` in a greenlet, serving its DNS requests."""
         runner = greenlet.greenlet(query.check)
         request: Any = runner.switch()
@@ -359,15 +361,22 @@ class SpfEvaluator:
             if not runner.dead:
                 # One timer for the whole evaluation, not one per lookup.
                 remaining = deadline - self._clock()
+                asked = self._clock()  # when the lookup waited on was asked for
                 try:
                     if remaining <= 0:
                         raise TimeoutError
                     async with asyncio.timeout(remaining):
                         while not runner.dead:
+                            asked = self._clock()
                             request = await self._serve(runner, request)
                 except TimeoutError:
                     if runner.dead:  # raised by pyspf itself, not our timer
                         raise
+                    # The name waited for most of the time is a timeout to
+                    # the slow-name memory; one that answered slowly, leaving
+                    # too little time for the next, is not.
+                    if isinstance(request, _NeedDns) and (self._clock() - asked >= budget / 2):
+                        self.resolver.gave_up(request.name)
                     # Out of time: this lookup and any further one time out.
                     while not runner.dead:
                         request = runner.throw(spf.TempError(_TIMEOUT_TEXT))

@@ -118,6 +118,8 @@ def summary_line(snap: Snapshot) -> str:
         f"dns_cache[entries={dns['entries']} hits={dns['hits']} misses={dns['misses']} "
         f"hit_rate={hit_rate} evictions={dns['evictions']}] "
         f"upstream[queries={dns['upstream_queries']} failures={dns['upstream_failures']}] "
+        f"slow_names[held={dns['slow_names_held']} holds={dns['slow_holds']} "
+        f"held_lookups={dns['slow_held_lookups']}] "
         f"result_cache[entries={snap.result_cache_entries} hits={snap.result_cache_hits}]"
     )
 
@@ -219,6 +221,27 @@ class _Collector:
             "Prefetches not sent: unused guesses were at their budget",
             dns["prefetches_refused"],
         )
+        yield counter(
+            "spfpolicy_dns_slow_holds",
+            "Hold-downs begun: a name failed Slow_Domain_Threshold times within the window",
+            dns["slow_holds"],
+        )
+        yield counter(
+            "spfpolicy_dns_slow_held_lookups",
+            "Lookups failed at once because their name was held down",
+            dns["slow_held_lookups"],
+        )
+        yield counter(
+            "spfpolicy_dns_slow_probes",
+            "Lookups sent to probe a name whose hold-down ended",
+            dns["slow_probes"],
+        )
+        yield counter(
+            "spfpolicy_dns_slow_recoveries",
+            "Hold-downs ended by an answer",
+            dns["slow_recoveries"],
+        )
+        yield gauge("spfpolicy_dns_slow_names_held", "Names held down now", dns["slow_names_held"])
         yield counter(
             "spfpolicy_result_cache_hits",
             "SPF checks answered by the result cache",

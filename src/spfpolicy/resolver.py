@@ -15,7 +15,9 @@ Rules the cache keeps:
 - timeouts, SERVFAIL and other server failures are temporary errors
   (RFC 7208 section 2.6.6) and are never cached;
 - the number of entries is bounded, least recently used evicted first;
-- concurrent lookups of one (name, type) share one upstream query.
+- concurrent lookups of one (name, type) share one upstream query;
+- a name whose lookups keep timing out or failing is held down for a while
+  (``slownames.py``): its lookups fail at once, but for one probe.
 
 Answers are returned in the shapes pyspf's own DNS drivers produce, so the
 evaluator can hand them to pyspf unchanged: A/AAAA address strings, MX
@@ -50,6 +52,7 @@ from spfpolicy.address import HostPort
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.cares import NEGATIVE, LoopResolver, without_query_cache
 from spfpolicy.config import DEFAULTS
+from spfpolicy.slownames import SlowNames
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +203,9 @@ class Resolver:
         min_ttl: float = DEFAULTS.dns_min_ttl,
         max_ttl: float = DEFAULTS.dns_max_ttl,
         negative_ttl: float = DEFAULTS.dns_negative_ttl,
+        slow_threshold: int = DEFAULTS.slow_domain_threshold,
+        slow_window: float = DEFAULTS.slow_domain_window,
+        slow_hold: float = DEFAULTS.slow_domain_hold,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # Text is read as ``host[:port]`` (port 53 unless given).
@@ -215,6 +221,7 @@ class Resolver:
         self.clock = clock  # the time answers' ``expires`` are given in
         self.cache = DnsCache(cache_size, clock=clock)
         self.stats = DnsStats()
+        self.slow = SlowNames(slow_threshold, slow_window, slow_hold, clock=clock)
         self._inflight: dict[tuple[str, str], asyncio.Future[DnsAnswer]] = {}
         # Prefetched keys no evaluation has read yet (oldest dropped first).
         self._guesses: dict[tuple[str, str], None] = {}
@@ -231,6 +238,7 @@ class Resolver:
     def counters(self) -> dict[str, int]:
         """Cache and upstream counters, for metrics and the stats log line."""
         stats = self.stats
+        slow = self.slow.stats
         return {
             "hits": stats.hits,
             "misses": stats.misses,
@@ -243,6 +251,11 @@ class Resolver:
             "in_flight": len(self._inflight),
             "evictions": self.cache.evictions,
             "entries": len(self.cache),
+            "slow_holds": slow.holds,
+            "slow_held_lookups": slow.held_lookups,
+            "slow_probes": slow.probes,
+            "slow_recoveries": slow.recoveries,
+            "slow_names_held": self.slow.held_now(),
         }
 
     def cached(self, name: str, qtype: str) -> DnsAnswer | None:
@@ -282,6 +295,12 @@ class Resolver:
             self.stats.hits += 1
             return answer
         future = self._inflight.get(key)
+        if self.slow.any_held:
+            hold = self.slow.check(name)
+            if hold is not None:
+                raise DnsTempError(hold.reason, f"{qtype} {name}: held down")
+            if self.slow.probe(name):
+                future = None  # a fresh query, not one sent before the hold-down
         if future is None:
             future = self._start(key)
         else:
@@ -295,6 +314,8 @@ class Resolver:
         key = (name, qtype)
         if key in self._inflight or self.cache.get(key) is not None:
             return None
+        if self.slow.any_held and self.slow.held(name):
+            return None  # a guess must not probe a name held down
         self.stats.prefetches += 1
         guesses = self._guesses
         if len(guesses) >= MAX_GUESSES:
@@ -315,12 +336,22 @@ class Resolver:
         future.add_done_callback(functools.partial(self._settle, key))
         return future
 
+    def gave_up(self, name: str) -> None:
+        """An evaluation ran out of Lookup_Time waiting for ``name``: to the
+        smtpd that asked, a timeout like c-ares' own."""
+        self.slow.failed(name, "Timeout")
+
     def _settle(self, key: tuple[str, str], future: asyncio.Future[DnsAnswer]) -> None:
-        self._inflight.pop(key, None)
+        if self._inflight.get(key) is future:  # not replaced by a probe
+            del self._inflight[key]
         if future.cancelled():
+            self.slow.abandoned(key[0])
             return
         error = future.exception()
+        if isinstance(error, DnsTempError):
+            self.slow.failed(key[0], str(error))
         if error is None:
+            self.slow.answered(key[0])
             answer = future.result()
             # Kept until the answer's own expiry, the one its users count on.
             self.cache.set(key, answer, answer.expires - self.clock())

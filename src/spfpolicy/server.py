@@ -79,6 +79,9 @@ class PolicyServer:
             min_ttl=settings.dns_min_ttl,
             max_ttl=settings.dns_max_ttl,
             negative_ttl=settings.dns_negative_ttl,
+            slow_threshold=settings.slow_domain_threshold,
+            slow_window=settings.slow_domain_window,
+            slow_hold=settings.slow_domain_hold,
         )
         self.evaluator = SpfEvaluator(
             self.resolver,
@@ -295,6 +298,9 @@ class PolicyServer:
         resolver = self.resolver
         resolver.min_ttl, resolver.max_ttl = new.dns_min_ttl, new.dns_max_ttl
         resolver.negative_ttl = new.dns_negative_ttl
+        resolver.slow.configure(
+            new.slow_domain_threshold, new.slow_domain_window, new.slow_domain_hold
+        )
         resolver.renew()  # a changed /etc/resolv.conf, when Nameservers is empty
         self.evaluator.void_limit, self.evaluator.lookup_time = new.void_limit, new.lookup_time
         checks = self._make_checks(new)
