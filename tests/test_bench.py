@@ -324,6 +324,36 @@ def test_bare_and_spfpolicy_in_one_run_with_ratios() -> None:
     assert ratios["requests_per_s"] > 0
 
 
+def test_dropped_temperror_domains_with_and_without_hold_down(tmp_path: Path) -> None:
+    conf = tmp_path / "spfpolicy.conf"
+    conf.write_text(
+        "debugLevel = 0\nLog_Target = stderr\nLookup_Time = 1\n"
+        "Slow_Domain_Threshold = 2\nSlow_Domain_Hold = 60\n"
+    )
+    data = _run(
+        seed=2,
+        mix={"pass": 70, "temperror": 30},
+        domains=60,  # few temperror domains: each comes back within the window
+        drop_temperror=True,
+        server_config=str(conf),
+        targets=["spfpolicy", "spfpolicy-nohold"],
+    )
+    assert data["config"]["drop_temperror"] is True
+    held, waited = data["targets"]
+    assert waited["name"] == "spfpolicy-nohold"
+    for target in (held, waited):
+        assert target["contradictions"] == 0, target["contradiction_examples"]
+        assert target["errors"] == 0 and target["timeouts"] == 0
+        assert target["temperror_requests"] > 0
+    # The same messages; without the hold-down each first request of a
+    # temperror message waits out Lookup_Time (1 s).
+    assert held["temperror_requests"] == waited["temperror_requests"]
+    assert held["temperror_wait_s"] < waited["temperror_wait_s"]
+    report = format_report(data)
+    assert report.count("smtpd waiting on temperror messages") == 2
+    assert "(their queries dropped)" in report
+
+
 def _warm_up_requests(target: dict) -> int:
     (note,) = [n for n in target["notes"] if n.startswith("warm-up: ")]
     return int(note.split()[1])

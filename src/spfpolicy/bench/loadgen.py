@@ -127,6 +127,10 @@ class TargetResult:
     loadgen_cpu_seconds: float = 0.0
     dns_cpu_seconds: float | None = None
     critical_paths: array = field(default_factory=lambda: array("B"))
+    # smtpd waiting (the sum of latencies) on messages whose expected result
+    # is temperror, and their requests: what a dead domain costs the MTA.
+    temperror_wait: float = 0.0
+    temperror_requests: int = 0
     cold_rtts: int = 0  # summed over the messages answered (Message.cold_rtts)
     cold_messages: int = 0  # messages whose first request waits for a lookup
     concurrency: int = 0
@@ -203,6 +207,8 @@ class TargetResult:
             if self.dns_cpu_seconds is None
             else round(self.dns_cpu_seconds, 3),
             "critical_path_rtts_p50": paths[len(paths) // 2] if paths else None,
+            "temperror_wait_s": round(self.temperror_wait, 3),
+            "temperror_requests": self.temperror_requests,
             "cold_messages": self.cold_messages,
             "cold_rtts": self.cold_rtts,
             "dns_bound_requests_per_s": None if ceiling is None else round(ceiling, 1),
@@ -394,6 +400,14 @@ def _spfpolicy_argv(bench: Bench, address: str) -> list[str]:
     return [*argv, "--listen", address, "--nameserver", bench.nameserver]
 
 
+def _spfpolicy_nohold_argv(bench: Bench, address: str) -> list[str]:
+    """spfpolicy with the slow-domain hold-down off, to compare with it on."""
+    conf = bench.workdir / "spfpolicy-nohold.conf"
+    conf.write_text(bench.spfpolicy_conf.read_text() + "\nSlow_Domain_Threshold = 0\n")
+    argv = [sys.executable, "-m", "spfpolicy", "serve", "-c", str(conf)]
+    return [*argv, "--listen", address, "--nameserver", bench.nameserver]
+
+
 def _bare_argv(bench: Bench, address: str) -> list[str]:
     return [sys.executable, "-m", "spfpolicy.bench.bare", "--listen", address]
 
@@ -546,15 +560,18 @@ class BenchError(Exception):
 class DnsProcess:
     """``python -m spfpolicy.bench.zone`` with its stdin control channel."""
 
-    def __init__(self, seed: int, delay: float) -> None:
+    def __init__(self, seed: int, delay: float, *, drop: bool = False) -> None:
         self.seed = seed
         self.delay = delay
+        self.drop = drop
         self.process: asyncio.subprocess.Process | None = None
         self.nameserver = ""
 
     async def start(self) -> None:
         argv = [sys.executable, "-m", "spfpolicy.bench.zone", "--control"]
         argv += ["--seed", str(self.seed), "--delay", str(self.delay)]
+        if self.drop:
+            argv.append("--drop")
         self.process = await asyncio.create_subprocess_exec(
             *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE
         )
@@ -614,6 +631,7 @@ class BenchConfig:
     progress: bool | None = None  # None: when stderr is a terminal
     json_path: str | None = None
     plot_path: str | None = None
+    drop_temperror: bool = False  # the temperror domains drop queries (dead nameservers)
 
 
 class MessageSource:
@@ -798,8 +816,12 @@ class Bench:
                             except (OSError, ProtocolError) as exc:
                                 _error(result, f"{type(exc).__name__}: {exc}")
                                 raise _Broken from None
-                            latencies.append(clock() - sent)
+                            took = clock() - sent
+                            latencies.append(took)
                             result.requests += 1
+                            if message.requests[0].expected == "temperror":
+                                result.temperror_wait += took
+                                result.temperror_requests += 1
                             if check_answers:
                                 first_kind = _check(result, request, action, first_kind)
                             else:
@@ -931,13 +953,19 @@ def _targets(config: BenchConfig) -> list[Target]:
     for name in config.targets:
         if name == "spfpolicy":
             targets.append(ServerProcessTarget("spfpolicy", "spfpolicy", _spfpolicy_argv))
+        elif name == "spfpolicy-nohold":
+            targets.append(
+                ServerProcessTarget("spfpolicy-nohold", "spfpolicy-nohold", _spfpolicy_nohold_argv)
+            )
         elif name == "bare":
             bare = ServerProcessTarget("bare", "bare", _bare_argv)
             bare.checks_answers = False  # DUNNO by design
             bare.uses_bench_dns = False  # and no lookups
             targets.append(bare)
         else:
-            raise BenchError(f"unknown target {name!r}: expected spfpolicy or bare")
+            raise BenchError(
+                f"unknown target {name!r}: expected spfpolicy, spfpolicy-nohold or bare"
+            )
     if config.baseline_cmd:
         targets.append(SpawnTarget(config.baseline_name, config.baseline_cmd))
     if not targets:
@@ -970,7 +998,7 @@ async def run(config: BenchConfig) -> dict[str, Any]:
         if config.dns:
             bench.nameserver = config.dns
         else:
-            dns = DnsProcess(config.seed, config.dns_delay)
+            dns = DnsProcess(config.seed, config.dns_delay, drop=config.drop_temperror)
             await dns.start()
             bench.dns = dns
             bench.nameserver = dns.nameserver
@@ -1004,6 +1032,7 @@ def report(config: BenchConfig, bench: Bench, results: list[TargetResult]) -> di
             "duration_s": config.duration,
             "warmup_requests": config.warmup,
             "dns_delay_s": config.dns_delay,
+            "drop_temperror": config.drop_temperror,
             "timeout_s": config.timeout,
             "domains": workload.domains,
             "hot_tuples": workload.hot_tuples,
@@ -1080,6 +1109,12 @@ def format_report(data: dict[str, Any]) -> str:
         extra.append(f"load generator CPU {t['loadgen_cpu_s']:.1f} s")
         if t["dns_server_cpu_s"] is not None:
             extra.append(f"DNS server CPU {t['dns_server_cpu_s']:.1f} s")
+        if t["temperror_requests"]:
+            extra.append(
+                f"smtpd waiting on temperror messages {t['temperror_wait_s']:,.1f} s "
+                f"over {t['temperror_requests']:,} requests"
+                + (" (their queries dropped)" if c.get("drop_temperror") else "")
+            )
         if t["critical_path_rtts_p50"] is not None and c["workload"] == "unique":
             extra.append(f"critical path p50 {t['critical_path_rtts_p50']} RTTs")
         if t["dns_bound_requests_per_s"] is not None:
@@ -1251,6 +1286,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="emulated DNS round trip (default 0.02)",
     )
     parser.add_argument(
+        "--drop-temperror",
+        action="store_true",
+        help="the temperror share of the mix (--mix temperror=N) drops queries, as a dead "
+        "nameserver does, instead of answering SERVFAIL; the report gives the seconds "
+        "of smtpd waiting spent on those messages",
+    )
+    parser.add_argument(
         "--dns",
         metavar="HOST:PORT",
         help="use a running 'python -m spfpolicy.bench.zone' (same --seed) instead of starting one",
@@ -1266,9 +1308,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-t",
         "--target",
         action="append",
-        choices=["spfpolicy", "bare"],
+        choices=["spfpolicy", "spfpolicy-nohold", "bare"],
         help="servers the bench starts itself, in order (repeatable; "
-        "default spfpolicy unless --connect is given)",
+        "default spfpolicy unless --connect is given); spfpolicy-nohold is "
+        "spfpolicy with Slow_Domain_Threshold = 0 (no hold-down of slow domains)",
     )
     parser.add_argument(
         "--connect",
@@ -1335,6 +1378,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         progress=args.progress,
         json_path=args.json,
         plot_path=args.plot,
+        drop_temperror=args.drop_temperror,
     )
 
 

@@ -471,9 +471,12 @@ class BenchZone(Zone):
 
     node_cache_size = 50_000
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, *, drop: bool = False) -> None:
         super().__init__({})
         self.seed = seed
+        # drop: the temperror kinds' failing names drop queries (a dead
+        # nameserver) instead of answering SERVFAIL.
+        self.failure = Fault.TIMEOUT if drop else Fault.SERVFAIL
         self.origin = dns.name.from_text("example.")
         self._providers: dict[dns.name.Name, dict[int, dns.rrset.RRset]] = {}
         for text, records in PROVIDERS.items():
@@ -543,7 +546,7 @@ class BenchZone(Zone):
         if found is None:
             return None
         if found and found[0][0] == "SERVFAIL":
-            return Fault.SERVFAIL
+            return self.failure
         return _by_type(found)
 
 
@@ -596,6 +599,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=1, help="the zone's seed (as bench --seed)")
     parser.add_argument("--delay", type=float, default=0.02, help="seconds before each answer")
+    parser.add_argument(
+        "--drop",
+        action="store_true",
+        help="the temperror domains' failing names drop queries instead of answering SERVFAIL",
+    )
     parser.add_argument("--listen", default="127.0.0.1", help="loopback address")
     parser.add_argument("--port", type=int, default=0, help="port (default: any free one)")
     parser.add_argument(
@@ -620,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     server = BenchZoneServer(
-        BenchZone(args.seed), host=args.listen, port=args.port, delay=args.delay
+        BenchZone(args.seed, drop=args.drop), host=args.listen, port=args.port, delay=args.delay
     )
     async with server:
         print(server.nameserver, flush=True)
