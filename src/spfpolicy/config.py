@@ -54,14 +54,18 @@ __all__ = [
     "HeaderType",
     "HeloReject",
     "IPNetwork",
+    "KeyDoc",
     "ListenAddress",
     "ListenFamily",
     "LogTarget",
     "MailFromReject",
     "Nameserver",
+    "Origin",
     "PerUserTable",
     "Settings",
+    "documented_keys",
     "load_settings",
+    "parse_key",
     "parse_listen",
     "parse_log_target",
     "parse_nameservers",
@@ -529,87 +533,545 @@ def _log_target(text: str) -> tuple[LogTarget, ...]:
     return tuple(dict.fromkeys(targets))
 
 
+class Origin(enum.StrEnum):
+    """Where a key comes from (the man page and the example file group by it)."""
+
+    POLICYD_SPF = "policyd-spf"  # policyd-spf 3.0.4, same meaning here
+    SPF_ENGINE = "spf-engine 3.1.0"  # policyd-spf's later releases
+    MILTER = "policyd-spf milter"  # read by its milter only: accepted, ignored here
+    SPFPOLICY = "spfpolicy"  # our own server keys
+
+
 @dataclass(frozen=True, slots=True)
 class _Key:
     field: str
     parse: Callable[[str], Any]
     per_user: bool = False  # may appear in a Per_User line
+    # The documentation: spfpolicy.conf(5), conf/spfpolicy.conf and the
+    # README's key list are generated from it (spfpolicy.manual), and a test
+    # fails for a key with an empty doc. Paragraphs are separated by a blank
+    # line; the first sentence is the README's summary.
+    doc: str = ""
+    origin: Origin = Origin.SPFPOLICY
+    unit: str = ""  # of a quantity: seconds, bytes, entries...
+    choices: tuple[tuple[str, str], ...] = ()  # (value, meaning) of an enumerated key
 
 
 # The defaults, written once (above): the modules that take a setting as a
 # parameter (protocol, resolver, evaluator, memory) default to these.
 DEFAULTS = Settings()
 
+_P = Origin.POLICYD_SPF
+_REJECT_CHOICES = (
+    ("SPF_Not_Pass", "Fail, Softfail and Neutral"),
+    ("Softfail", "Fail and Softfail"),
+    ("Fail", "Fail only"),
+)
+_REJECT_NEVER = (
+    ("False", "never; the result only goes into the header"),
+    ("No_Check", "no check at all"),
+)
 
 # Key name -> Settings field. policyd-spf's keys first, then our own.
 _KEYS: Mapping[str, _Key] = {
-    "debugLevel": _Key("debug_level", _int(), per_user=True),
-    "TestOnly": _Key("test_only", _int()),
-    "defaultSeedOnly": _Key("default_seed_only", _optional_int, per_user=True),
-    "HELO_reject": _Key("helo_reject", _enum(HeloReject), per_user=True),
-    "Mail_From_reject": _Key("mail_from_reject", _enum(MailFromReject), per_user=True),
-    "PermError_reject": _Key("permerror_reject", _true_false, per_user=True),
-    "TempError_Defer": _Key("temperror_defer", _true_false, per_user=True),
-    "No_Mail": _Key("no_mail", _true_false, per_user=True),
-    "HELO_pass_restriction": _Key("helo_pass_restriction", _text, per_user=True),
-    "Mail_From_pass_restriction": _Key("mail_from_pass_restriction", _text, per_user=True),
-    "Reject_Not_Pass_Domains": _Key("reject_not_pass_domains", _domains, per_user=True),
-    "Prospective": _Key("prospective", _ip, per_user=True),
-    "skip_addresses": _Key("skip_addresses", _networks, per_user=True),
-    "Whitelist": _Key("whitelist", _networks, per_user=True),
-    "HELO_Whitelist": _Key("helo_whitelist", _domains, per_user=True),
-    "Domain_Whitelist": _Key("domain_whitelist", _domains, per_user=True),
-    "Domain_Whitelist_PTR": _Key("domain_whitelist_ptr", _domains, per_user=True),
-    "SPF_Enhanced_Status_Codes": _Key("spf_enhanced_status_codes", _yes_no, per_user=True),
-    "Header_Type": _Key("header_type", _enum(HeaderType), per_user=True),
-    "Hide_Receiver": _Key("hide_receiver", _yes_no, per_user=True),
-    "Authserv_Id": _Key("authserv_id", _authserv_id),
-    "Lookup_Time": _Key("lookup_time", _int(1), per_user=True),
-    "Whitelist_Lookup_Time": _Key("whitelist_lookup_time", _int(1), per_user=True),
-    "Void_Limit": _Key("void_limit", _int(0), per_user=True),
-    "Reason_Message": _Key("reason_message", _reason_message, per_user=True),
-    "Reason_URL": _Key("reason_url", _reason_url),
-    "Mock": _Key("mock", _loose_bool),
-    "QueueID": _Key("queue_id", _loose_bool),
-    "Per_User": _Key("per_user", _text),  # resolved by _load_per_user
-    "Socket": _Key("socket", _text),
-    "PidFile": _Key("pid_file", _text),
-    "UserID": _Key("user_id", _text),
-    "UMask": _Key("umask", _int(0)),
-    "InternalHosts": _Key("internal_hosts", _strings),
-    "IntHosts": _Key("int_hosts", _loose_bool),
-    "MacroList": _Key("macro_list", _strings),
+    "debugLevel": _Key(
+        "debug_level",
+        _int(),
+        per_user=True,
+        origin=_P,
+        doc="How much to log, from -1 (nothing after start-up) to 5. 0 logs errors only, "
+        "1 one line per decision, 2 and more the SPF results and debugging detail; 4 adds "
+        "every attribute of every request.\n\nIn a Per_User line it has no effect: "
+        "requests are logged at the global level.",
+    ),
+    "TestOnly": _Key(
+        "test_only",
+        _int(),
+        origin=_P,
+        doc="Test mode when 0: headers are still added, but nothing is ever rejected, "
+        "deferred or sent to a pass restriction. Any other integer means normal operation.",
+    ),
+    "defaultSeedOnly": _Key(
+        "default_seed_only",
+        _optional_int,
+        per_user=True,
+        origin=_P,
+        doc="Old name of TestOnly, deprecated. Accepted and ignored, as by policyd-spf.",
+    ),
+    "HELO_reject": _Key(
+        "helo_reject",
+        _enum(HeloReject),
+        per_user=True,
+        origin=_P,
+        doc="Which results of the HELO check are rejected.",
+        choices=(
+            *_REJECT_CHOICES,
+            ("Null", "Fail only, and only when the envelope sender is empty (<>)"),
+            *_REJECT_NEVER,
+        ),
+    ),
+    "Mail_From_reject": _Key(
+        "mail_from_reject",
+        _enum(MailFromReject),
+        per_user=True,
+        origin=_P,
+        doc="Which results of the MAIL FROM check are rejected.",
+        choices=(*_REJECT_CHOICES, *_REJECT_NEVER),
+    ),
+    "PermError_reject": _Key(
+        "permerror_reject",
+        _true_false,
+        per_user=True,
+        origin=_P,
+        doc="Whether a PermError (a broken SPF record) is rejected, with 5.7.24. False "
+        "treats it like no record at all. It does not apply to a scope whose *_reject key "
+        "is False.",
+    ),
+    "TempError_Defer": _Key(
+        "temperror_defer",
+        _true_false,
+        per_user=True,
+        origin=_P,
+        doc="Whether a TempError (DNS trouble) is deferred with defer_if_permit. False "
+        "treats it like no record at all.",
+    ),
+    "No_Mail": _Key(
+        "no_mail",
+        _true_false,
+        per_user=True,
+        origin=_P,
+        doc="When True, reject only mail from domains whose record is exactly "
+        '"v=spf1 -all" (domains that send no mail). Every other reject becomes a header.',
+    ),
+    "HELO_pass_restriction": _Key(
+        "helo_pass_restriction",
+        _text,
+        per_user=True,
+        origin=_P,
+        doc="A Postfix restriction class (or any access(5) action) answered instead of a "
+        "header when the HELO check passes. Empty means none.",
+    ),
+    "Mail_From_pass_restriction": _Key(
+        "mail_from_pass_restriction",
+        _text,
+        per_user=True,
+        origin=_P,
+        doc="A Postfix restriction class (or any access(5) action) answered instead of a "
+        "header when the MAIL FROM check passes. Empty means none.",
+    ),
+    "Reject_Not_Pass_Domains": _Key(
+        "reject_not_pass_domains",
+        _domains,
+        per_user=True,
+        origin=_P,
+        doc="Comma-separated domains held to SPF_Not_Pass whatever the *_reject keys "
+        "say. A Neutral or Softfail for a HELO name or sender domain in one of them, or "
+        "below one, is rejected like a Fail.",
+    ),
+    "Prospective": _Key(
+        "prospective",
+        _ip,
+        per_user=True,
+        origin=_P,
+        doc="An IP address to check every client as, instead of its own. It is meant for "
+        "an outbound relay that wants to see what its recipients will see. No header is "
+        "added in this mode; rejects still happen.",
+    ),
+    "skip_addresses": _Key(
+        "skip_addresses",
+        _networks,
+        per_user=True,
+        origin=_P,
+        doc="Comma-separated networks (CIDR, or single addresses) whose clients are never "
+        'checked. A header "X-Comment: SPF check N/A for local connections" is added '
+        "instead. Empty means every client is checked.",
+    ),
+    "Whitelist": _Key(
+        "whitelist",
+        _networks,
+        per_user=True,
+        origin=_P,
+        doc="Comma-separated networks of trusted relays (backup MX, forwarders) whose mail "
+        "is not checked. A trace header says so.",
+    ),
+    "HELO_Whitelist": _Key(
+        "helo_whitelist",
+        _domains,
+        per_user=True,
+        origin=_P,
+        doc="Comma-separated HELO names whose mail is not checked. The client's address "
+        "must be among the name's A records (for IPv4) or AAAA records (for IPv6).",
+    ),
+    "Domain_Whitelist": _Key(
+        "domain_whitelist",
+        _domains,
+        per_user=True,
+        origin=_P,
+        doc="Comma-separated domains whose SPF pass exempts a client from further checks. "
+        "It suits forwarders that publish SPF records.",
+    ),
+    "Domain_Whitelist_PTR": _Key(
+        "domain_whitelist_ptr",
+        _domains,
+        per_user=True,
+        origin=_P,
+        doc="Comma-separated domains: a client whose forward-confirmed reverse DNS name "
+        "is one of them, or below one, is not checked further.",
+    ),
+    "SPF_Enhanced_Status_Codes": _Key(
+        "spf_enhanced_status_codes",
+        _yes_no,
+        per_user=True,
+        origin=_P,
+        doc="Whether answers carry the RFC 7372 enhanced status codes: 5.7.23 for an SPF "
+        "fail, 5.7.24 for a PermError, 4.7.24 for a defer. With No, Postfix picks them.",
+    ),
+    "Header_Type": _Key(
+        "header_type",
+        _enum(HeaderType),
+        per_user=True,
+        origin=_P,
+        doc="Which header records the result.",
+        choices=(
+            ("SPF", "Received-SPF (RFC 7208 section 9.1)"),
+            ("AR", "Authentication-Results (RFC 8601); needs Authserv_Id"),
+            ("None", "no header; results are still enforced"),
+        ),
+    ),
+    "Hide_Receiver": _Key(
+        "hide_receiver",
+        _yes_no,
+        per_user=True,
+        origin=_P,
+        doc="With Yes, headers and reject texts show <UNKNOWN> instead of the recipient's "
+        "domain. It has no effect when Per_User is set.",
+    ),
+    "Authserv_Id": _Key(
+        "authserv_id",
+        _authserv_id,
+        origin=_P,
+        doc="The authserv-id written in Authentication-Results headers. HOSTNAME stands "
+        "for this host's name. It must not be empty when Header_Type is AR.",
+    ),
+    "Lookup_Time": _Key(
+        "lookup_time",
+        _int(1),
+        per_user=True,
+        origin=_P,
+        unit="seconds",
+        doc="Time allowed for one SPF check. The HELO and the MAIL FROM check get this much each.",
+    ),
+    "Whitelist_Lookup_Time": _Key(
+        "whitelist_lookup_time",
+        _int(1),
+        per_user=True,
+        origin=_P,
+        unit="seconds",
+        doc="Time allowed for each whitelisting method that needs DNS (Domain_Whitelist, "
+        "HELO_Whitelist, Domain_Whitelist_PTR).",
+    ),
+    "Void_Limit": _Key(
+        "void_limit",
+        _int(0),
+        per_user=True,
+        origin=_P,
+        unit="lookups",
+        doc="DNS lookups in one SPF check that may come back empty before the check is a "
+        "PermError (RFC 7208 section 4.6.4).",
+    ),
+    "Reason_Message": _Key(
+        "reason_message",
+        _reason_message,
+        per_user=True,
+        origin=_P,
+        doc='The text of rejects and defers. {rejectdefer} becomes "rejected" or '
+        '"deferred", {spf} the SPF explanation and {url} the Reason_URL.',
+    ),
+    "Reason_URL": _Key(
+        "reason_url",
+        _reason_url,
+        origin=Origin.SPF_ENGINE,
+        doc="The {url} of Reason_Message. {0} becomes helo or mfrom, {1} the identity "
+        "checked, {2} the client's IP address and {3} the recipient. Unlike other values, "
+        'it may contain "=".',
+    ),
+    "Mock": _Key(
+        "mock",
+        _loose_bool,
+        origin=_P,
+        doc="When True, every request is answered with a fixed dummy header and nothing "
+        "else. A second, Mock-only service in front of the real one works around milters "
+        "that cannot see the first header added.",
+    ),
+    "QueueID": _Key(
+        "queue_id",
+        _loose_bool,
+        origin=_P,
+        doc="Whether decision log lines start with the Postfix queue id. policyd-spf "
+        "documents the key but never reads it.",
+    ),
+    "Per_User": _Key(
+        "per_user",
+        _text,
+        origin=_P,
+        doc='Per-recipient settings, as "text,/path/to/file". Each line of the file is '
+        '"recipient@example.org,Key=value|Key=value"; the first line for a recipient '
+        "wins. The file is read whenever the configuration is loaded (at start and on "
+        "SIGHUP), and only keys marked as settable per recipient may appear in it.",
+    ),
+    "Socket": _Key(
+        "socket",
+        _text,
+        origin=Origin.MILTER,
+        doc="The milter's socket. Accepted and ignored.",
+    ),
+    "PidFile": _Key(
+        "pid_file",
+        _text,
+        origin=Origin.MILTER,
+        doc="The milter's PID file. Accepted and ignored.",
+    ),
+    "UserID": _Key(
+        "user_id",
+        _text,
+        origin=Origin.MILTER,
+        doc="The user the milter runs as. Accepted and ignored: see User for spfpolicy's own.",
+    ),
+    "UMask": _Key(
+        "umask",
+        _int(0),
+        origin=Origin.MILTER,
+        doc="The milter's umask, a decimal integer. Accepted and ignored.",
+    ),
+    "InternalHosts": _Key(
+        "internal_hosts",
+        _strings,
+        origin=Origin.MILTER,
+        doc="The milter's comma-separated internal hosts. Accepted and ignored.",
+    ),
+    "IntHosts": _Key(
+        "int_hosts",
+        _loose_bool,
+        origin=Origin.MILTER,
+        doc="Whether the milter treats internal hosts specially. Accepted and ignored.",
+    ),
+    "MacroList": _Key(
+        "macro_list",
+        _strings,
+        origin=Origin.MILTER,
+        doc="The milter's comma-separated macro list. Accepted and ignored.",
+    ),
     # spfpolicy
-    "Listen": _Key("listen", _listen),
-    "Socket_Mode": _Key("socket_mode", _octal),
-    "Socket_Owner": _Key("socket_owner", _text),
-    "Socket_Group": _Key("socket_group", _text),
-    "Nameservers": _Key("nameservers", _nameservers),
-    "DNS_Timeout": _Key("dns_timeout", _seconds),
-    "DNS_Cache_Size": _Key("dns_cache_size", _int(0)),
-    "DNS_Min_TTL": _Key("dns_min_ttl", _int(0)),
-    "DNS_Max_TTL": _Key("dns_max_ttl", _int(0)),
-    "DNS_Negative_TTL": _Key("dns_negative_ttl", _int(0)),
-    "Slow_Domain_Threshold": _Key("slow_domain_threshold", _int(0)),
-    "Slow_Domain_Window": _Key("slow_domain_window", _seconds),
-    "Slow_Domain_Hold": _Key("slow_domain_hold", _hold),
-    "Result_Cache_Size": _Key("result_cache_size", _int(0)),
-    "Result_Cache_TTL": _Key("result_cache_ttl", _int(0)),
-    "Max_Connections": _Key("max_connections", _int(1)),
-    "Request_Timeout": _Key("request_timeout", _seconds),
-    "Max_In_Flight": _Key("max_in_flight", _int(1)),
-    "Idle_Timeout": _Key("idle_timeout", _seconds),
-    "Max_Line_Length": _Key("max_line_length", _int(256)),
-    "Max_Attributes": _Key("max_attributes", _int(16)),
-    "Max_Request_Size": _Key("max_request_size", _int(1024)),
-    "Instance_Cache_Size": _Key("instance_cache_size", _int(0)),
-    "Instance_TTL": _Key("instance_ttl", _int(0)),
-    "Log_Target": _Key("log_target", _log_target),
-    "User": _Key("user", _text),
-    "Group": _Key("group", _text),
-    "Shutdown_Grace": _Key("shutdown_grace", _seconds),
-    "Stats_Interval": _Key("stats_interval", _interval),
-    "Metrics_Listen": _Key("metrics_listen", _metrics_listen),
+    "Listen": _Key(
+        "listen",
+        _listen,
+        doc="Where to accept Postfix's connections: comma-separated unix:/path and "
+        "inet:host:port entries ([address]:port for IPv6). Postfix's main.cf then says "
+        "check_policy_service unix:private/policyd-spf. When systemd passes sockets, "
+        "this key is not used.",
+    ),
+    "Socket_Mode": _Key(
+        "socket_mode",
+        _octal,
+        doc="Permissions of the unix sockets, in octal, set after binding.",
+    ),
+    "Socket_Owner": _Key(
+        "socket_owner",
+        _text,
+        doc="Owner of the unix sockets, a name or number. Empty leaves it as created.",
+    ),
+    "Socket_Group": _Key(
+        "socket_group",
+        _text,
+        doc="Group of the unix sockets, a name or number. Empty leaves it as created.",
+    ),
+    "Nameservers": _Key(
+        "nameservers",
+        _nameservers,
+        doc="Comma-separated DNS servers, as IP[:PORT] ([address]:port for IPv6). Empty "
+        "means the nameserver lines of /etc/resolv.conf, read at start and on each "
+        "reload.",
+    ),
+    "DNS_Timeout": _Key(
+        "dns_timeout",
+        _seconds,
+        unit="seconds",
+        doc="Wait for the first try of an upstream DNS query. c-ares tries a query 4 "
+        "times, doubling the wait each time, and shortens the waits to what the server's "
+        "response times suggest. The SPF check itself still ends at Lookup_Time.",
+    ),
+    "DNS_Cache_Size": _Key(
+        "dns_cache_size",
+        _int(0),
+        unit="entries",
+        doc="Size of the DNS answer cache shared by all requests.",
+    ),
+    "DNS_Min_TTL": _Key(
+        "dns_min_ttl",
+        _int(0),
+        unit="seconds",
+        doc="Shortest time a DNS answer is cached, negative answers included, whatever its TTL.",
+    ),
+    "DNS_Max_TTL": _Key(
+        "dns_max_ttl",
+        _int(0),
+        unit="seconds",
+        doc="Longest time a DNS answer is cached, negative answers included, whatever its "
+        "TTL. Must not be below DNS_Min_TTL.",
+    ),
+    "DNS_Negative_TTL": _Key(
+        "dns_negative_ttl",
+        _int(0),
+        unit="seconds",
+        doc="Cap on how long an NXDOMAIN or empty answer is cached. Such answers are kept "
+        "for the negative TTL of the SOA in the reply (RFC 2308), and for this long when "
+        "the reply has none.",
+    ),
+    "Slow_Domain_Threshold": _Key(
+        "slow_domain_threshold",
+        _int(0),
+        unit="failures",
+        doc="Failures of a name within Slow_Domain_Window that hold it down; 0 is off. "
+        "A name whose lookups time out or fail (SERVFAIL, refused) this many times within "
+        "Slow_Domain_Window is held down for Slow_Domain_Hold: checks that need it get "
+        "TempError at once (what a timeout gives them, so TempError_Defer decides as "
+        "before) instead of each making an smtpd wait Lookup_Time. A timeout counts when "
+        "the resolver gives up on a query, or when a check runs out of Lookup_Time after "
+        "waiting at least half of it for the name. The name held down is the one that "
+        "failed: a sender whose record includes a dead provider is held down through that "
+        "include only. An answer forgets earlier failures. 0 switches it off.\n\n"
+        "The default: three messages that each waited for a name within a minute hold it "
+        "down, while one lost reply or SERVFAIL does not.",
+    ),
+    "Slow_Domain_Window": _Key(
+        "slow_domain_window",
+        _seconds,
+        unit="seconds",
+        doc="The time within which Slow_Domain_Threshold failures of a name hold it down.",
+    ),
+    "Slow_Domain_Hold": _Key(
+        "slow_domain_hold",
+        _hold,
+        unit="seconds",
+        doc="How long a name stays held down, at most 300 (RFC 2308 section 7). When it "
+        "ends, the next check that needs the name sends one probe lookup and waits for it: "
+        "an answer releases the name, a failure holds it down again. The default costs at "
+        "most one probe's wait per name every two minutes, and releases a name that "
+        "answers again before Postfix first retries a deferred message "
+        "(minimal_backoff_time, 300 s).",
+    ),
+    "Result_Cache_Size": _Key(
+        "result_cache_size",
+        _int(0),
+        unit="entries",
+        doc="Size of the SPF result cache. It also bounds the memo of whole verdicts "
+        "(same client, HELO, sender and recipient domain).",
+    ),
+    "Result_Cache_TTL": _Key(
+        "result_cache_ttl",
+        _int(0),
+        unit="seconds",
+        doc="How long an SPF result is reused. 0 turns the result cache off.",
+    ),
+    "Max_Connections": _Key(
+        "max_connections",
+        _int(1),
+        unit="connections",
+        doc="Most Postfix connections served at once. One more is closed at once, and logged.",
+    ),
+    "Request_Timeout": _Key(
+        "request_timeout",
+        _seconds,
+        unit="seconds",
+        doc="Time allowed for one whole request. A request that takes longer is answered "
+        "DUNNO, or deferred when TempError_Defer is True. Keep it below Postfix's "
+        "smtpd_policy_service_timeout (100 s).",
+    ),
+    "Max_In_Flight": _Key(
+        "max_in_flight",
+        _int(1),
+        unit="requests",
+        doc="Requests evaluated at the same time. More wait for a slot, within their "
+        "Request_Timeout; this bounds memory and upstream DNS load in a flood.",
+    ),
+    "Idle_Timeout": _Key(
+        "idle_timeout",
+        _seconds,
+        unit="seconds",
+        doc="How long a connection may stay without a request before it is closed. It is "
+        "longer than Postfix's max_idle (300 s), so Postfix normally closes first.",
+    ),
+    "Max_Line_Length": _Key(
+        "max_line_length",
+        _int(256),
+        unit="bytes",
+        doc="Longest attribute line of a request. A request breaking a protocol limit "
+        "closes its connection (logged); Postfix's own requests stay far below.",
+    ),
+    "Max_Attributes": _Key(
+        "max_attributes",
+        _int(16),
+        unit="attributes",
+        doc="Most attributes in one request; Postfix 3 sends about 35.",
+    ),
+    "Max_Request_Size": _Key(
+        "max_request_size",
+        _int(1024),
+        unit="bytes",
+        doc="Largest request; real requests are under 2 KiB.",
+    ),
+    "Instance_Cache_Size": _Key(
+        "instance_cache_size",
+        _int(0),
+        unit="messages",
+        doc="Messages remembered, so that the header is added once per message and a "
+        "reject is repeated for every recipient.",
+    ),
+    "Instance_TTL": _Key(
+        "instance_ttl",
+        _int(0),
+        unit="seconds",
+        doc="How long a message is remembered (see Instance_Cache_Size).",
+    ),
+    "Log_Target": _Key(
+        "log_target",
+        _log_target,
+        doc="Where logs go: syslog, stderr, or syslog,stderr.",
+    ),
+    "User": _Key(
+        "user",
+        _text,
+        doc="The user to switch to once the sockets are bound, when started as root "
+        "without systemd. Empty keeps the starting user. Under systemd, the unit's User= "
+        "does this instead.",
+    ),
+    "Group": _Key(
+        "group",
+        _text,
+        doc="The group to switch to along with User. Empty means the user's primary group.",
+    ),
+    "Shutdown_Grace": _Key(
+        "shutdown_grace",
+        _seconds,
+        unit="seconds",
+        doc="On SIGTERM or SIGINT, time for the requests already read to be answered. A "
+        "check still running at the end gets the fallback answer. Keep it below "
+        "systemd's TimeoutStopSec (45 s in the shipped unit).",
+    ),
+    "Stats_Interval": _Key(
+        "stats_interval",
+        _interval,
+        unit="seconds",
+        doc="Time between one-line stats summaries in the log. 0 turns them off; unset "
+        f"means every {DEFAULT_STATS_INTERVAL:g} seconds at debugLevel 1 or more, and "
+        "off at debugLevel 0.",
+    ),
+    "Metrics_Listen": _Key(
+        "metrics_listen",
+        _metrics_listen,
+        doc="host:port of the Prometheus endpoint, which serves /metrics. Empty turns it "
+        "off. It needs prometheus-client (pip install 'spfpolicy[metrics]').",
+    ),
 }
 
 # The per-user parser of policyd-spf 3.0.4 knows "Authserv-Id" (with a hyphen)
@@ -753,3 +1215,65 @@ def parse_log_target(text: str) -> tuple[LogTarget, ...]:
 def parse_nameservers(text: str) -> tuple[Nameserver, ...]:
     """``Nameservers`` syntax, for the command line's --nameserver."""
     return _nameservers(text)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDoc:
+    """One key as the documentation shows it (see spfpolicy.manual)."""
+
+    name: str
+    field: str
+    default: str  # the default, written as in the file ("" = empty)
+    doc: str
+    origin: Origin
+    unit: str
+    per_user: bool
+    choices: tuple[tuple[str, str], ...]
+
+
+def documented_keys() -> list[KeyDoc]:
+    """Every key of the table, in its order, with its default as file text."""
+    return [
+        KeyDoc(
+            name=name,
+            field=key.field,
+            default=_show(key, getattr(DEFAULTS, key.field)),
+            doc=key.doc,
+            origin=key.origin,
+            unit=key.unit,
+            per_user=key.per_user,
+            choices=key.choices,
+        )
+        for name, key in _KEYS.items()
+    ]
+
+
+def parse_key(name: str, text: str) -> Any:
+    """One key's value parsed from file text (ValueError if bad)."""
+    return _KEYS[name].parse(text)
+
+
+def _show(key: _Key, value: Any) -> str:
+    """A value written as the file would give it: ``parse(_show(v)) == v``."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        if key.parse is _yes_no:
+            return "Yes" if value else "No"
+        return "True" if value else "False"
+    if isinstance(value, enum.Enum):
+        return str(value.value)
+    if isinstance(value, tuple):
+        return ",".join(_show(key, item) for item in value)
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        # A single address is written bare, as a site writes it.
+        address = value.network_address
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.0, not ::ffff:7f00:0
+        text = f"::ffff:{mapped}" if mapped is not None else str(address)
+        single = value.prefixlen == value.max_prefixlen
+        return text if single else f"{text}/{value.prefixlen}"
+    if key.parse is _octal:
+        return f"0{value:o}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
