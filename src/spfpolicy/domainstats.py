@@ -165,11 +165,11 @@ class DomainStats:
                 if summary.min_count == count:
                     summary.min_count = count + 1
             entry.count = count + 1
-            group = summary.by_count.get(count + 1)
-            if group is None:
+            higher = summary.by_count.get(count + 1)
+            if higher is None:
                 summary.by_count[count + 1] = {domain: None}
             else:
-                group[domain] = None
+                higher[domain] = None
         tallies = entry.tallies
         index = _RESULT_INDEX[result]
         tallies[index] += 1
