@@ -285,6 +285,7 @@ class Settings:
     stats_interval: float | None = None
     # Metrics_Listen: host:port of the Prometheus endpoint (None = off).
     metrics_listen: HostPort | None = None
+    domain_stats_size: int = 1000  # Domain_Stats_Size: domains per 10-minute bucket; 0 = off
 
     @property
     def effective_stats_interval(self) -> float:
@@ -586,6 +587,7 @@ _KEYS: Mapping[str, _Key] = {
     "Shutdown_Grace": _Key("shutdown_grace", _seconds),
     "Stats_Interval": _Key("stats_interval", _interval),
     "Metrics_Listen": _Key("metrics_listen", _metrics_listen),
+    "Domain_Stats_Size": _Key("domain_stats_size", _int(0)),
 }
 
 # The per-user parser of policyd-spf 3.0.4 knows "Authserv-Id" (with a hyphen)
