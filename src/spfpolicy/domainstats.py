@@ -37,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from spfpolicy.metrics import NOT_CHECKED
 from spfpolicy.policy import ActionKind
 from spfpolicy.results import SpfResult
 
@@ -44,7 +45,6 @@ __all__ = ["Change", "DomainStats", "domain_of"]
 
 log = logging.getLogger(__name__)
 
-NOT_CHECKED = "not_checked"  # as metrics.NOT_CHECKED: an answer without an SPF check
 RESULTS: tuple[str, ...] = (*(r.value for r in SpfResult), NOT_CHECKED)
 ACTIONS: tuple[str, ...] = tuple(k.value for k in ActionKind)
 _RESULT_INDEX: dict[SpfResult | None, int] = {r: i for i, r in enumerate(SpfResult)}
