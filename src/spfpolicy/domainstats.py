@@ -8,8 +8,12 @@ streams", 2005) of at most ``slots`` domains. A domain not in a full bucket
 takes the place of the one with the smallest count and inherits that count
 as its error: a tracked count overestimates the truth by at most its error,
 and a domain with more than N/slots hits in a bucket of N is never missed.
-The minimum is found in O(1) with the paper's "stream summary": domains
-grouped by count, the smallest count remembered. Reading merges the buckets
+The minimum is found with a lazy heap instead of the paper's "stream
+summary" list: an increment is just ``count += 1`` (the hot path), and the
+heap holds each domain once under a count that may have gone stale (a lower
+bound); an eviction pops until the key popped is still its domain's count,
+pushing stale ones back with their count. That domain holds the true minimum,
+and the pushes back are paid for by the increments before them. Reading merges the buckets
 still in the window; a domain missing from a full bucket may have had up to
 that bucket's minimum there, which the merged upper bound adds. Memory is at
 most ``slots`` x ``buckets`` entries, whatever the traffic; ``memory()``
@@ -29,6 +33,7 @@ the one place that counts answers (``PolicyServer._answered``).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import sys
 import time
@@ -53,6 +58,9 @@ _ACTION_INDEX: dict[ActionKind, int] = {k: len(RESULTS) + i for i, k in enumerat
 # Results that say the domain's record does not cover its mail, or is broken.
 FAILING = frozenset({"fail", "softfail", "permerror"})
 _FAILING_INDEX = tuple(RESULTS.index(r) for r in sorted(FAILING))
+
+_TUPLE_SIZE = sys.getsizeof((0, 0, ""))
+_INT_SIZE = sys.getsizeof(2**40)  # a heap item's admission order
 
 MIN_SUPPORT = 3  # hits before a result counts as a domain's baseline or its new result
 IDENTITY = "sender domain (MAIL FROM), or the HELO name when the sender is empty"
@@ -82,23 +90,35 @@ class _Entry:
 class _Summary:
     """A space-saving summary of one time bucket."""
 
-    __slots__ = ("by_count", "entries", "min_count", "slots", "start")
+    __slots__ = ("entries", "heap", "slots", "start")
 
     def __init__(self, slots: int, start: float) -> None:
         self.slots = slots
         self.start = start
         self.entries: dict[str, _Entry] = {}
-        # Stream summary: count -> domains with that count (a dict as an
-        # ordered set: the oldest is evicted first among equals).
-        self.by_count: dict[int, dict[str, None]] = {}
-        self.min_count = 0
+        # (count when pushed, order admitted, domain): one item per entry.
+        self.heap: list[tuple[int, int, str]] = []
 
     def full(self) -> bool:
         return len(self.entries) >= self.slots
 
     def floor(self) -> int:
         """The most a domain not tracked here may have had in this bucket."""
-        return self.min_count if self.full() else 0
+        if not self.full():
+            return 0
+        return min(entry.count for entry in self.entries.values())
+
+    def evict(self) -> int:
+        """Drop a domain with the smallest count; that count."""
+        heap = self.heap
+        while True:
+            count, order, domain = heap[0]
+            now = self.entries[domain].count
+            if now == count:
+                heapq.heappop(heap)
+                del self.entries[domain]
+                return count
+            heapq.heapreplace(heap, (now, order, domain))
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +163,7 @@ class DomainStats:
         self.warnings_suppressed = 0
         self._warnings_left = max_warnings
         self.recorded = 0
+        self._admitted = 0
 
     # -- the hot path ------------------------------------------------------
 
@@ -157,19 +178,7 @@ class DomainStats:
         if entry is None:
             entry = self._admit(summary, domain)
         else:
-            count = entry.count
-            group = summary.by_count[count]
-            del group[domain]
-            if not group:
-                del summary.by_count[count]
-                if summary.min_count == count:
-                    summary.min_count = count + 1
-            entry.count = count + 1
-            higher = summary.by_count.get(count + 1)
-            if higher is None:
-                summary.by_count[count + 1] = {domain: None}
-            else:
-                higher[domain] = None
+            entry.count += 1
         tallies = entry.tallies
         index = _RESULT_INDEX[result]
         tallies[index] += 1
@@ -182,20 +191,13 @@ class DomainStats:
         if summary.full():
             # Space-saving: the new domain replaces one with the smallest
             # count and inherits that count as its possible overestimate.
-            smallest = summary.min_count
-            group = summary.by_count[smallest]
-            evicted = next(iter(group))
-            del group[evicted]
-            del summary.entries[evicted]
-            if not group:
-                del summary.by_count[smallest]
-                summary.min_count = smallest + 1  # the new entry's count
+            smallest = summary.evict()
             entry = _Entry(smallest + 1, smallest, baseline)
         else:
             entry = _Entry(1, 0, baseline)
-            summary.min_count = 1
         summary.entries[domain] = entry
-        summary.by_count.setdefault(entry.count, {})[domain] = None
+        self._admitted += 1
+        heapq.heappush(summary.heap, (entry.count, self._admitted, domain))
         return entry
 
     # -- buckets -----------------------------------------------------------
@@ -276,9 +278,8 @@ class DomainStats:
         total = sys.getsizeof(self._ring)
         for summary in self._ring:
             total += sys.getsizeof(summary) + sys.getsizeof(summary.entries)
-            total += sys.getsizeof(summary.by_count)
-            for group in summary.by_count.values():
-                total += sys.getsizeof(group)
+            total += sys.getsizeof(summary.heap)
+            total += len(summary.heap) * (_TUPLE_SIZE + _INT_SIZE)
             for domain, entry in summary.entries.items():
                 total += sys.getsizeof(domain) + sys.getsizeof(entry)
                 total += sys.getsizeof(entry.tallies)
@@ -299,7 +300,7 @@ class DomainStats:
                     row[1] += entry.error
                     for i, n in enumerate(entry.tallies):
                         row[2 + i] += n
-        floors = [(s, s.floor()) for s in live if s.floor()]
+        floors = [(s, floor) for s in live if (floor := s.floor())]
 
         def describe(domain: str, row: list[int]) -> dict[str, Any]:
             missed = sum(floor for s, floor in floors if domain not in s.entries)
