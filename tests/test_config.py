@@ -298,6 +298,7 @@ EVERY_KEY = [
         id="Metrics-v6",
     ),
     pytest.param("Metrics_Listen", "", "metrics_listen", None, id="Metrics-off"),
+    pytest.param("Domain_Stats_Size", "0", "domain_stats_size", 0, id="Domain_Stats_Size"),
 ]
 
 

@@ -1,5 +1,6 @@
-"""Command line: ``spfpolicy check`` (one SPF evaluation, for administrators)
-and ``spfpolicy serve`` (the policy server).
+"""Command line: ``spfpolicy check`` (one SPF evaluation, for administrators),
+``spfpolicy serve`` (the policy server) and ``spfpolicy top`` (a running
+server's per-domain table, read from its metrics endpoint).
 
 The parser is built by ``_parser()`` and ``main(argv)`` takes argv, so tests
 drive the command line without a subprocess.
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from spfpolicy import __version__
+from spfpolicy.address import HostPort
 
 if TYPE_CHECKING:
     from spfpolicy.config import Nameserver, Settings
@@ -44,6 +46,19 @@ def _seconds(value: str) -> float:
     if not seconds > 0:
         raise argparse.ArgumentTypeError(f"not a positive number of seconds: {value!r}")
     return seconds
+
+
+def _host_port(value: str) -> HostPort:
+    try:
+        return HostPort.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {value!r}")
+    return int(value)
 
 
 def _parser(*, with_bench: bool = True) -> argparse.ArgumentParser:
@@ -88,6 +103,29 @@ def _parser(*, with_bench: bool = True) -> argparse.ArgumentParser:
         help="syslog, stderr or syslog,stderr (overrides Log_Target; the systemd unit "
         "uses stderr, for the journal)",
     )
+
+    top = commands.add_parser(
+        "top",
+        help="show a running server's busiest, failing and changed sender domains",
+        description="Read /domains from a running server's metrics endpoint (Metrics_Listen) "
+        "and print the top domains by volume, the top failing domains and the domains whose "
+        "SPF result changed in the last hour.",
+    )
+    top.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="the server's configuration, for Metrics_Listen (default "
+        "/etc/postfix-policyd-spf-python/policyd-spf.conf if present)",
+    )
+    top.add_argument(
+        "--connect",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="the metrics endpoint (default: Metrics_Listen from the configuration)",
+    )
+    top.add_argument("-n", type=_positive, default=10, metavar="N", help="rows per table (10)")
+    top.add_argument("--json", action="store_true", help="print the JSON document as read")
 
     bench = commands.add_parser(
         "bench",
@@ -138,6 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"spfpolicy: {exc}", file=sys.stderr)
         return 2
+    if args.command == "top":
+        from spfpolicy.top import run_top
+
+        return run_top(args.connect or settings.metrics_listen, args.n, as_json=args.json)
     if args.command == "check":
         from spfpolicy import eventloop
 

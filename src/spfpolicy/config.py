@@ -302,6 +302,7 @@ class Settings:
     stats_interval: float | None = None
     # Metrics_Listen: host:port of the Prometheus endpoint (None = off).
     metrics_listen: HostPort | None = None
+    domain_stats_size: int = 1000  # Domain_Stats_Size: domains per 10-minute bucket; 0 = off
 
     @property
     def effective_stats_interval(self) -> float:
@@ -1069,8 +1070,21 @@ _KEYS: Mapping[str, _Key] = {
     "Metrics_Listen": _Key(
         "metrics_listen",
         _metrics_listen,
-        doc="host:port of the Prometheus endpoint, which serves /metrics. Empty turns it "
-        "off. It needs prometheus-client (pip install 'spfpolicy[metrics]').",
+        doc="host:port of the Prometheus endpoint, which serves /metrics (and /domains, "
+        "see Domain_Stats_Size). Empty turns it off. It needs prometheus-client (pip "
+        "install 'spfpolicy[metrics]').",
+    ),
+    "Domain_Stats_Size": _Key(
+        "domain_stats_size",
+        _int(0),
+        unit="entries",
+        doc="Slots of the per-domain statistics (sender domains, or HELO names for bounces, "
+        "with their SPF results and actions over the last hour); 0 turns them off. Each of "
+        "the hour's six 10-minute buckets keeps the busiest domains in this many slots "
+        "(space-saving: a new domain takes the place of the least counted, whose count it "
+        "inherits as an error bound). Served as JSON on the metrics listener (/domains) "
+        "and read by spfpolicy top; a domain whose usual result changes is logged once as "
+        "a warning. No per-domain Prometheus labels.",
     ),
 }
 

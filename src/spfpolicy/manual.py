@@ -231,6 +231,9 @@ def render_server_page() -> str:
         _roff("--ip IP --sender ADDRESS --helo NAME [-c FILE] [--nameserver HOST[:PORT]]..."),
         _roff("[--timeout SECONDS]"),
         ".br",
+        ".B spfpolicy top",
+        _roff("[-c FILE] [--connect HOST:PORT] [-n N] [--json]"),
+        ".br",
         ".B spfpolicy bench",
         _roff("[OPTIONS]"),
         ".br",
@@ -264,6 +267,16 @@ def render_server_page() -> str:
                 "temperror); the next ones give the explanation, the mechanism that "
                 "matched, the identity checked, the DNS lookups and the time taken. An "
                 "empty --sender checks postmaster@ the HELO name (RFC 7208 section 2.3).",
+            ),
+            (
+                "top",
+                "Read the per-domain statistics of a running server (/domains on its "
+                "Metrics_Listen, see Domain_Stats_Size) and print the busiest sender "
+                "domains with their counts per SPF result, the most failing ones, and those "
+                "whose result changed in the last hour. --connect names the endpoint "
+                "(default: Metrics_Listen from -c FILE), -n the rows per table, --json "
+                "prints the document as read. Exits 1 when the server cannot be reached or "
+                "the statistics are off.",
             ),
             (
                 "bench",

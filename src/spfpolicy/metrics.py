@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import json
 import logging
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +36,9 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
 )  # fmt: skip
+
+# Most rows /domains answers per table, whatever ?n= asks.
+DOMAINS_TOP_LIMIT = 1000
 
 NOT_CHECKED = "not_checked"  # result label of a request answered without an SPF check
 
@@ -100,6 +105,9 @@ class Snapshot:
     connections: int
     requests_in_flight: int
     evaluations_in_flight: int
+    domain_entries: int = 0  # the per-domain table (domainstats.py): domains tracked
+    domain_bytes: int = 0  # its approximate size
+    domain_changes: int = 0  # result changes it has seen
 
 
 def summary_line(snap: Snapshot) -> str:
@@ -259,6 +267,23 @@ class _Collector:
         yield gauge(
             "spfpolicy_evaluations_in_flight", "SPF evaluations running", snap.evaluations_in_flight
         )
+        # The per-domain table's size and events; its domains are only in
+        # /domains, never labels here.
+        yield gauge(
+            "spfpolicy_domain_stats_entries",
+            "Sender domains held by the per-domain table",
+            snap.domain_entries,
+        )
+        yield gauge(
+            "spfpolicy_domain_stats_bytes",
+            "Approximate memory of the per-domain table",
+            snap.domain_bytes,
+        )
+        yield counter(
+            "spfpolicy_domain_result_changes",
+            "Domains whose dominant SPF result changed",
+            snap.domain_changes,
+        )
 
 
 class MetricsUnavailable(Exception):
@@ -266,13 +291,18 @@ class MetricsUnavailable(Exception):
 
 
 class MetricsEndpoint:
-    """``GET /metrics`` over HTTP/1.0-style one-shot connections, on the event loop."""
+    """``GET /metrics`` (and ``GET /domains?n=N``, the per-domain table as
+    JSON) over HTTP/1.0-style one-shot connections, on the event loop."""
 
     # A scrape request is a few hundred bytes; anything bigger is not Prometheus.
     max_request_head = 8192
     read_timeout = 10.0
 
-    def __init__(self, snapshot: Callable[[], Snapshot]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], Snapshot],
+        domains: Callable[[int], dict[str, Any] | None] = lambda top: None,
+    ) -> None:
         try:
             import prometheus_client  # noqa: F401
         except ImportError:
@@ -285,6 +315,7 @@ class MetricsEndpoint:
         # several servers in one process (tests) do not collide.
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(snapshot))
+        self._domains = domains
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
@@ -301,6 +332,19 @@ class MetricsEndpoint:
 
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
+
+    def render_domains(self, path: str) -> tuple[str, bytes, str]:
+        """``/domains[?n=N]``: status, JSON body, content type."""
+        query = urllib.parse.parse_qs(path.partition("?")[2])
+        text = query.get("n", ["20"])[-1]
+        top = int(text) if text.isdigit() else 20
+        report = self._domains(max(1, min(top, DOMAINS_TOP_LIMIT)))
+        if report is None:
+            report = {"error": "per-domain statistics are off (Domain_Stats_Size = 0)"}
+            status = "404 Not Found"
+        else:
+            status = "200 OK"
+        return status, json.dumps(report).encode() + b"\n", "application/json"
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -320,6 +364,8 @@ class MetricsEndpoint:
                     accept = value.strip()
             if method not in ("GET", "HEAD"):
                 status, body, content_type = "405 Method Not Allowed", b"", "text/plain"
+            elif path.split("?", 1)[0] == "/domains":
+                status, body, content_type = self.render_domains(path)
             elif path.split("?", 1)[0] not in ("/metrics", "/"):
                 status, body, content_type = "404 Not Found", b"not found\n", "text/plain"
             else:

@@ -23,6 +23,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from spfpolicy import logs
 from spfpolicy.address import HostPort
@@ -30,6 +31,7 @@ from spfpolicy.checks import DnsChecks
 from spfpolicy.config import ListenAddress, Settings
 from spfpolicy.connection import Connection
 from spfpolicy.deciding import Known, decide, decide_now
+from spfpolicy.domainstats import DomainStats, domain_of
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.listeners import ListenError, Listeners, StartupError
 from spfpolicy.memory import InstanceMemory, VerdictMemo
@@ -94,6 +96,7 @@ class PolicyServer:
         self.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
         self.memo = VerdictMemo(settings, settings.result_cache_size)
         self.stats = ServerStats()
+        self.domains = _domain_stats(settings.domain_stats_size)
         self.connections: set[Connection] = set()
         self.listeners = Listeners(lambda: Connection(self))
         self.metrics: MetricsEndpoint | None = None
@@ -135,7 +138,14 @@ class PolicyServer:
             connections=len(self.connections),
             requests_in_flight=self.requests_in_flight,
             evaluations_in_flight=self.evaluator.in_flight,
+            domain_entries=0 if self.domains is None else self.domains.entries(),
+            domain_bytes=0 if self.domains is None else self.domains.memory(),
+            domain_changes=0 if self.domains is None else self.domains.changes_seen,
         )
+
+    def domain_report(self, top: int) -> dict[str, Any] | None:
+        """``/domains``: the per-domain table's report; None when it is off."""
+        return None if self.domains is None else self.domains.report(top)
 
     def _make_checks(self, settings: Settings) -> DnsChecks:
         return DnsChecks(
@@ -163,7 +173,7 @@ class PolicyServer:
             return
         listen = self.settings.metrics_listen
         try:
-            self.metrics = MetricsEndpoint(self.snapshot)
+            self.metrics = MetricsEndpoint(self.snapshot, self.domain_report)
             await self.metrics.start(listen.host, listen.port)
         except MetricsUnavailable as exc:
             self.metrics = None
@@ -275,6 +285,10 @@ class PolicyServer:
         self.stats.record(
             decision.kind, result, time.perf_counter() - started, decision.restriction
         )
+        if self.domains is not None:
+            self.domains.record(
+                domain_of(request.sender, request.helo_name), decision.result, decision.kind
+            )
         logs.info(
             log,
             f"{decision.log_message()} client={request.client_address or '-'} "
@@ -318,6 +332,8 @@ class PolicyServer:
             self._slots = asyncio.Semaphore(new.max_in_flight)
         self._result_hits_before += self.memo.checks_saved
         self.memo = VerdictMemo(new, new.result_cache_size)  # verdicts follow the settings
+        if new.domain_stats_size != old.domain_stats_size:
+            self.domains = _domain_stats(new.domain_stats_size)  # counting starts over
         self.settings = new
         return ignored
 
@@ -353,3 +369,7 @@ class PolicyServer:
             await self.metrics.close()
             self.metrics = None
         await self.resolver.close()
+
+
+def _domain_stats(size: int) -> DomainStats | None:
+    return DomainStats(size) if size > 0 else None
