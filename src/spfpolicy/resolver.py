@@ -262,6 +262,10 @@ class Resolver:
         """The lookup of name/qtype in flight, if any."""
         return self._inflight.get((name, qtype))
 
+    def guessed(self, name: str, qtype: str) -> bool:
+        """Whether name/qtype was prefetched and no evaluation read it yet."""
+        return (name, qtype) in self._guesses
+
     def _used(self, key: tuple[str, str]) -> None:
         guesses = self._guesses
         if key in guesses:
