@@ -88,6 +88,21 @@ def _parser(*, with_bench: bool = True) -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="evaluation time limit (default: Lookup_Time from the configuration, 20)",
     )
+    check.add_argument(
+        "--trace",
+        action="store_true",
+        help="also show the evaluation as a tree: each DNS lookup (name, type, answer, TTL, "
+        "cache or upstream, time), each term tried and its outcome, the lookup and void "
+        "counts, and where a limit was hit",
+    )
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object instead: result, code, explanation, mechanism, identity, "
+        "sender, domain, dns_lookups, upstream_queries, time, settings; with --trace also "
+        "lookups, void_lookups, error and steps, a list of objects whose kind is dns, record "
+        "or term (the README's check --trace section has their fields)",
+    )
 
     serve = commands.add_parser("serve", help="run the policy server")
     _add_common(serve)
@@ -206,22 +221,66 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from spfpolicy.evaluator import SpfEvaluator
     from spfpolicy.resolver import Resolver
+    from spfpolicy.trace import Trace
 
     lookup_time = args.timeout or float(settings.lookup_time)
     nameservers = [n for servers in args.nameserver or () for n in servers]
     nameservers = nameservers or list(settings.nameservers)
-    resolver = Resolver(nameservers, timeout=min(settings.dns_timeout, lookup_time))
+    # The server's resolver (Resolver.from_settings, as PolicyServer builds
+    # it), so that a trace shows what the server does with the same records.
+    resolver = Resolver.from_settings(
+        settings, nameservers=nameservers, timeout=min(settings.dns_timeout, lookup_time)
+    )
     evaluator = SpfEvaluator(resolver, void_limit=settings.void_limit, lookup_time=lookup_time)
+    trace = Trace() if args.trace else None
     started = time.perf_counter()
     try:
-        outcome = await evaluator.check(args.ip, args.sender, args.helo)
+        outcome = await evaluator.check(args.ip, args.sender, args.helo, trace=trace)
     finally:
         await resolver.close()
     elapsed = time.perf_counter() - started
+    upstream = resolver.stats.upstream_queries
+    if args.json:
+        import json
+
+        report = {
+            "result": outcome.result.value,
+            "code": outcome.code,
+            "explanation": outcome.explanation,
+            "mechanism": outcome.mechanism,
+            "identity": outcome.identity.value,
+            "sender": outcome.sender,
+            "domain": outcome.domain,
+            "ip": args.ip,
+            "helo": args.helo,
+            "dns_lookups": outcome.lookups,
+            "upstream_queries": upstream,
+            "time": round(elapsed, 6),
+            "settings": {
+                "void_limit": settings.void_limit,
+                "lookup_time": lookup_time,
+                "dns_timeout": resolver.timeout,
+                "nameservers": [str(n) for n in resolver.nameservers],
+            },
+        }
+        if trace is not None:
+            traced = trace.to_json()
+            for key in ("lookups", "void_lookups", "error", "steps"):
+                report[key] = traced[key]
+        print(json.dumps(report, indent=2))
+        return 0
     print(outcome.result.value)
     print(f"explanation: {outcome.explanation}")
     print(f"mechanism: {outcome.mechanism or '(none)'}")
     print(f"identity: {outcome.identity.value} ({outcome.sender})")
-    print(f"dns lookups: {outcome.lookups} (upstream queries: {resolver.stats.upstream_queries})")
+    print(f"dns lookups: {outcome.lookups} (upstream queries: {upstream})")
     print(f"time: {elapsed:.3f} s")
+    if trace is not None:
+        servers = ", ".join(str(n) for n in resolver.nameservers) or "/etc/resolv.conf"
+        print(
+            f"trace: Void_Limit {settings.void_limit}, Lookup_Time {lookup_time:g} s, "
+            f"DNS_Timeout {resolver.timeout:g} s, nameservers {servers}"
+        )
+        for line in trace.lines():
+            print(f"  {line}")
     return 0

@@ -30,9 +30,9 @@ import math
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import greenlet
 import spf
@@ -41,6 +41,9 @@ from spfpolicy.config import DEFAULTS
 from spfpolicy.prefetch import SpfPrefetcher
 from spfpolicy.resolver import CnameChainTooLong, DnsAnswer, DnsTempError, Resolver
 from spfpolicy.results import Identity, SpfOutcome, SpfResult
+
+if TYPE_CHECKING:
+    from spfpolicy.trace import Trace
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,14 @@ def _network(ip: Any, prefix: int) -> ipaddress.IPv4Network | ipaddress.IPv6Netw
     return ipaddress.ip_network(ip).supernet(new_prefix=prefix)
 
 
+class _Answers(Protocol):
+    """What a query reads the resolver through: its cache and its clock."""
+
+    clock: Callable[[], float]
+
+    def cached(self, name: str, qtype: str) -> DnsAnswer | None: ...
+
+
 class _AsyncQuery(spf.query):
     """pyspf's query with its one DNS entry point routed to the resolver.
 
@@ -98,7 +109,7 @@ class _AsyncQuery(spf.query):
         prefetcher: SpfPrefetcher | None = None,
     ) -> None:
         super().__init__(ip, sender, helo, receiver=receiver)
-        self._resolver = resolver
+        self._resolver: _Answers = resolver
         self._prefetcher = prefetcher
         self._void_limit = void_limit
         self._deadline = deadline
@@ -166,10 +177,7 @@ class _AsyncQuery(spf.query):
         self.dns_lookups += 1
         answer = self._resolver.cached(name, qtype)
         if answer is None:
-            if self._clock() >= self._deadline:
-                raise spf.TempError(_TIMEOUT_TEXT)
-            parent = greenlet.getcurrent().parent
-            answer = parent.switch(_NeedDns(name, qtype))
+            answer = self._fetch(name, qtype)
         expires = answer.expires
         if expires == math.inf:  # an answer from outside the resolver's cache
             expires = self._resolver.clock() + answer.ttl
@@ -183,6 +191,130 @@ class _AsyncQuery(spf.query):
             # pyspf now asks each host's addresses in turn: ask them together.
             self._prefetcher.addresses_of(answer, self.A)
         return list(answer.records)
+
+    def _fetch(self, name: str, qtype: str) -> DnsAnswer:
+        """An answer not in the cache: the driving task awaits it for us."""
+        if self._clock() >= self._deadline:
+            raise spf.TempError(_TIMEOUT_TEXT)
+        answer: DnsAnswer = greenlet.getcurrent().parent.switch(_NeedDns(name, qtype))
+        return answer
+
+
+class _TracedQuery(_AsyncQuery):
+    """``_AsyncQuery`` reporting into a Trace as pyspf goes (``check --trace``).
+
+    It only watches: every hook calls pyspf's (or ``_AsyncQuery``'s) own
+    method and reports what it did, so the traced evaluation is the one the
+    server makes. The hooks are the methods pyspf calls at each step:
+    ``check1`` per record (the top one, an include's, a redirect's),
+    ``dns_spf`` when it fetches a record, ``check_lookups`` per DNS-querying
+    term, ``cidrmatch``/``validated_ptrs`` where a term compares the client,
+    ``dns`` per lookup. pyspf has no hook per term: its terms come from
+    ``validate_mechanism`` as tuples that its loop unpacks one at a time, so
+    they are handed out as ``_TracedTerm``s, which report when unpacked.
+    """
+
+    def __init__(self, *args: Any, trace: Trace, resolver: Resolver, **kwargs: Any) -> None:
+        super().__init__(*args, resolver=resolver, **kwargs)
+        self._trace = trace
+        self._resolver = _WatchedCache(resolver, trace)
+
+    def check1(self, spf_record: Any, domain: str, recursion: int) -> Any:
+        self._trace.begin_record(domain, spf_record)
+        try:
+            verdict = super().check1(spf_record, domain, recursion)
+        except Exception as exc:
+            self._trace.end_record(None, exc)
+            raise
+        self._trace.end_record(verdict[0])
+        return verdict
+
+    def dns_spf(self, domain: str) -> Any:
+        self._trace.fetching_record(domain)
+        return super().dns_spf(domain)
+
+    def validate_mechanism(self, mech: str) -> Any:
+        return _TracedTerm(super().validate_mechanism(mech), self._trace)
+
+    def check_lookups(self) -> None:
+        try:
+            super().check_lookups()
+        finally:
+            self._trace.counted(self.lookups)
+
+    def cidrmatch(self, ipaddrs: Any, n: int) -> bool:
+        matched = super().cidrmatch(ipaddrs, n)
+        self._trace.matched(matched)
+        return matched
+
+    def validated_ptrs(self) -> Any:
+        names = super().validated_ptrs()
+        target = self._trace.target()
+        if target is not None:
+            self._trace.matched(bool(spf.domainmatch(names, target)))
+        return names
+
+    def dns(
+        self,
+        name: Any,
+        qtype: str,
+        cnames: Any = None,
+        ignore_void: bool = False,
+    ) -> list[Any]:
+        trace = self._trace
+        lookup = trace.begin_lookup(str(name), qtype)
+        started = trace.clock()
+        try:
+            records = super().dns(name, qtype, cnames, ignore_void)
+        except Exception as exc:
+            lookup.elapsed = trace.clock() - started
+            trace.failed_lookup(lookup, exc, self.void_lookups)
+            raise
+        lookup.elapsed = trace.clock() - started
+        trace.end_lookup(lookup, records, self.void_lookups)
+        return records
+
+    def _fetch(self, name: str, qtype: str) -> DnsAnswer:
+        answer = super()._fetch(name, qtype)
+        self._trace.answered(answer.records, answer.ttl)
+        return answer
+
+
+class _WatchedCache:
+    """The resolver as a traced query reads it: each read reported, with
+    whether the answer was cached and whether the prefetcher asked first."""
+
+    def __init__(self, resolver: Resolver, trace: Trace) -> None:
+        self._resolver = resolver
+        self._trace = trace
+        self.clock = resolver.clock
+
+    def cached(self, name: str, qtype: str) -> DnsAnswer | None:
+        prefetched = self._resolver.guessed(name, qtype)  # before the read spends it
+        answer = self._resolver.cached(name, qtype)
+        self._trace.asked(name, qtype, cached=answer is not None, prefetched=prefetched)
+        if answer is not None:
+            self._trace.answered(answer.records, answer.ttl)
+        return answer
+
+
+class _TracedTerm(tuple[Any, ...]):
+    """A term as pyspf parsed it, ``(text, mechanism, target, cidr,
+    result)``, reporting to the trace when pyspf's loop unpacks it: the
+    moment pyspf starts trying it. (Unpacking anything but an exact tuple
+    iterates it, so this ``__iter__`` runs then.)"""
+
+    trace: Trace
+
+    def __new__(cls, parsed: tuple[Any, ...], trace: Trace) -> _TracedTerm:
+        term = super().__new__(cls, parsed)
+        term.trace = trace
+        return term
+
+    def __iter__(self) -> Iterator[Any]:
+        items = tuple(tuple.__iter__(self))
+        self.trace.begin_term(str(items[0]), str(items[1]), items[2], items[4])
+        return iter(items)
 
 
 def _failed(ip: str, sender: str, helo: str) -> tuple[str, int, str]:
@@ -231,14 +363,18 @@ class SpfEvaluator:
         *,
         lookup_time: float | None = None,
         void_limit: int | None = None,
+        trace: Trace | None = None,
     ) -> SpfOutcome:
         """SPF for the MAIL FROM identity ``sender``, or for HELO when
         ``sender`` is empty (checked as postmaster@helo, RFC 7208 section
-        2.3). Never raises for DNS trouble: that is a temperror outcome."""
+        2.3). Never raises for DNS trouble: that is a temperror outcome.
+        With ``trace``, the evaluation reports each step into it."""
         started = self._clock()
         budget = self.lookup_time if lookup_time is None else lookup_time
-        query = self._query(ip, sender, helo, started + budget, void_limit, started)
+        query = self._query(ip, sender, helo, started + budget, void_limit, started, trace)
         if isinstance(query, SpfOutcome):
+            if trace is not None:
+                trace.outcome = query
             return query
         self._prefetch(str(query.d), ip)
         self.in_flight += 1
@@ -249,7 +385,10 @@ class SpfEvaluator:
         finally:
             self.in_flight -= 1
             _release(query)
-        return self._outcome(query, verdict, sender, started)
+        outcome = self._outcome(query, verdict, sender, started)
+        if trace is not None:
+            trace.outcome = outcome
+        return outcome
 
     def check_now(
         self, ip: str, sender: str, helo: str, *, void_limit: int | None = None
@@ -282,13 +421,17 @@ class SpfEvaluator:
         deadline: float,
         void_limit: int | None,
         started: float,
+        trace: Trace | None = None,
     ) -> _AsyncQuery | SpfOutcome:
         """pyspf's query for one check, or the permerror its arguments give."""
         # RFC 4007 zone index ("fe80::1%eth0") names an interface, not part
         # of the address SPF compares; pyspf's parser rejects it.
         ip = ip.split("%", 1)[0]
+        make: Callable[..., _AsyncQuery] = _AsyncQuery
+        if trace is not None:
+            make = functools.partial(_TracedQuery, trace=trace)
         try:
-            query = _AsyncQuery(
+            query = make(
                 ip,
                 sender,
                 helo,

@@ -229,7 +229,7 @@ def render_server_page() -> str:
         ".br",
         ".B spfpolicy check",
         _roff("--ip IP --sender ADDRESS --helo NAME [-c FILE] [--nameserver HOST[:PORT]]..."),
-        _roff("[--timeout SECONDS]"),
+        _roff("[--timeout SECONDS] [--trace] [--json]"),
         ".br",
         ".B spfpolicy top",
         _roff("[-c FILE] [--connect HOST:PORT] [-n N] [--json]"),
@@ -266,7 +266,13 @@ def render_server_page() -> str:
                 "line is the bare result (pass, fail, softfail, neutral, none, permerror or "
                 "temperror); the next ones give the explanation, the mechanism that "
                 "matched, the identity checked, the DNS lookups and the time taken. An "
-                "empty --sender checks postmaster@ the HELO name (RFC 7208 section 2.3).",
+                "empty --sender checks postmaster@ the HELO name (RFC 7208 section 2.3). "
+                "--trace adds the evaluation as a tree: each record fetched, each term tried "
+                "with its outcome, each DNS lookup (answer, TTL, cache or upstream, time "
+                "waited), the lookup and void counts as they grow and where a limit was hit. "
+                "It is the server's evaluation, with its resolver, prefetch and, with -c, "
+                "its Void_Limit, Lookup_Time and Nameservers. --json prints the same as one "
+                "JSON object.",
             ),
             (
                 "top",

@@ -51,7 +51,7 @@ import pycares
 from spfpolicy.address import HostPort
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.cares import NEGATIVE, LoopResolver, without_query_cache
-from spfpolicy.config import DEFAULTS
+from spfpolicy.config import DEFAULTS, Settings
 from spfpolicy.slownames import SlowNames
 
 log = logging.getLogger(__name__)
@@ -235,6 +235,34 @@ class Resolver:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        nameservers: Sequence[HostPort | str] | None = None,
+        timeout: float | None = None,
+    ) -> Resolver:
+        """The resolver the settings describe: the server's, and the one
+        ``spfpolicy check`` builds so that it evaluates as the server does
+        (``nameservers`` and ``timeout`` override the settings' own)."""
+        resolver = cls(
+            settings.nameservers if nameservers is None else nameservers,
+            timeout=settings.dns_timeout if timeout is None else timeout,
+            cache_size=settings.dns_cache_size,
+        )
+        resolver.apply(settings)
+        return resolver
+
+    def apply(self, settings: Settings) -> None:
+        """The settings a reload may change: TTL clamps and the slow-name
+        memory (servers, timeout and cache size need a restart)."""
+        self.min_ttl, self.max_ttl = settings.dns_min_ttl, settings.dns_max_ttl
+        self.negative_ttl = settings.dns_negative_ttl
+        self.slow.configure(
+            settings.slow_domain_threshold, settings.slow_domain_window, settings.slow_domain_hold
+        )
+
     def counters(self) -> dict[str, int]:
         """Cache and upstream counters, for metrics and the stats log line."""
         stats = self.stats
@@ -274,6 +302,10 @@ class Resolver:
     def pending(self, name: str, qtype: str) -> asyncio.Future[DnsAnswer] | None:
         """The lookup of name/qtype in flight, if any."""
         return self._inflight.get((name, qtype))
+
+    def guessed(self, name: str, qtype: str) -> bool:
+        """Whether name/qtype was prefetched and no evaluation read it yet."""
+        return (name, qtype) in self._guesses
 
     def _used(self, key: tuple[str, str]) -> None:
         guesses = self._guesses

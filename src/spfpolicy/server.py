@@ -74,17 +74,7 @@ class PolicyServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.resolver = Resolver(
-            settings.nameservers,
-            timeout=settings.dns_timeout,
-            cache_size=settings.dns_cache_size,
-            min_ttl=settings.dns_min_ttl,
-            max_ttl=settings.dns_max_ttl,
-            negative_ttl=settings.dns_negative_ttl,
-            slow_threshold=settings.slow_domain_threshold,
-            slow_window=settings.slow_domain_window,
-            slow_hold=settings.slow_domain_hold,
-        )
+        self.resolver = Resolver.from_settings(settings)
         self.evaluator = SpfEvaluator(
             self.resolver,
             void_limit=settings.void_limit,
@@ -310,11 +300,7 @@ class PolicyServer:
         ]
         new = replace(new, **{name: getattr(old, name) for name in RESTART_ONLY})
         resolver = self.resolver
-        resolver.min_ttl, resolver.max_ttl = new.dns_min_ttl, new.dns_max_ttl
-        resolver.negative_ttl = new.dns_negative_ttl
-        resolver.slow.configure(
-            new.slow_domain_threshold, new.slow_domain_window, new.slow_domain_hold
-        )
+        resolver.apply(new)
         resolver.renew()  # a changed /etc/resolv.conf, when Nameservers is empty
         self.evaluator.void_limit, self.evaluator.lookup_time = new.void_limit, new.lookup_time
         checks = self._make_checks(new)
