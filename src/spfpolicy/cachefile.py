@@ -290,8 +290,8 @@ def read(path: str, *, max_entries: int) -> bytes | None:
         if os.path.islink(path):
             raise CacheFileError("a symbolic link") from None
         raise exc
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
+    try:
+        info = os.fstat(fd)  # of what was opened, not of what the name is now
         if not stat.S_ISREG(info.st_mode):
             raise CacheFileError("not a regular file")
         if info.st_uid != os.geteuid():
@@ -301,7 +301,10 @@ def read(path: str, *, max_entries: int) -> bytes | None:
         limit = size_limit(max_entries)
         if info.st_size > limit:
             raise CacheFileError(f"larger than {limit} bytes")
-        return file.read(limit + 1)
+        with os.fdopen(os.dup(fd), "rb") as file:
+            return file.read(limit + 1)  # it may have grown since
+    finally:
+        os.close(fd)
 
 
 def restore(
