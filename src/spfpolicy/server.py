@@ -395,14 +395,14 @@ class PolicyServer:
             return 0
         resolver = self.resolver
         now, since = wall(), resolver.clock()
-        # The cache's expiries are on the monotonic clock, which starts over
-        # with the machine: the file holds wall-clock times.
-        entries = [
-            cachefile.Entry(name, qtype, answer.records, answer.ttl, now + answer.expires - since)
-            for name, qtype, answer in resolver.cache.answers()
-            if answer.expires > since
-        ]
         try:
+            # The cache's expiries are on the monotonic clock, which starts
+            # over with the machine: the file holds wall-clock times.
+            entries = [
+                cachefile.Entry(name, qtype, a.records, a.ttl, now + a.expires - since)
+                for name, qtype, a in resolver.cache.answers()
+                if a.expires > since
+            ]
             count = cachefile.save(path, entries, max_entries=resolver.cache.max_entries, now=now)
         except Exception as exc:  # OSError mostly; a stop goes on whatever it is
             log.error("DNS cache not written to Cache_File %s: %s", path, exc)
