@@ -15,9 +15,11 @@ import contextlib
 import logging
 import os
 import pwd
+import shutil
 import signal
 import stat
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -444,10 +446,14 @@ async def serve(argv: list[str]) -> AsyncIterator[asyncio.subprocess.Process]:
 
 async def ask_once(socket_path: Path, proc: asyncio.subprocess.Process, instance: str) -> str:
     async with asyncio.timeout(10):
-        while not socket_path.exists():
+        # Until it listens (a socket left by a run that could not remove it,
+        # one that dropped root, refuses connections until then).
+        while True:
             assert proc.returncode is None
+            with contextlib.suppress(OSError):
+                reader, writer = await asyncio.open_unix_connection(str(socket_path))
+                break
             await asyncio.sleep(0.02)
-        reader, writer = await asyncio.open_unix_connection(str(socket_path))
         try:
             writer.write(encode_request(request(instance)))
             parser = ResponseParser()
@@ -503,3 +509,37 @@ async def test_a_restart_with_cache_file_answers_a_known_domain_without_dns(
         assert (await ask_once(sock, cold, "i.3")).startswith(FAIL_PREFIX)
         assert dns.queries >= 1
         await stop(cold)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start as root")
+async def test_started_as_root_the_file_is_the_unprivileged_users(
+    zone_server: Any, tmp_path: Path
+) -> None:
+    # Written at stop and read at start by the User the server switched to:
+    # the file is that user's, so the next start accepts it.
+    nobody = pwd.getpwnam("nobody")
+    dns = await zone_server(ZONE)
+    state = Path(tempfile.mkdtemp(prefix="spfpolicy-state-"))  # outside root's 0700 tmp
+    try:
+        os.chown(state, nobody.pw_uid, nobody.pw_gid)
+        cache = state / "cache"
+        conf = tmp_path / "spf.conf"
+        conf.write_text(
+            f"Log_Target = stderr\nUser = nobody\nCache_File = {cache}\nResult_Cache_TTL = 0\n"
+        )
+        sock = tmp_path / "policy.sock"
+        argv = ["-c", str(conf), "--nameserver", dns.nameserver, "--listen", f"unix:{sock}"]
+        async with serve(argv) as first:
+            assert (await ask_once(sock, first, "i.1")).startswith(FAIL_PREFIX)
+            await stop(first)
+        assert cache.stat().st_uid == nobody.pw_uid
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+        dns.reset_counts()
+        async with serve(argv) as second:
+            assert (await ask_once(sock, second, "i.2")).startswith(FAIL_PREFIX)
+            assert dns.queries == 0
+            log = await stop(second)
+        assert "answers read from" in log, log
+    finally:
+        shutil.rmtree(state)
