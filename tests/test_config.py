@@ -299,6 +299,14 @@ EVERY_KEY = [
     ),
     pytest.param("Metrics_Listen", "", "metrics_listen", None, id="Metrics-off"),
     pytest.param("Domain_Stats_Size", "0", "domain_stats_size", 0, id="Domain_Stats_Size"),
+    pytest.param(
+        "Cache_File",
+        "/var/lib/spfpolicy/cache",
+        "cache_file",
+        "/var/lib/spfpolicy/cache",
+        id="Cache",
+    ),
+    pytest.param("Cache_File", "", "cache_file", "", id="Cache_File-off"),
 ]
 
 
@@ -359,6 +367,8 @@ BAD = [
     pytest.param("Shutdown_Grace = 0", "positive number", id="Shutdown_Grace"),
     pytest.param("Stats_Interval = -1", "must be 0 (off)", id="Stats_Interval"),
     pytest.param("Metrics_Listen = 9469", "missing port", id="Metrics_Listen-port"),
+    pytest.param("Cache_File = cache", "expected an absolute path", id="Cache_File-relative"),
+    pytest.param("Cache_File = /var/lib/spfpolicy/", "not a directory", id="Cache_File-dir"),
     pytest.param("DNS_Min_TTL = 100\nDNS_Max_TTL = 10", "larger than DNS_Max_TTL", id="ttl"),
     pytest.param("Authserv_Id =\nHeader_Type = AR", "needs a non-empty Authserv_Id", id="AR-id"),
 ]

@@ -80,6 +80,18 @@ def test_service_unit_essentials() -> None:
     assert "AF_UNIX" in service["RestrictAddressFamilies"]
 
 
+def test_service_has_a_private_state_directory_for_cache_file() -> None:
+    service = unit(SERVICE)["Service"]
+    # /var/lib/spfpolicy, writable by the dynamic user alone (ProtectSystem=strict
+    # keeps the rest read-only): where the README puts Cache_File.
+    assert service["StateDirectory"] == "spfpolicy"
+    assert service["StateDirectoryMode"] == "0700"
+    assert service["ProtectSystem"] == "strict"
+    from spfpolicy.config import _KEYS
+
+    assert "/var/lib/spfpolicy (StateDirectory=spfpolicy)" in _KEYS["Cache_File"].doc
+
+
 # Sets PR_SET_MDWE (kept across execve) and execs the server.
 MDWE_LAUNCHER = f"""
 import ctypes, os, sys

@@ -303,6 +303,9 @@ class Settings:
     # Metrics_Listen: host:port of the Prometheus endpoint (None = off).
     metrics_listen: HostPort | None = None
     domain_stats_size: int = 1000  # Domain_Stats_Size: domains per 10-minute bucket; 0 = off
+    # Cache_File: the DNS cache is written here on a clean stop and read back
+    # at start (cachefile.py); "" = off.
+    cache_file: str = ""
 
     @property
     def effective_stats_interval(self) -> float:
@@ -415,6 +418,14 @@ def _octal(text: str) -> int:
 
 
 def _text(text: str) -> str:
+    return text
+
+
+def _file_path(text: str) -> str:
+    if text and not text.startswith("/"):
+        raise ValueError(f"expected an absolute path or nothing: {text!r}")
+    if text.endswith("/"):
+        raise ValueError(f"expected a file, not a directory: {text!r}")
     return text
 
 
@@ -1085,6 +1096,20 @@ _KEYS: Mapping[str, _Key] = {
         "inherits as an error bound). Served as JSON on the metrics listener (/domains) "
         "and read by spfpolicy top; a domain whose usual result changes is logged once as "
         "a warning. No per-domain Prometheus labels.",
+    ),
+    "Cache_File": _Key(
+        "cache_file",
+        _file_path,
+        doc="File the DNS cache is kept in across restarts; empty turns it off. On a "
+        "clean stop, once the last answers are sent, the live entries are written to a "
+        "temporary file in the same directory (mode 0600), then renamed over this one. At "
+        "start they are read back with the time they had left, expired ones dropped, so "
+        "the domains known before the restart are answered without DNS. A file that is "
+        "damaged, of another format version, larger than 1 KiB per DNS_Cache_Size entry, "
+        "not owned by the server's user, or writable by group or others is ignored with "
+        "a warning, and the server starts with an empty cache. The directory must be "
+        "writable by the server's user: the shipped systemd unit gives it "
+        "/var/lib/spfpolicy (StateDirectory=spfpolicy).",
     ),
 }
 

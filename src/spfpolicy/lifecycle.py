@@ -2,11 +2,12 @@
 signals, systemd notifications and the periodic stats line.
 
 Start: bind (or take systemd's sockets), start the metrics endpoint, drop
-privileges, install signal handlers, start the background tasks, READY=1.
+privileges, read Cache_File (as the user that will write it), install signal
+handlers, start the background tasks, READY=1.
 SIGHUP: RELOADING=1, load and apply the file (or keep the old one), READY=1.
 Stop (SIGTERM/SIGINT): STOPPING=1, then ``PolicyServer.stop()`` (stop
-accepting, answer what was read within Shutdown_Grace, close), stop the
-background tasks and restore the signal handlers.
+accepting, answer what was read within Shutdown_Grace, write Cache_File,
+close), stop the background tasks and restore the signal handlers.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ async def _serve(settings: Settings, load: Callable[[], Settings] | None) -> int
         await server.start(settings.listen, listen_fds())
         await server.start_metrics()
         drop_privileges(settings.user, settings.group)
+        server.restore_cache()
     except BaseException:
         await server.close()
         notifier.close()

@@ -334,7 +334,8 @@ def render_server_page() -> str:
             (
                 "SIGTERM, SIGINT",
                 "Stop accepting connections and reading requests, answer every request "
-                "already read, close the connections and exit. A check still running after "
+                "already read, write the DNS cache to Cache_File when it is set, close the "
+                "connections and exit. A check still running after "
                 f"Shutdown_Grace ({grace} s by default) is answered with the fallback "
                 "(DUNNO, or the TempError defer when TempError_Defer is True).",
             ),
@@ -369,6 +370,11 @@ def render_server_page() -> str:
             (DEFAULT_CONFIG_PATH, "The configuration file, as policyd-spf's."),
             (DEFAULTS.listen[0].path, "The default socket, Postfix's private/policyd-spf."),
             ("spfpolicy.service, spfpolicy.socket", "The systemd units shipped in systemd/."),
+            (
+                "/var/lib/spfpolicy/cache",
+                "Where the shipped unit's state directory puts Cache_File, the DNS cache "
+                "kept across restarts, when the configuration sets it.",
+            ),
         ]
     )
     out += [".SH EXAMPLES"]

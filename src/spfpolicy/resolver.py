@@ -33,7 +33,7 @@ import marshal
 import math
 import struct
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -165,6 +165,13 @@ class DnsCache(TtlLruCache[tuple[str, str], DnsAnswer]):
         expires = _EXPIRY.unpack_from(item)[0]
         return DnsAnswer(records, ttl, expires), expires
 
+    def answers(self) -> Iterator[tuple[str, str, DnsAnswer]]:
+        """Every entry as (name, type, answer with its expiry), least
+        recently used first, expired or not (for Cache_File)."""
+        for slot, item in list(self._data.items()):
+            qtype, name = str(slot).split(" ", 1)
+            yield name, qtype, self._unpack(item)[0]
+
 
 @dataclass(slots=True)
 class DnsStats:
@@ -294,6 +301,13 @@ class Resolver:
             if self._guesses:
                 self._used((name, qtype))
         return answer
+
+    def keep(
+        self, name: str, qtype: str, records: tuple[Record, ...], ttl: float, left: float
+    ) -> None:
+        """Cache an answer fetched before (read from Cache_File) for the
+        ``left`` seconds it had, no longer than DNS_Max_TTL allows now."""
+        self.cache.set((name, qtype), DnsAnswer(records, ttl), min(left, self.max_ttl))
 
     def peek(self, name: str, qtype: str) -> DnsAnswer | None:
         """The cached answer, for the prefetcher: counted as no read."""

@@ -11,7 +11,8 @@ TempError_Defer is set), and the connection and the server live on.
 ``PolicyServer.reload()`` applies new settings to requests read from then
 on; ``stop()`` stops accepting and reading, answers every request already
 read (within Shutdown_Grace; the fallback answers what is still evaluating
-at its end), closes the connections, the metrics endpoint and the resolver.
+at its end), writes the DNS cache to Cache_File, closes the connections, the
+metrics endpoint and the resolver. ``restore_cache()`` reads it back.
 The process around it (start-up order, privileges, signals, systemd) is in
 lifecycle.py.
 """
@@ -21,11 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
-from spfpolicy import logs
+from spfpolicy import cachefile, logs
 from spfpolicy.address import HostPort
 from spfpolicy.checks import DnsChecks
 from spfpolicy.config import ListenAddress, Settings
@@ -347,6 +348,9 @@ class PolicyServer:
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=1.0)
+        # Only a stop writes the file: a start that failed has nothing to keep
+        # and must not replace what the last run left.
+        self.save_cache()
         await self.close()
 
     async def close(self) -> None:
@@ -355,6 +359,56 @@ class PolicyServer:
             await self.metrics.close()
             self.metrics = None
         await self.resolver.close()
+
+    # -- Cache_File ---------------------------------------------------------
+
+    def restore_cache(self, wall: Callable[[], float] = time.time) -> int:
+        """Fill the DNS cache from Cache_File (at start, as the user the
+        server runs as); the number of answers read. Whatever is wrong with
+        the file, the server starts, with an empty cache and a warning."""
+        path = self.settings.cache_file
+        if not path:
+            return 0
+        try:
+            stored, expired = cachefile.restore(
+                path,
+                lambda entry, left: self.resolver.keep(
+                    entry.name, entry.qtype, entry.records, entry.ttl, left
+                ),
+                max_entries=self.resolver.cache.max_entries,
+                now=wall(),
+            )
+        except (cachefile.CacheFileError, OSError) as exc:
+            log.warning("Cache_File %s ignored (%s): starting with an empty DNS cache", path, exc)
+            return 0
+        except Exception:  # a start never fails on the file
+            log.exception("Cache_File %s ignored: starting with an empty DNS cache", path)
+            return 0
+        log.info("DNS cache: %d answers read from %s (%d expired)", stored, path, expired)
+        return stored
+
+    def save_cache(self, wall: Callable[[], float] = time.time) -> int:
+        """Write the DNS cache's live answers to Cache_File; the number
+        written. A failure is logged: it never fails the stop."""
+        path = self.settings.cache_file
+        if not path:
+            return 0
+        resolver = self.resolver
+        now, since = wall(), resolver.clock()
+        try:
+            # The cache's expiries are on the monotonic clock, which starts
+            # over with the machine: the file holds wall-clock times.
+            entries = [
+                cachefile.Entry(name, qtype, a.records, a.ttl, now + a.expires - since)
+                for name, qtype, a in resolver.cache.answers()
+                if a.expires > since
+            ]
+            count = cachefile.save(path, entries, max_entries=resolver.cache.max_entries, now=now)
+        except Exception as exc:  # OSError mostly; a stop goes on whatever it is
+            log.error("DNS cache not written to Cache_File %s: %s", path, exc)
+            return 0
+        log.info("DNS cache: %d answers written to %s", count, path)
+        return count
 
 
 def _domain_stats(size: int) -> DomainStats | None:
