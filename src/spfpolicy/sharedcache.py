@@ -12,8 +12,8 @@ Rules:
 - it never costs an answer: each operation has Shared_Cache_Timeout, and an
   error, a timeout, a refused connection, a wrong password, an out-of-memory
   write or an entry that does not decode is a miss, counted, and logged once
-  per outage; after a connection failure Redis is left alone for a backoff
-  (0.5 s doubling to 30 s), then tried again;
+  per outage; after a connection failure (or 3 timeouts in a row) Redis is
+  left alone for a backoff (0.5 s doubling to 30 s), then tried again;
 - writes never wait: they are queued, and a task sends them pipelined a
   moment later, after the answers that needed them.
 """
@@ -51,11 +51,18 @@ MAX_ENTRY = 65536
 # Writes queued and not yet sent; more are dropped (and counted) while Redis
 # is slow, so the queue cannot grow without bound.
 MAX_PENDING = 10_000
-WRITE_BATCH = 500  # commands per pipeline
+WRITE_BATCH = 100  # commands per pipeline
 WRITE_DELAY = 0.005  # seconds a write waits for company (batching)
 
 BACKOFF_FIRST = 0.5  # seconds without Redis after the first failure
 BACKOFF_MAX = 30.0
+# Timeouts in a row that make an outage, when they span at least one
+# Shared_Cache_Timeout. A refused connection or a wrong password is one at
+# once; but timeouts that all end at one moment are most often this
+# process's own event loop having been busy (the replies waited in the
+# socket), not Redis: they cost their lookups a miss, not the next half
+# second of lookups. A stopped Redis keeps timing out after that moment.
+TIMEOUTS_FOR_OUTAGE = 3
 
 # Latency buckets of shared-cache operations, seconds: a loopback Redis
 # answers in ~0.1 ms, a LAN one in well under 1 ms; the default deadline is 50 ms.
@@ -208,6 +215,8 @@ class SharedCache:
         self._down_since: float | None = None  # the outage's start, if in one
         self._retry_at = 0.0
         self._backoff = 0.0
+        self._timeouts_in_row = 0
+        self._first_timeout = 0.0  # when the timeouts in a row began
         self._write_refused = False  # an OOM (or other) write error logged
         self._pending: list[tuple[bytes, bytes, int]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -382,6 +391,15 @@ class SharedCache:
         stats.errors += 1
         if isinstance(exc, TimeoutError):
             stats.timeouts += 1
+            now = self.clock()
+            self._timeouts_in_row += 1
+            if self._timeouts_in_row == 1:
+                self._first_timeout = now
+            if self._down_since is None and (
+                self._timeouts_in_row < TIMEOUTS_FOR_OUTAGE
+                or now - self._first_timeout < self.timeout
+            ):
+                return
         now = self.clock()
         if self._down_since is None:
             self._down_since = now
@@ -402,6 +420,7 @@ class SharedCache:
         self._retry_at = now + self._backoff
 
     def _recovered(self) -> None:
+        self._timeouts_in_row = 0
         if self._down_since is not None:
             log.warning("shared cache: Redis is back after %.1f s", self.clock() - self._down_since)
             self._down_since = None
