@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -281,6 +283,11 @@ async def test_wrong_password_costs_no_answer(
     assert cache.down and cache.stats.errors > 0 and cache.stats.hits == 0
     _check_bound(baseline, latencies)
     assert shared(good).stats.writes > 0
+    # No password at all: Redis answers NOAUTH, an outage too (not junk).
+    anonymous = await policy_server(zone=ZONE, shared_cache=redis.url)
+    await _load(anonymous, 250, 20)
+    assert anonymous.server.errors == 0
+    assert shared(anonymous).down and shared(anonymous).stats.undecodable == 0
 
 
 async def test_redis_down_at_start_does_not_stop_the_start(
@@ -328,3 +335,14 @@ async def test_metrics_show_the_shared_cache(
         "spfpolicy_shared_cache_duration_seconds_bucket",
     ):
         assert name in body
+
+
+def test_redis_is_imported_only_when_shared_cache_is_set() -> None:
+    code = (
+        "import sys, spfpolicy.server, spfpolicy.lifecycle\n"
+        "from spfpolicy.config import Settings\n"
+        "spfpolicy.server.PolicyServer(Settings())\n"
+        "assert 'redis' not in sys.modules, 'redis'\n"
+        "assert 'spfpolicy.sharedcache' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -579,8 +579,6 @@ class Resolver:
         self.background(_retire(old))
 
     async def close(self) -> None:
-        if self.shared is not None:
-            await self.shared.close()
         for task in list(self._background):
             task.cancel()
         if self._background:
@@ -591,6 +589,8 @@ class Resolver:
             self._channel.cancel()
             await self._channel.close()
             self._channel = None
+        if self.shared is not None:
+            await self.shared.close()  # after the lookups that might still write to it
 
 
 def _wire_name(name: str) -> bytes:

@@ -220,6 +220,7 @@ class SharedCache:
         self._write_refused = False  # an OOM (or other) write error logged
         self._pending: list[tuple[bytes, bytes, int]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._closed = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> SharedCache:
@@ -287,11 +288,14 @@ class SharedCache:
                 pipe.get(key)
                 pipe.pttl(key)
                 data, remaining_ms = await pipe.execute()
-        except redis.exceptions.ResponseError:
-            # A key of another Redis type under our prefix (WRONGTYPE): junk.
+        except redis.exceptions.ResponseError as exc:
             stats.timed(time.perf_counter() - started)
-            stats.undecodable += 1
             stats.misses += 1
+            if "WRONGTYPE" not in str(exc):  # NOAUTH, NOPERM, ...
+                self._failed(exc)
+                return None
+            # A key of another Redis type under our prefix: junk.
+            stats.undecodable += 1
             self._recovered()
             return None
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
@@ -323,7 +327,7 @@ class SharedCache:
         """Queue an answer for Redis, kept there for ``remaining`` seconds."""
         stats = self.stats
         milliseconds = int(remaining * 1000)
-        if milliseconds <= 0:
+        if milliseconds <= 0 or self._closed:
             return
         if len(self._pending) >= MAX_PENDING or (
             self._down_since is not None and self.clock() < self._retry_at
@@ -428,6 +432,7 @@ class SharedCache:
 
     async def close(self) -> None:
         """Send what is queued (within the deadline), then disconnect."""
+        self._closed = True
         flusher = self._flusher
         if flusher is not None:
             try:

@@ -1068,6 +1068,7 @@ async def _run_shared(
     except RedisUnavailable as exc:
         raise BenchError(str(exc)) from None
     keyspace: dict[str, Any] = {}
+    empty = await asyncio.to_thread(bench.redis.command, "INFO", "memory")
     for target in targets:
         before = await asyncio.to_thread(bench.redis.command, "INFO", "stats")
         requests = results[0].requests if results and results[0].requests else None
@@ -1078,7 +1079,12 @@ async def _run_shared(
         }
     memory = await asyncio.to_thread(bench.redis.command, "INFO", "memory")
     keys = await asyncio.to_thread(bench.redis.command, "DBSIZE")
-    return {"redis": keyspace, "keys": int(keys), "used_memory": int(memory["used_memory"])}
+    return {
+        "redis": keyspace,
+        "keys": int(keys),
+        # What the entries take: Redis's used_memory above that of the empty server.
+        "used_memory": int(memory["used_memory"]) - int(empty["used_memory"]),
+    }
 
 
 def _shared_report(
