@@ -12,8 +12,9 @@ Rules:
 - it never costs an answer: each operation has Shared_Cache_Timeout, and an
   error, a timeout, a refused connection, a wrong password, an out-of-memory
   write or an entry that does not decode is a miss, counted, and logged once
-  per outage; after a connection failure (or 3 timeouts in a row) Redis is
-  left alone for a backoff (0.5 s doubling to 30 s), then tried again;
+  per outage; after a connection failure (or timeouts without a success
+  for 0.25 s) Redis is left alone for a backoff (0.5 s doubling to 30 s),
+  then tried again;
 - writes never wait: they are queued, and a task sends them pipelined a
   moment later, after the answers that needed them.
 """
@@ -53,16 +54,19 @@ MAX_ENTRY = 65536
 MAX_PENDING = 10_000
 WRITE_BATCH = 100  # commands per pipeline
 WRITE_DELAY = 0.005  # seconds a write waits for company (batching)
+WRITE_TIMEOUT = 0.5  # seconds for a batch of writes
 
 BACKOFF_FIRST = 0.5  # seconds without Redis after the first failure
 BACKOFF_MAX = 30.0
-# Timeouts in a row that make an outage, when they span at least one
-# Shared_Cache_Timeout. A refused connection or a wrong password is one at
-# once; but timeouts that all end at one moment are most often this
-# process's own event loop having been busy (the replies waited in the
-# socket), not Redis: they cost their lookups a miss, not the next half
-# second of lookups. A stopped Redis keeps timing out after that moment.
+# Timeouts in a row (no success between them) that make an outage, when
+# they span at least TIMEOUT_SPAN (or 5 Shared_Cache_Timeouts, if longer).
+# A refused connection or a wrong password is one at once; but timeouts with
+# successes between them are most often this process's own event loop being
+# busy (the replies waited in the socket while other work ran), not Redis:
+# they cost their lookups a miss, not the next half second of lookups. A
+# stopped or paused Redis has no success at all.
 TIMEOUTS_FOR_OUTAGE = 3
+TIMEOUT_SPAN = 0.25
 
 # Latency buckets of shared-cache operations, seconds: a loopback Redis
 # answers in ~0.1 ms, a LAN one in well under 1 ms; the default deadline is 50 ms.
@@ -197,6 +201,10 @@ class SharedCache:
         self.url = url
         self.prefix = prefix.encode("utf-8")
         self.timeout = timeout
+        # Writes wait for nobody: a busy event loop must not lose them at a
+        # lookup's deadline, but a Redis that does not answer must not keep
+        # them (and their connection) long either.
+        self.write_timeout = max(WRITE_TIMEOUT, timeout)
         self.clock = clock
         self.stats = SharedStats()
         options: dict[str, Any] = {}
@@ -361,7 +369,7 @@ class SharedCache:
             return
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.write_timeout):
                 pipe = self.client.pipeline(transaction=False)
                 for key, value, milliseconds in batch:
                     pipe.set(key, value, px=milliseconds)
@@ -401,7 +409,7 @@ class SharedCache:
                 self._first_timeout = now
             if self._down_since is None and (
                 self._timeouts_in_row < TIMEOUTS_FOR_OUTAGE
-                or now - self._first_timeout < self.timeout
+                or now - self._first_timeout < max(TIMEOUT_SPAN, 5 * self.timeout)
             ):
                 return
         now = self.clock()
