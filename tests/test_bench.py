@@ -506,3 +506,33 @@ def test_baseline_real_policyd_spf() -> None:
     assert target["results"] == target["expected_results"]
     assert target["processes"] >= 4
     assert target["peak_rss_bytes"] > 0
+
+
+def test_shared_cache_second_mx_host_over_the_first_ones_domains() -> None:
+    pytest.importorskip("redis")
+    if not Path("/usr/bin/redis-server").exists():
+        pytest.skip("no redis-server (apt-get install redis-server)")
+    data = _run(workload=WorkloadKind.UNIQUE, shared_cache=True, requests=300, concurrency=5)
+    first, second = data["targets"]
+    assert (first["name"], second["name"]) == ("first-mx", "second-mx")
+    assert second["requests"] == first["requests"]
+    for target in (first, second):
+        assert target["errors"] == 0 and target["contradictions"] == 0
+    shared = data["shared_cache"]
+    assert shared["redis"]["second-mx"]["keyspace_hits"] > 0
+    assert shared["keys"] > 0 and shared["bytes_per_key"] > 0
+    assert shared["dns_queries_per_request_second_over_first"] < 0.5
+    assert "second MX host / first" in format_report(data)
+
+
+def test_shared_cache_on_and_off_in_one_run() -> None:
+    pytest.importorskip("redis")
+    if not Path("/usr/bin/redis-server").exists():
+        pytest.skip("no redis-server (apt-get install redis-server)")
+    data = _run(workload=WorkloadKind.ZIPF, shared_cache=True, requests=300)
+    off, on = data["targets"]
+    assert (off["name"], on["name"]) == ("spfpolicy", "shared-on")
+    assert on["errors"] == 0 and on["contradictions"] == 0
+    assert data["shared_cache"]["redis"]["shared-on"]["keyspace_hits"] == 0
+    assert data["shared_cache"]["requests_per_s_on_over_off"] > 0
+    assert "shared level on (hit rate 0) / off" in format_report(data)

@@ -307,6 +307,41 @@ EVERY_KEY = [
         id="Cache",
     ),
     pytest.param("Cache_File", "", "cache_file", "", id="Cache_File-off"),
+    pytest.param(
+        "Shared_Cache",
+        "redis://cache.example:6380/2",
+        "shared_cache",
+        "redis://cache.example:6380/2",
+        id="Shared_Cache",
+    ),
+    pytest.param(
+        "Shared_Cache",
+        "rediss://spf:secret@10.0.0.5/0",
+        "shared_cache",
+        "rediss://spf:secret@10.0.0.5/0",
+        id="Shared_Cache-tls",
+    ),
+    pytest.param(
+        "Shared_Cache",
+        "unix:///run/redis/redis.sock?db=1",
+        "shared_cache",
+        "unix:///run/redis/redis.sock?db=1",
+        id="Shared_Cache-unix",
+    ),
+    pytest.param("Shared_Cache", "", "shared_cache", "", id="Shared_Cache-off"),
+    pytest.param(
+        "Shared_Cache_Prefix", "mx:", "shared_cache_prefix", "mx:", id="Shared_Cache_Prefix"
+    ),
+    pytest.param(
+        "Shared_Cache_Timeout", "0.1", "shared_cache_timeout", 0.1, id="Shared_Cache_Timeout"
+    ),
+    pytest.param(
+        "Shared_Cache_Password_File",
+        "/etc/spfpolicy/redis.pass",
+        "shared_cache_password_file",
+        "/etc/spfpolicy/redis.pass",
+        id="Shared_Cache_Password_File",
+    ),
 ]
 
 
@@ -369,6 +404,12 @@ BAD = [
     pytest.param("Metrics_Listen = 9469", "missing port", id="Metrics_Listen-port"),
     pytest.param("Cache_File = cache", "expected an absolute path", id="Cache_File-relative"),
     pytest.param("Cache_File = /var/lib/spfpolicy/", "not a directory", id="Cache_File-dir"),
+    pytest.param("Shared_Cache = memcached://x", "expected redis://", id="Shared_Cache-scheme"),
+    pytest.param("Shared_Cache = redis://:6379/0", "expected a host", id="Shared_Cache-host"),
+    pytest.param("Shared_Cache = redis://h:99999/0", "not a URL", id="Shared_Cache-port"),
+    pytest.param("Shared_Cache = unix://run/r.sock", "absolute", id="Shared_Cache-unix"),
+    pytest.param("Shared_Cache_Timeout = 0", "positive number", id="Shared_Cache_Timeout"),
+    pytest.param("Shared_Cache_Timeout = 11", "at most 10", id="Shared_Cache_Timeout-max"),
     pytest.param("DNS_Min_TTL = 100\nDNS_Max_TTL = 10", "larger than DNS_Max_TTL", id="ttl"),
     pytest.param("Authserv_Id =\nHeader_Type = AR", "needs a non-empty Authserv_Id", id="AR-id"),
 ]

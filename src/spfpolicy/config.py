@@ -41,6 +41,7 @@ import enum
 import ipaddress
 import os
 import socket
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +260,15 @@ class Settings:
     slow_domain_threshold: int = 3  # Slow_Domain_Threshold, failures (0 = off)
     slow_domain_window: float = 60.0  # Slow_Domain_Window, seconds
     slow_domain_hold: float = 120.0  # Slow_Domain_Hold, seconds (at most 300)
+    # Shared_Cache: redis://, rediss:// or unix:// URL of a Redis holding a
+    # second level of DNS answers for several MX hosts ("" = off;
+    # sharedcache.py). Every operation gets Shared_Cache_Timeout: a Redis on
+    # the LAN answers in well under a millisecond, and a Redis that does not
+    # must cost an answer no more than a twentieth of a second.
+    shared_cache: str = ""  # Shared_Cache
+    shared_cache_prefix: str = "spfpolicy:"  # Shared_Cache_Prefix
+    shared_cache_timeout: float = 0.05  # Shared_Cache_Timeout, seconds
+    shared_cache_password_file: str = ""  # Shared_Cache_Password_File
     result_cache_size: int = 10_000  # Result_Cache_Size
     result_cache_ttl: int = 60  # Result_Cache_TTL (0 disables)
     # Max_Connections: open client connections; one more is closed at once
@@ -531,6 +541,34 @@ def _nameservers(text: str) -> tuple[Nameserver, ...]:
             raise ValueError(f"nameserver must be an IP address: {server.host!r}") from None
         servers.append(server)
     return tuple(servers)
+
+
+_SHARED_SCHEMES = ("redis", "rediss", "unix")
+_URL_KEYS = frozenset({"Reason_URL", "Shared_Cache"})
+
+
+def _shared_cache(text: str) -> str:
+    if not text:
+        return ""
+    try:
+        url = urllib.parse.urlsplit(text)
+        url.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"not a URL: {exc}") from None
+    if url.scheme not in _SHARED_SCHEMES:
+        raise ValueError("expected redis://HOST:PORT/DB, rediss://HOST:PORT/DB or unix:///path")
+    if url.scheme == "unix" and (url.netloc or not url.path.startswith("/")):
+        raise ValueError("expected unix:///absolute/path/redis.sock")
+    if url.scheme != "unix" and not url.hostname:
+        raise ValueError("expected a host: redis://HOST:PORT/DB")
+    return text
+
+
+def _timeout(text: str) -> float:
+    value = _seconds(text)
+    if not 0 < value <= 10:
+        raise ValueError("must be more than 0 and at most 10 seconds")
+    return value
 
 
 def _log_target(text: str) -> tuple[LogTarget, ...]:
@@ -972,6 +1010,43 @@ _KEYS: Mapping[str, _Key] = {
         "answers again before Postfix first retries a deferred message "
         "(minimal_backoff_time, 300 s).",
     ),
+    "Shared_Cache": _Key(
+        "shared_cache",
+        _shared_cache,
+        doc="URL of a Redis that holds a second level of DNS answers, shared by several "
+        "MX hosts; empty turns it off. redis://[USER:PASSWORD@]HOST[:PORT][/DB], "
+        "rediss://... for TLS, or unix:///path/redis.sock[?db=DB]. A lookup missing in "
+        "the process's own DNS cache asks Redis before DNS, and an answer from DNS is "
+        "written there after the reply, for its remaining TTL. Redis never costs an "
+        "answer: an error, a timeout, a refused connection or write, a wrong password or "
+        "an entry that does not decode is a miss, counted and logged once per outage. "
+        "It needs redis-py and hiredis (pip install 'spfpolicy[redis]'). Changing it "
+        "needs a restart.",
+    ),
+    "Shared_Cache_Prefix": _Key(
+        "shared_cache_prefix",
+        _text,
+        doc="Prefix of every key spfpolicy writes in the shared cache's Redis. The keys "
+        "also carry a format version, so that a release with another format reads older "
+        "entries as misses.",
+    ),
+    "Shared_Cache_Timeout": _Key(
+        "shared_cache_timeout",
+        _timeout,
+        unit="seconds",
+        doc="Deadline of each shared-cache lookup, at most 10. A lookup Redis does not "
+        "answer within it goes to DNS, so a slow or stopped Redis adds at most this much "
+        "to each lookup. Writes are sent after the answer and get 0.5 s (or this, if "
+        "longer). After a refused connection, a wrong password or timeouts without a "
+        "success for 0.25 s, Redis is left alone for a backoff (0.5 s, doubling up to "
+        "30 s) before it is tried again.",
+    ),
+    "Shared_Cache_Password_File": _Key(
+        "shared_cache_password_file",
+        _text,
+        doc="File holding the password of the shared cache's Redis (AUTH), read at start; "
+        "a password in the Shared_Cache URL wins. Empty means none, or the URL's.",
+    ),
     "Result_Cache_Size": _Key(
         "result_cache_size",
         _int(0),
@@ -1174,9 +1249,9 @@ def load_settings(
         name = parts[0]
         if name not in _KEYS:
             raise ConfigError(file, lineno, f"unknown key {name!r}")
-        if len(parts) > 2 and name != "Reason_URL":
-            # policyd-spf skips such lines with a log message; only Reason_URL
-            # (spf-engine 3.1.0) may contain "=".
+        if len(parts) > 2 and name not in _URL_KEYS:
+            # policyd-spf skips such lines with a log message; only URLs
+            # (Reason_URL, spf-engine 3.1.0; Shared_Cache's ?db=) may contain "=".
             raise ConfigError(file, lineno, f"more than one '=' in {text!r}")
         value_text = text.split("=", 1)[1].strip()
         values[_KEYS[name].field] = _parse_value(file, lineno, name, value_text)

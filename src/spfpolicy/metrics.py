@@ -108,6 +108,7 @@ class Snapshot:
     domain_entries: int = 0  # the per-domain table (domainstats.py): domains tracked
     domain_bytes: int = 0  # its approximate size
     domain_changes: int = 0  # result changes it has seen
+    shared: dict[str, Any] | None = None  # SharedCache.counters(), when Shared_Cache is set
 
 
 def summary_line(snap: Snapshot) -> str:
@@ -129,6 +130,22 @@ def summary_line(snap: Snapshot) -> str:
         f"slow_names[held={dns['slow_names_held']} holds={dns['slow_holds']} "
         f"held_lookups={dns['slow_held_lookups']}] "
         f"result_cache[entries={snap.result_cache_entries} hits={snap.result_cache_hits}]"
+        + _shared_summary(snap.shared)
+    )
+
+
+def _shared_summary(shared: dict[str, Any] | None) -> str:
+    """The shared cache's part of the stats line (empty without one)."""
+    if shared is None:
+        return ""
+    operations = sum(shared["latency_counts"])
+    mean = f"{1000 * shared['latency_sum'] / operations:.2f}ms" if operations else "-"
+    return (
+        f" shared_cache[{'DOWN' if shared['down'] else 'up'} hits={shared['hits']} "
+        f"misses={shared['misses']} errors={shared['errors']} "
+        f"timeouts={shared['timeouts']} undecodable={shared['undecodable']} "
+        f"writes={shared['writes']} write_errors={shared['write_errors']} "
+        f"outages={shared['outages']} mean_latency={mean}]"
     )
 
 
@@ -267,6 +284,8 @@ class _Collector:
         yield gauge(
             "spfpolicy_evaluations_in_flight", "SPF evaluations running", snap.evaluations_in_flight
         )
+        if snap.shared is not None:
+            yield from _shared_families(snap.shared, counter, gauge, HistogramMetricFamily)
         # The per-domain table's size and events; its domains are only in
         # /domains, never labels here.
         yield gauge(
@@ -284,6 +303,44 @@ class _Collector:
             "Domains whose dominant SPF result changed",
             snap.domain_changes,
         )
+
+
+def _shared_families(
+    shared: dict[str, Any],
+    counter: Callable[[str, str, float], Any],
+    gauge: Callable[[str, str, float], Any],
+    histogram: Any,
+) -> Iterator[Any]:
+    """The shared cache's metric families (no per-key labels)."""
+    from spfpolicy.sharedcache import LATENCY_BUCKETS as SHARED_BUCKETS
+
+    texts = {
+        "hits": "DNS lookups answered by the shared cache (Redis)",
+        "misses": "DNS lookups the shared cache did not answer (errors included)",
+        "errors": "Shared-cache operations that failed or timed out",
+        "timeouts": "Shared-cache operations past Shared_Cache_Timeout",
+        "undecodable": "Shared-cache entries that did not decode (read as misses)",
+        "skipped": "Shared-cache lookups not tried: Redis in its backoff",
+        "writes": "DNS answers written to the shared cache",
+        "write_errors": "DNS answers Redis refused or lost",
+        "writes_dropped": "DNS answers not written: queue full or Redis in its backoff",
+        "outages": "Shared-cache outages begun",
+    }
+    for name, text in texts.items():
+        yield counter(f"spfpolicy_shared_cache_{name}", text, shared[name])
+    yield gauge("spfpolicy_shared_cache_down", "1 while Redis is in an outage", shared["down"])
+    buckets = []
+    cumulative = 0
+    for bound, count in zip(SHARED_BUCKETS, shared["latency_counts"], strict=False):
+        cumulative += count
+        buckets.append((repr(bound), cumulative))
+    buckets.append(("+Inf", cumulative + shared["latency_counts"][-1]))
+    yield histogram(
+        "spfpolicy_shared_cache_duration_seconds",
+        "Time of shared-cache operations (reads and write batches)",
+        buckets=buckets,
+        sum_value=shared["latency_sum"],
+    )
 
 
 class MetricsUnavailable(Exception):

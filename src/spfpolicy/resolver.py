@@ -17,7 +17,10 @@ Rules the cache keeps:
 - the number of entries is bounded, least recently used evicted first;
 - concurrent lookups of one (name, type) share one upstream query;
 - a name whose lookups keep timing out or failing is held down for a while
-  (``slownames.py``): its lookups fail at once, but for one probe.
+  (``slownames.py``): its lookups fail at once, but for one probe;
+- with Shared_Cache set, a miss asks the shared level (``sharedcache.py``,
+  Redis) before DNS, inside the single-flight lookup, and an answer from DNS
+  is handed to it for the remaining TTL (written after, never awaited).
 
 Answers are returned in the shapes pyspf's own DNS drivers produce, so the
 evaluator can hand them to pyspf unchanged: A/AAAA address strings, MX
@@ -35,7 +38,7 @@ import struct
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiodns
 import aiodns.error
@@ -53,6 +56,9 @@ from spfpolicy.cache import TtlLruCache
 from spfpolicy.cares import NEGATIVE, LoopResolver, without_query_cache
 from spfpolicy.config import DEFAULTS, Settings
 from spfpolicy.slownames import SlowNames
+
+if TYPE_CHECKING:  # imported only when Shared_Cache is set (it needs redis)
+    from spfpolicy.sharedcache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +241,7 @@ class Resolver:
         self._channel: LoopResolver | None = None
         self._fallback: dns.asyncresolver.Resolver | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self.shared: SharedCache | None = None  # the second level, if any
 
     # -- the cache side -----------------------------------------------------
 
@@ -292,6 +299,10 @@ class Resolver:
             "slow_recoveries": slow.recoveries,
             "slow_names_held": self.slow.held_now(),
         }
+
+    def shared_counters(self) -> dict[str, Any] | None:
+        """The shared level's counters (``SharedCache.counters``); None without one."""
+        return None if self.shared is None else self.shared.counters()
 
     def cached(self, name: str, qtype: str) -> DnsAnswer | None:
         """The cached answer, without touching the network (counts a hit)."""
@@ -403,8 +414,17 @@ class Resolver:
             self.cache.set(key, answer, answer.expires - self.clock())
 
     async def _fetch_dated(self, name: str, qtype: str) -> DnsAnswer:
-        """``_fetch``, with the answer's expiry: it was fetched just now."""
+        """``_fetch``, with the answer's expiry: it was fetched just now;
+        or the shared level's answer, with what is left of its TTL."""
+        shared = self.shared
+        if shared is not None:
+            found = await shared.get(name, qtype)
+            if found is not None:
+                ttl, records, remaining = found
+                return DnsAnswer(records, ttl, self.clock() + min(remaining, ttl))
         answer = await self._fetch(name, qtype)
+        if shared is not None:
+            shared.put(name, qtype, answer.ttl, answer.records, answer.ttl)
         return DnsAnswer(answer.records, answer.ttl, self.clock() + answer.ttl)
 
     # -- the network side ---------------------------------------------------
@@ -583,6 +603,8 @@ class Resolver:
             self._channel.cancel()
             await self._channel.close()
             self._channel = None
+        if self.shared is not None:
+            await self.shared.close()  # after the lookups that might still write to it
 
 
 def _wire_name(name: str) -> bytes:

@@ -67,6 +67,10 @@ RESTART_ONLY = {
     "nameservers": "Nameservers",
     "dns_timeout": "DNS_Timeout",
     "dns_cache_size": "DNS_Cache_Size",
+    "shared_cache": "Shared_Cache",
+    "shared_cache_prefix": "Shared_Cache_Prefix",
+    "shared_cache_timeout": "Shared_Cache_Timeout",
+    "shared_cache_password_file": "Shared_Cache_Password_File",
 }
 
 
@@ -76,6 +80,8 @@ class PolicyServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.resolver = Resolver.from_settings(settings)
+        if settings.shared_cache:
+            self.resolver.shared = _shared_cache(settings)
         self.evaluator = SpfEvaluator(
             self.resolver,
             void_limit=settings.void_limit,
@@ -121,6 +127,7 @@ class PolicyServer:
         return Snapshot(
             stats=self.stats,
             dns=self.resolver.counters(),
+            shared=self.resolver.shared_counters(),
             # SPF checks answered from the result cache, directly or through the memo.
             result_cache_hits=self._result_hits_before
             + self.checks.result_hits
@@ -409,6 +416,28 @@ class PolicyServer:
             return 0
         log.info("DNS cache: %d answers written to %s", count, path)
         return count
+
+
+def _shared_cache(settings: Settings) -> Any:
+    """The Redis level (sharedcache.py, imported only here: it needs redis-py).
+    Redis itself is not contacted yet: one that is down does not stop the start."""
+    try:
+        from spfpolicy.sharedcache import SharedCache
+    except ImportError:
+        raise StartupError(
+            "Shared_Cache needs redis-py and hiredis: pip install 'spfpolicy[redis]'"
+        ) from None
+    try:
+        shared = SharedCache.from_settings(settings)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot read Shared_Cache_Password_File {settings.shared_cache_password_file}: "
+            f"{exc.strerror or exc}"
+        ) from None
+    except ValueError as exc:  # a URL redis-py does not take
+        raise StartupError(f"bad Shared_Cache {settings.shared_cache!r}: {exc}") from None
+    log.info("shared cache: %s", shared.describe())
+    return shared
 
 
 def _domain_stats(size: int) -> DomainStats | None:
