@@ -17,6 +17,7 @@ import pytest
 
 from serving import ZONE, Client, Running, settings_for
 from spfpolicy.bench.dnsserver import Zone, ZoneServer
+from spfpolicy.resolver import Resolver
 from spfpolicy.server import PolicyServer
 
 MakeZoneServer = Callable[..., Awaitable[ZoneServer]]
@@ -81,3 +82,21 @@ async def policy_server(
     yield start
     for server in started:
         await server.stop(grace=1.0)
+
+
+@pytest.fixture
+async def resolvers() -> AsyncIterator[Callable[..., Resolver]]:
+    """``resolvers(zone_server_instance, **Resolver_kwargs)`` -> a resolver asking
+    it (0.5 s timeout, one try unless given); all closed at teardown."""
+    made: list[Resolver] = []
+
+    def make(server: ZoneServer, **kwargs: Any) -> Resolver:
+        kwargs.setdefault("timeout", 0.5)
+        kwargs.setdefault("tries", 1)
+        resolver = Resolver([server.nameserver], **kwargs)
+        made.append(resolver)
+        return resolver
+
+    yield make
+    for resolver in made:
+        await resolver.close()

@@ -33,6 +33,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+import dns.resolver
+import spf
+
 import spfpolicy
 from spfpolicy.protocol import encode_request
 
@@ -57,6 +60,35 @@ class PolicyServerDied(Exception):
     def __init__(self, message: str, log: str = "") -> None:
         super().__init__(f"{message}\n{log}" if log else message)
         self.log = log
+
+
+def plain_pyspf(
+    port: int,
+    ip: str,
+    sender: str,
+    helo: str,
+    *,
+    querytime: float = 10.0,
+    default_explanation: str | None = None,
+) -> tuple[str, int, str]:
+    """pyspf alone, with this venv's blocking dnspython driver pointed at the
+    loopback server on ``port``: (result, code, explanation) for the DNS data as
+    it is now. The reference our evaluations are compared with; run it in a
+    thread (it blocks)."""
+    resolver = dns.resolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = port
+    resolver.timeout = resolver.lifetime = min(3.0, querytime)
+    saved = dns.resolver.default_resolver
+    dns.resolver.default_resolver = resolver
+    try:
+        query = spf.query(ip, sender, helo, querytime=querytime)
+        if default_explanation is not None:
+            query.set_default_explanation(default_explanation)
+        result, code, explanation = query.check()
+    finally:
+        dns.resolver.default_resolver = saved
+    return str(result), int(code), str(explanation)
 
 
 def oracle_missing() -> str | None:

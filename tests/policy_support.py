@@ -125,14 +125,6 @@ MEMO_SPF = {
 }
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class CachingChecks(FakeChecks):
     """FakeChecks whose answers are all "cached": the same outcome objects,
     handed out by cached_spf without a call (as the result cache does)."""

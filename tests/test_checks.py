@@ -16,19 +16,11 @@ from typing import Any
 
 import pytest
 
+from fakeclock import FakeClock
 from spfpolicy.checks import MAX_PTR_NAMES, DnsChecks
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.resolver import Resolver
 from spfpolicy.results import SpfResult
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 # Three void lookups before the ip4 term (RFC 7208 4.6.4): a permerror with a
 # void limit of 2, a pass from 3 on.

@@ -14,11 +14,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-import dns.resolver
 import pytest
-import spf
 import yaml
 
+from oracle import plain_pyspf
 from spfpolicy.bench.dnsserver import Zone, ZoneServer
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.resolver import Resolver
@@ -77,23 +76,6 @@ def _scenario(index: int) -> dict[str, Any]:
     return _SCENARIOS[index]
 
 
-def _plain_pyspf(port: int, case: dict[str, Any]) -> tuple[str, str]:
-    """pyspf alone, with its blocking dnspython driver pointed at the server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = port
-    resolver.timeout = resolver.lifetime = 3.0
-    saved = dns.resolver.default_resolver
-    dns.resolver.default_resolver = resolver
-    try:
-        query = spf.query(case["host"], case["mailfrom"], case["helo"], querytime=10)
-        query.set_default_explanation("DEFAULT")
-        result, _code, explanation = query.check()
-    finally:
-        dns.resolver.default_resolver = saved
-    return result, explanation
-
-
 def _expected(case: dict[str, Any]) -> list[str]:
     result = case["result"]
     return result if isinstance(result, list) else [result]
@@ -110,7 +92,14 @@ async def test_rfc7208(index: int, name: str, case: dict[str, Any]) -> None:
             outcome = await evaluator.check(case["host"], case["mailfrom"], case["helo"])
         finally:
             await resolver.close()
-        pyspf_result, pyspf_explanation = await asyncio.to_thread(_plain_pyspf, server.port, case)
+        pyspf_result, _, pyspf_explanation = await asyncio.to_thread(
+            plain_pyspf,
+            server.port,
+            case["host"],
+            case["mailfrom"],
+            case["helo"],
+            default_explanation="DEFAULT",
+        )
 
     if name in ORACLE_DRIVER_DIFFERENCES:
         assert outcome.result != pyspf_result, f"{name}: drop it from ORACLE_DRIVER_DIFFERENCES"

@@ -15,36 +15,12 @@ import tracemalloc
 
 import pytest
 
+from fakeclock import FakeClock
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.checks import DnsChecks
 from spfpolicy.evaluator import SpfEvaluator
-from spfpolicy.resolver import DnsAnswer, DnsCache, DnsTempError, Resolver
+from spfpolicy.resolver import DnsAnswer, DnsCache, DnsTempError
 from spfpolicy.results import SpfResult
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def resolvers():
-    made: list[Resolver] = []
-
-    def make(server, **kwargs) -> Resolver:
-        kwargs.setdefault("timeout", 0.5)
-        kwargs.setdefault("tries", 1)
-        resolver = Resolver([server.nameserver], **kwargs)
-        made.append(resolver)
-        return resolver
-
-    yield make
-    for resolver in made:
-        await resolver.close()
-
 
 # -- the cache mechanism itself (no sockets) ---------------------------------
 

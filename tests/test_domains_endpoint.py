@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fakeclock import FakeClock
 from hardening import BAD_IP, GOOD_IP, request
 from serving import ZONE, Client, settings_for
 from spfpolicy import cli
@@ -23,14 +24,6 @@ from spfpolicy.domainstats import MIN_SUPPORT, DomainStats
 from spfpolicy.server import PolicyServer
 
 pytest.importorskip("prometheus_client")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -118,7 +111,7 @@ async def test_result_change_is_logged_once_by_the_server(
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(now=0.0)
     server.domains = DomainStats(50, clock=clock)
     client = await clients(tmp_path / "d.sock")
     for _ in range(MIN_SUPPORT + 1):

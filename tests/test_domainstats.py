@@ -11,20 +11,13 @@ from collections import Counter
 
 import pytest
 
+from fakeclock import FakeClock
 from spfpolicy.domainstats import MIN_SUPPORT, DomainStats, domain_of
 from spfpolicy.policy import ActionKind
 from spfpolicy.results import SpfResult
 
 PASS, FAIL, PERM = SpfResult.PASS, SpfResult.FAIL, SpfResult.PERMERROR
 PREPEND, REJECT = ActionKind.PREPEND, ActionKind.REJECT
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def rows(stats: DomainStats, top: int = 1000) -> dict[str, dict[str, object]]:

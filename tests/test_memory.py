@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from fakeclock import FakeClock
 from policy_support import (
     MEMO_SPF,
     RELAY_SPF,
     CachingChecks,
     FakeChecks,
-    FakeClock,
     outcome,
     request,
     settings_from,

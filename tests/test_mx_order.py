@@ -30,7 +30,7 @@ import dns.resolver
 import pytest
 import spf
 
-from oracle import LAUNCHER, SYSTEM_PYTHON, oracle_missing
+from oracle import LAUNCHER, SYSTEM_PYTHON, oracle_missing, plain_pyspf
 from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.resolver import Resolver
@@ -85,21 +85,6 @@ async def debian_pyspf(server: ZoneServer, sender: str, script: Path) -> str:
     return out.decode().strip()
 
 
-def dnspython_pyspf(port: int, sender: str) -> str:
-    """pyspf with its blocking dnspython driver (this venv's), pointed at the server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = port
-    resolver.timeout = resolver.lifetime = QUERY_TIME
-    saved = dns.resolver.default_resolver
-    dns.resolver.default_resolver = resolver
-    try:
-        result: str = spf.query(CLIENT, sender, "helo.example", querytime=QUERY_TIME).check()[0]
-    finally:
-        dns.resolver.default_resolver = saved
-    return result
-
-
 async def ours(server: ZoneServer, sender: str) -> str:
     resolver = Resolver([server.nameserver], timeout=0.3, tries=1)
     try:
@@ -142,7 +127,11 @@ async def test_equal_preference_mx_names_in_debian_pyspf_order(
     results = {
         "ours": await ours(server, sender),
         "debian": await debian_pyspf(server, sender, tmp_path / "check.py"),
-        "dnspython": await asyncio.to_thread(dnspython_pyspf, server.port, sender),
+        "dnspython": (
+            await asyncio.to_thread(
+                plain_pyspf, server.port, CLIENT, sender, "helo.example", querytime=QUERY_TIME
+            )
+        )[0],
     }
     assert results == expected
     assert results["ours"] == results["debian"]

@@ -12,11 +12,10 @@ import dataclasses
 import ipaddress
 from typing import Any
 
-import dns.resolver
 import pytest
-import spf
 
 from hardening import request
+from oracle import plain_pyspf
 from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.checks import DnsChecks
 from spfpolicy.config import HeloReject, Settings
@@ -266,25 +265,9 @@ def hostile_zone() -> dict[str, Any]:
     return zone
 
 
-def pyspf_check(port: int, ip: str, sender: str, helo: str) -> str:
-    """pyspf alone, with its blocking dnspython driver pointed at the server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = port
-    resolver.timeout = resolver.lifetime = 3.0
-    resolver.cache = None
-    saved = dns.resolver.default_resolver
-    dns.resolver.default_resolver = resolver
-    try:
-        result, _code, _text = spf.query(ip, sender, helo, querytime=10).check()
-    finally:
-        dns.resolver.default_resolver = saved
-    return str(result)
-
-
 async def pyspf_queries(server: ZoneServer, ip: str, sender: str, helo: str) -> tuple[str, int]:
     server.reset_counts()
-    result = await asyncio.to_thread(pyspf_check, server.port, ip, sender, helo)
+    result, _, _ = await asyncio.to_thread(plain_pyspf, server.port, ip, sender, helo)
     return result, server.queries
 
 

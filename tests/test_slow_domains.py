@@ -18,21 +18,13 @@ from typing import Any
 
 import pytest
 
+from fakeclock import FakeClock
 from hardening import GOOD_IP, header, request
 from serving import PASS, ZONE
 from spfpolicy.config import ConfigError, load_settings
 from spfpolicy.metrics import summary_line
 from spfpolicy.resolver import DnsTempError, Resolver
 from spfpolicy.slownames import MAX_HOLD, SlowNames
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
 
 # -- the memory -------------------------------------------------------------------
 

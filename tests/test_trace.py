@@ -16,10 +16,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import dns.resolver
 import pytest
-import spf
 
+from oracle import plain_pyspf
 from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.cli import main
 from spfpolicy.evaluator import SpfEvaluator
@@ -303,22 +302,6 @@ async def test_prefetched_answers_are_marked(resolvers: Callable[[], Resolver]) 
 # -- the same evaluation ------------------------------------------------------
 
 
-def pyspf_check(port: int, ip: str, sender: str) -> tuple[str, int, str]:
-    """pyspf alone, with its blocking dnspython driver pointed at the server."""
-    resolver = dns.resolver.Resolver(configure=False)
-    resolver.nameservers = ["127.0.0.1"]
-    resolver.port = port
-    resolver.timeout = resolver.lifetime = 3.0
-    resolver.cache = None
-    saved = dns.resolver.default_resolver
-    dns.resolver.default_resolver = resolver
-    try:
-        result, code, text = spf.query(ip, sender, "helo.example", querytime=10).check()
-    finally:
-        dns.resolver.default_resolver = saved
-    return str(result), int(code), str(text)
-
-
 @pytest.mark.parametrize(
     ("ip", "sender"),
     [
@@ -337,7 +320,7 @@ async def test_traced_result_is_the_untraced_and_pyspfs(
 ) -> None:
     untraced = await SpfEvaluator(resolvers()).check(ip, sender, "helo.example")
     outcome, _trace = await traced(SpfEvaluator(resolvers()), ip, sender)
-    alone = await asyncio.to_thread(pyspf_check, dns_server.port, ip, sender)
+    alone = await asyncio.to_thread(plain_pyspf, dns_server.port, ip, sender, "helo.example")
     assert (outcome.result, outcome.code, outcome.explanation) == alone
     assert (untraced.result, untraced.code, untraced.explanation) == alone
     assert decided(outcome) == decided(untraced)
