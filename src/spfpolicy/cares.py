@@ -9,7 +9,11 @@ neither library offers through its public API:
   ``ares_init_options`` call in ``pycares._lib`` is given the option);
 - the reply of a negative answer, whose SOA says how long it may be cached
   (``LoopResolver.query_reply``: a query sent with a C callback of ours, through
-  pycares' channel lock, callback registry and cffi objects).
+  pycares' channel lock, callback registry and cffi objects);
+- replies read into the little the resolver uses (``Reply``: the answer
+  section's records of the types it asks for, the authority section's SOA)
+  straight from c-ares' parsed record, instead of pycares' objects for every
+  record of every section (``read_reply``, through ``pycares._lib``).
 
 Every private name used is listed in ``PRIVATE_NAMES``; ``missing_private_names()``
 says which of them an installed version lacks, and tests/test_cares.py fails
@@ -24,9 +28,10 @@ import asyncio
 import contextlib
 import functools
 import logging
+import socket
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiodns
 import aiodns.error
@@ -49,6 +54,19 @@ PRIVATE_NAMES: tuple[tuple[str, str], ...] = (
     ("pycares", "parse_dnsrec"),
     ("pycares.Channel", "_capture_channel"),
     ("pycares.Channel", "_register_callback_handle"),
+    ("pycares._lib", "ares_dns_record_rr_cnt"),
+    ("pycares._lib", "ares_dns_record_rr_get_const"),
+    ("pycares._lib", "ares_dns_rr_get_type"),
+    ("pycares._lib", "ares_dns_rr_get_ttl"),
+    ("pycares._lib", "ares_dns_rr_get_name"),
+    ("pycares._lib", "ares_dns_rr_get_addr"),
+    ("pycares._lib", "ares_dns_rr_get_addr6"),
+    ("pycares._lib", "ares_inet_ntop"),
+    ("pycares._lib", "ares_dns_rr_get_u16"),
+    ("pycares._lib", "ares_dns_rr_get_u32"),
+    ("pycares._lib", "ares_dns_rr_get_str"),
+    ("pycares._lib", "ares_dns_rr_get_abin_cnt"),
+    ("pycares._lib", "ares_dns_rr_get_abin"),
 )
 
 
@@ -103,6 +121,186 @@ def without_query_cache() -> Iterator[None]:
         pycares._lib = lib
 
 
+class ReplyRecord(NamedTuple):
+    """One record of a reply's answer section, of a type the resolver asks for."""
+
+    name: str  # the owner, as c-ares writes it (ASCII; bytes if it is not)
+    type: int  # pycares.QUERY_TYPE_*
+    ttl: int
+    # A, AAAA: the address as text; MX: (preference, exchange); PTR, CNAME:
+    # the name; TXT: the record's character-strings joined (RFC 7208 3.3).
+    data: Any
+
+
+class Reply(NamedTuple):
+    """What the resolver reads of a reply: the answer section's records of
+    the types in ``READ_TYPES`` (the others are skipped, as pycares skips the
+    ones it does not know), and min(TTL, MINIMUM) over the authority
+    section's SOA records (RFC 2308 section 5), None without one."""
+
+    answer: list[ReplyRecord]
+    soa_ttl: int | None
+
+
+READ_TYPES = frozenset(
+    {
+        pycares.QUERY_TYPE_A,
+        pycares.QUERY_TYPE_AAAA,
+        pycares.QUERY_TYPE_MX,
+        pycares.QUERY_TYPE_PTR,
+        pycares.QUERY_TYPE_TXT,
+        pycares.QUERY_TYPE_CNAME,
+    }
+)
+
+
+def _text(value: bytes) -> Any:
+    """A name's text as pycares gives it: str when ASCII, else the bytes."""
+    try:
+        return value.decode("ascii")
+    except UnicodeDecodeError:
+        return value
+
+
+def from_result(result: pycares.DNSResult) -> Reply:
+    """The ``Reply`` of a reply pycares read itself (its own query's callback)."""
+    answer = []
+    for rr in result.answer:
+        if rr.type not in READ_TYPES:
+            continue
+        data: Any = rr.data
+        if isinstance(data, (pycares.ARecordData, pycares.AAAARecordData)):
+            value: Any = data.addr
+        elif isinstance(data, pycares.MXRecordData):
+            value = (data.priority, data.exchange)
+        elif isinstance(data, pycares.PTRRecordData):
+            value = data.dname
+        elif isinstance(data, pycares.CNAMERecordData):
+            value = data.cname
+        else:
+            value = bytes(data.data)
+        answer.append(ReplyRecord(rr.name, rr.type, rr.ttl, value))
+    soa_ttl = None
+    for rr in result.authority:
+        if isinstance(rr.data, pycares.SOARecordData):
+            ttl = min(rr.ttl, rr.data.minimum)
+            soa_ttl = ttl if soa_ttl is None else min(soa_ttl, ttl)
+    return Reply(answer, soa_ttl)
+
+
+def _make_reader() -> Callable[[Any], Reply] | None:
+    """``read_reply(dnsrec)``: the ``Reply`` of c-ares' parsed record, read
+    with c-ares' accessors. pycares' ``parse_dnsrec`` builds a dataclass per
+    record and per record's data, for the additional section too, and looks
+    each C function up on its cffi library per call: a third of a lookup's
+    CPU went there. None where pycares' layout differs (its parse is used)."""
+    lib = getattr(pycares, "_lib", None)
+    ffi = getattr(pycares, "_ffi", None)
+    try:
+        rr_count = lib.ares_dns_record_rr_cnt  # type: ignore[union-attr]
+        rr_get = lib.ares_dns_record_rr_get_const  # type: ignore[union-attr]
+        get_type = lib.ares_dns_rr_get_type  # type: ignore[union-attr]
+        get_ttl = lib.ares_dns_rr_get_ttl  # type: ignore[union-attr]
+        get_name = lib.ares_dns_rr_get_name  # type: ignore[union-attr]
+        get_addr = lib.ares_dns_rr_get_addr  # type: ignore[union-attr]
+        get_addr6 = lib.ares_dns_rr_get_addr6  # type: ignore[union-attr]
+        inet_ntop = lib.ares_inet_ntop  # type: ignore[union-attr]
+        get_u16 = lib.ares_dns_rr_get_u16  # type: ignore[union-attr]
+        get_u32 = lib.ares_dns_rr_get_u32  # type: ignore[union-attr]
+        get_str = lib.ares_dns_rr_get_str  # type: ignore[union-attr]
+        abin_count = lib.ares_dns_rr_get_abin_cnt  # type: ignore[union-attr]
+        get_abin = lib.ares_dns_rr_get_abin  # type: ignore[union-attr]
+        answer_section = lib.ARES_SECTION_ANSWER  # type: ignore[union-attr]
+        authority_section = lib.ARES_SECTION_AUTHORITY  # type: ignore[union-attr]
+        keys = (
+            lib.ARES_RR_A_ADDR,  # type: ignore[union-attr]
+            lib.ARES_RR_AAAA_ADDR,  # type: ignore[union-attr]
+            lib.ARES_RR_MX_PREFERENCE,  # type: ignore[union-attr]
+            lib.ARES_RR_MX_EXCHANGE,  # type: ignore[union-attr]
+            lib.ARES_RR_PTR_DNAME,  # type: ignore[union-attr]
+            lib.ARES_RR_CNAME_CNAME,  # type: ignore[union-attr]
+            lib.ARES_RR_TXT_DATA,  # type: ignore[union-attr]
+            lib.ARES_RR_SOA_MINIMUM,  # type: ignore[union-attr]
+            lib.INET6_ADDRSTRLEN,  # type: ignore[union-attr]
+        )
+        null, string, buffer, new = ffi.NULL, ffi.string, ffi.buffer, ffi.new  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    a_addr, aaaa_addr, mx_pref, mx_exchange, ptr_dname, cname_cname, txt_data, soa_min, addrlen = (
+        keys
+    )
+    qa, qaaaa, qmx, qptr, qtxt, qcname = (
+        pycares.QUERY_TYPE_A,
+        pycares.QUERY_TYPE_AAAA,
+        pycares.QUERY_TYPE_MX,
+        pycares.QUERY_TYPE_PTR,
+        pycares.QUERY_TYPE_TXT,
+        pycares.QUERY_TYPE_CNAME,
+    )
+    qsoa = pycares.QUERY_TYPE_SOA
+
+    def name_of(pointer: Any) -> Any:
+        return "" if pointer == null else _text(string(pointer))
+
+    def read_reply(dnsrec: Any) -> Reply:
+        answer = []
+        for i in range(rr_count(dnsrec, answer_section)):
+            rr = rr_get(dnsrec, answer_section, i)
+            if rr == null:
+                continue
+            rtype = get_type(rr)
+            data: Any
+            if rtype == qtxt:
+                chunks = []
+                length = new("size_t *")
+                for j in range(abin_count(rr, txt_data)):
+                    chunk = get_abin(rr, txt_data, j, length)
+                    if chunk != null:
+                        chunks.append(buffer(chunk, length[0])[:])
+                data = b"".join(chunks)
+            elif rtype in (qa, qaaaa):
+                text = new("char[]", addrlen)
+                if rtype == qa:
+                    inet_ntop(socket.AF_INET, get_addr(rr, a_addr), text, addrlen)
+                else:
+                    inet_ntop(socket.AF_INET6, get_addr6(rr, aaaa_addr), text, addrlen)
+                data = _text(string(text))
+            elif rtype == qcname:
+                data = name_of(get_str(rr, cname_cname))
+            elif rtype == qmx:
+                data = (get_u16(rr, mx_pref), name_of(get_str(rr, mx_exchange)))
+            elif rtype == qptr:
+                data = name_of(get_str(rr, ptr_dname))
+            else:
+                continue
+            answer.append(ReplyRecord(_text(string(get_name(rr))), rtype, get_ttl(rr), data))
+        soa_ttl = None
+        for i in range(rr_count(dnsrec, authority_section)):
+            rr = rr_get(dnsrec, authority_section, i)
+            if rr != null and get_type(rr) == qsoa:
+                ttl = min(get_ttl(rr), get_u32(rr, soa_min))
+                soa_ttl = ttl if soa_ttl is None else min(soa_ttl, ttl)
+        return Reply(answer, soa_ttl)
+
+    return read_reply
+
+
+_read_reply = _make_reader()
+
+
+def read_reply(dnsrec: Any) -> Reply:
+    """The ``Reply`` of c-ares' parsed reply (``ares_dns_record_t *``);
+    raises ValueError for a NULL one."""
+    if dnsrec == pycares._ffi.NULL:
+        raise ValueError("no reply")
+    if _read_reply is not None:
+        return _read_reply(dnsrec)
+    result, failed = pycares.parse_dnsrec(dnsrec)
+    if failed is not None or result is None:
+        raise ValueError("unreadable reply")
+    return from_result(result)
+
+
 class LoopResolver(aiodns.DNSResolver):
     """aiodns' resolver with c-ares driven from the event loop, not a thread.
 
@@ -132,7 +330,9 @@ class LoopResolver(aiodns.DNSResolver):
 
         return False, pycares.Channel(sock_state_cb=sock_state, timeout=self._timeout, **kwargs)
 
-    def ask(self, name: bytes, qtype: int, deliver: Callable[[Any, int], None]) -> None:
+    def ask(
+        self, name: bytes, qtype: int, deliver: Callable[[Reply | None, int | None], None]
+    ) -> None:
         """One query of ``name``: ``deliver(reply, status)`` is called on the
         loop's thread when it ends (at once, for a query c-ares refuses),
         with the reply also for a negative answer where c-ares has one. The
@@ -143,21 +343,21 @@ class LoopResolver(aiodns.DNSResolver):
             if KEEPS_NEGATIVE_REPLIES:
                 _ask(self._channel, name, qtype, deliver)
             else:
-                self._channel.query(name.decode("ascii"), qtype, callback=deliver)
+                self._channel.query(
+                    name.decode("ascii"), qtype, callback=functools.partial(_converted, deliver)
+                )
         except pycares.AresError as exc:
             # c-ares may have called back already with the same status;
             # ``deliver`` must take a second call (a settled lookup ignores it).
             deliver(None, exc.args[0] if exc.args else pycares.errno.ARES_EFORMERR)
 
-    def query_reply(
-        self, name: bytes, qtype: int
-    ) -> asyncio.Future[tuple[pycares.DNSResult | None, bool]]:
+    def query_reply(self, name: bytes, qtype: int) -> asyncio.Future[tuple[Reply | None, bool]]:
         """One query of ``name`` (ASCII, as the resolver encodes it): (the reply,
         whether the answer is negative), or aiodns' DNSError for any other
         status, as ``query_dns`` raises it. Unlike ``query_dns``, a negative
         answer comes with its reply, where the SOA says how long it may be
         kept."""
-        future: asyncio.Future[tuple[pycares.DNSResult | None, bool]] = self.loop.create_future()
+        future: asyncio.Future[tuple[Reply | None, bool]] = self.loop.create_future()
         deliver: Any  # (reply, status) -> None, from c-ares' thread or the loop
         if self._event_thread:
             deliver = functools.partial(self.loop.call_soon_threadsafe, _deliver, future)  # type: ignore[arg-type]
@@ -167,7 +367,9 @@ class LoopResolver(aiodns.DNSResolver):
             if KEEPS_NEGATIVE_REPLIES:
                 _ask(self._channel, name, qtype, deliver)
             else:
-                self._channel.query(name.decode("ascii"), qtype, callback=deliver)
+                self._channel.query(
+                    name.decode("ascii"), qtype, callback=functools.partial(_converted, deliver)
+                )
         except pycares.AresError as exc:
             # c-ares may have called back already with the same status.
             code = exc.args[0] if exc.args else pycares.errno.ARES_EFORMERR
@@ -175,9 +377,18 @@ class LoopResolver(aiodns.DNSResolver):
         return future
 
 
+def _converted(
+    deliver: Callable[[Reply | None, int | None], None],
+    result: pycares.DNSResult | None,
+    status: int | None,
+) -> None:
+    """pycares' own query callback, passed on with its reply as a ``Reply``."""
+    deliver(None if result is None else from_result(result), status)
+
+
 def _deliver(
-    future: asyncio.Future[tuple[pycares.DNSResult | None, bool]],
-    reply: pycares.DNSResult | None,
+    future: asyncio.Future[tuple[Reply | None, bool]],
+    reply: Reply | None,
     status: int | None,
 ) -> None:
     if future.done():  # cancelled, or the error was delivered twice
@@ -207,12 +418,10 @@ def _on_reply(arg: Any, status: int, timeouts: int, dnsrec: Any) -> None:
             status in NEGATIVE and dnsrec != pycares._ffi.NULL
         ):
             try:
-                reply, failed = pycares.parse_dnsrec(dnsrec)
+                reply = read_reply(dnsrec)
             except Exception:  # raised here, it would be lost and the query never end
                 log.debug("could not read a reply", exc_info=True)
-                reply, failed = None, pycares.errno.ARES_EBADRESP
-            if failed is not None:
-                status = failed
+                status = pycares.errno.ARES_EBADRESP
         deliver(reply, status)
     finally:
         pycares._handle_to_channel.pop(arg, None)

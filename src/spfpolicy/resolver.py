@@ -53,7 +53,7 @@ import pycares
 
 from spfpolicy.address import HostPort
 from spfpolicy.cache import TtlLruCache
-from spfpolicy.cares import NEGATIVE, LoopResolver, without_query_cache
+from spfpolicy.cares import NEGATIVE, LoopResolver, Reply, without_query_cache
 from spfpolicy.config import DEFAULTS, Settings
 from spfpolicy.slownames import SlowNames
 
@@ -70,6 +70,7 @@ QTYPES: dict[str, int] = {
     "TXT": pycares.QUERY_TYPE_TXT,
     "CNAME": pycares.QUERY_TYPE_CNAME,
 }
+_CNAME = pycares.QUERY_TYPE_CNAME
 # RFC 7208 section 3.1: the SPF RR type (99) is obsolete and not queried;
 # pyspf only asks for it in its "harsh" mode, which spfpolicy does not use.
 
@@ -463,7 +464,7 @@ class Resolver:
 
         delivered = False
 
-        def deliver(reply: pycares.DNSResult | None, status: int | None) -> None:
+        def deliver(reply: Reply | None, status: int | None) -> None:
             nonlocal delivered
             if delivered or result.done():  # an error delivered twice; cancelled (close)
                 return
@@ -545,7 +546,7 @@ class Resolver:
         name: str,
         qtype: str,
         target: str,
-        reply: pycares.DNSResult | None,
+        reply: Reply | None,
         negative: bool,
         ttl: float,
     ) -> DnsAnswer | tuple[str, float]:
@@ -561,8 +562,8 @@ class Resolver:
             if rr.type == wanted:
                 records.append(_convert(qtype, rr.data))
                 ttl = min(ttl, rr.ttl)
-            elif isinstance(rr.data, pycares.CNAMERecordData):
-                links[rr.name.lower().rstrip(".")] = rr.data.cname.lower().rstrip(".")
+            elif rr.type == _CNAME:
+                links[rr.name.lower().rstrip(".")] = rr.data.lower().rstrip(".")
                 ttl = min(ttl, rr.ttl)
         if records:
             return DnsAnswer(tuple(records), self._clamp(ttl))
@@ -579,7 +580,7 @@ class Resolver:
             return self._negative(ttl, reply)
         return target, ttl
 
-    async def _query(self, name: str, qtype: str) -> tuple[pycares.DNSResult | None, bool]:
+    async def _query(self, name: str, qtype: str) -> tuple[Reply | None, bool]:
         """One upstream query: (its reply, whether the answer is negative);
         the reply is None for a negative answer whose reply c-ares did not
         hand over. Raises DnsTempError, or _UseDnspython."""
@@ -622,14 +623,12 @@ class Resolver:
         log.debug("DNS %s %s failed: %s (c-ares status %s)", qtype, name, text, code)
         raise DnsTempError(_REASONS.get(code, text), f"{qtype} {name}: {text}") from None
 
-    def _negative(self, ttl: float, reply: pycares.DNSResult | None) -> DnsAnswer:
+    def _negative(self, ttl: float, reply: Reply | None) -> DnsAnswer:
         """No records, kept for the reply's negative TTL (RFC 2308 section 5:
         min(SOA TTL, SOA MINIMUM) of the SOA in the authority section), no
         longer than ``ttl`` (the CNAME links that led here) nor ``negative_ttl``."""
-        if reply is not None:
-            for rr in reply.authority:
-                if isinstance(rr.data, pycares.SOARecordData):
-                    ttl = min(ttl, rr.ttl, rr.data.minimum)
+        if reply is not None and reply.soa_ttl is not None:
+            ttl = min(ttl, reply.soa_ttl)
         return DnsAnswer((), self._clamp(min(ttl, self.negative_ttl)))
 
     async def _fetch_with_dnspython(self, name: str, qtype: str) -> DnsAnswer:
@@ -752,14 +751,13 @@ async def _retire(channel: aiodns.DNSResolver) -> None:
 
 
 def _convert(qtype: str, data: Any) -> Record:
-    if qtype in ("A", "AAAA"):
-        return data.addr
-    if qtype == "MX":
-        return (data.priority, data.exchange.rstrip("."))
-    if qtype == "PTR":
-        return data.dname.rstrip(".")
+    """A record as ``cares.Reply`` holds it, in the shape pyspf's drivers give."""
     if qtype == "TXT":
-        # pycares joins a record's character-strings, which is what RFC 7208
+        # The record's character-strings joined, which is what RFC 7208
         # section 3.3 asks for; pyspf expects a sequence of byte strings.
-        return (bytes(data.data),)
-    return data
+        return (data,)
+    if qtype == "MX":
+        return (data[0], data[1].rstrip("."))
+    if qtype in ("PTR", "CNAME"):
+        return data.rstrip(".")
+    return data  # A, AAAA: the address's text
