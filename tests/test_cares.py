@@ -125,3 +125,34 @@ async def test_replies_without_our_reader_give_the_same_answers(
     resolver = resolvers(server)
     for query in _REPLY_QUERIES:
         assert await resolver.resolve(*query) == expected[query], query
+
+
+async def test_queries_sent_through_pycares_helpers_where_its_lock_is_not_found(
+    zone_server, resolvers, monkeypatch
+) -> None:
+    # Another pycares layout, without the channel attributes _ask reads:
+    # its _capture_channel and _register_callback_handle are used instead.
+    server = await zone_server(_REPLY_ZONE, negative_ttl=77, soa_ttl=66)
+    expected = {q: await resolvers(server).resolve(*q) for q in _REPLY_QUERIES}
+
+    class WithoutLock:
+        def __init__(self, channel: pycares.Channel) -> None:
+            self._real = channel
+
+        def __getattr__(self, name: str):
+            if name == "_lock":
+                raise AttributeError(name)
+            return getattr(self._real, name)
+
+    sent = []
+    ask = cares._ask
+
+    def ask_without_lock(channel, *args) -> None:
+        sent.append(args[0])
+        ask(WithoutLock(channel), *args)
+
+    monkeypatch.setattr(cares, "_ask", ask_without_lock)
+    resolver = resolvers(server)
+    for query in _REPLY_QUERIES:
+        assert await resolver.resolve(*query) == expected[query], query
+    assert len(sent) >= len(_REPLY_QUERIES)

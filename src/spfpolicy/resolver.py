@@ -451,7 +451,11 @@ class Resolver:
         unresolved, a name for dnspython) goes on in a task from there.
         Costs per upstream lookup a task, three coroutines and a future less
         than the awaited path, which remains for the shared level."""
-        result: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
+        # The channel's loop is the running one; asyncio.get_running_loop()
+        # makes a getpid() system call on Python 3.11.
+        channel = self._channel
+        loop = asyncio.get_running_loop() if channel is None else channel.loop
+        result: asyncio.Future[DnsAnswer] = loop.create_future()
         try:
             wire = _wire_name(name)
         except UnicodeError:
