@@ -398,3 +398,46 @@ def test_client_address_forms() -> None:
     assert client_address("::ffff:192.0.2.1") == ipaddress.ip_address("192.0.2.1")
     assert client_address("fe80::1%eth0") == ipaddress.ip_address("fe80::1")
     assert client_address("") is None
+
+
+async def test_a_walk_ends_with_the_resolver(zone_server) -> None:
+    # A walk is driven by its lookups' callbacks: closing the resolver
+    # cancels them, and the walk ends without asking anything more (no
+    # channel made again after close).
+    server = await zone_server(TREE, delay=0.3)
+    resolver = Resolver([server.nameserver], timeout=2.0, tries=1)
+    prefetcher = SpfPrefetcher(resolver)
+    prefetcher.start("example.com", "192.0.2.200")
+    async with asyncio.timeout(5):
+        while not resolver.in_flight:  # the walk's first lookup is out
+            await asyncio.sleep(0.01)
+    assert prefetcher._walking == {"example.com"}
+    await resolver.close()
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert not prefetcher._walking
+    assert resolver._channel is None and not resolver.in_flight
+    assert resolver.prefetch("p1.example.net", "TXT") is None
+
+
+async def test_a_walk_goes_on_level_by_level_from_callbacks(zone_server) -> None:
+    # The whole tree is asked by the walk alone, each name once.
+    server = await zone_server(TREE, delay=0.02)
+    resolver = Resolver([server.nameserver], timeout=2.0, tries=1)
+    try:
+        prefetcher = SpfPrefetcher(resolver)
+        prefetcher.start("example.com", "192.0.2.200")
+        await settled(resolver, prefetcher)
+        for name, qtype in [
+            ("example.com", "TXT"),
+            ("p1.example.net", "TXT"),
+            ("p2.example.net", "TXT"),
+            ("deep.example.org", "TXT"),
+            ("out.example.net", "A"),
+            ("example.com", "MX"),
+        ]:
+            assert resolver.peek(name, qtype) is not None, (name, qtype)
+        assert all(count == 1 for count in server.counts.values()), server.counts
+        assert not prefetcher._walking
+    finally:
+        await resolver.close()

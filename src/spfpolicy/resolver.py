@@ -243,6 +243,7 @@ class Resolver:
         self._fallback: dns.asyncresolver.Resolver | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.shared: SharedCache | None = None  # the second level, if any
+        self._closed = False
 
     # -- the cache side -----------------------------------------------------
 
@@ -370,8 +371,8 @@ class Resolver:
         """Start a lookup into the cache that no evaluation asked for yet (a
         guess): its future, or None when it is cached or in flight already."""
         key = (name, qtype)
-        if key in self._inflight or self.cache.get(key) is not None:
-            return None
+        if self._closed or key in self._inflight or self.cache.get(key) is not None:
+            return None  # closed: a prefetch walk going on from a lookup's callback
         if self.slow.any_held and self.slow.held(name):
             return None  # a guess must not probe a name held down
         self.stats.prefetches += 1
@@ -707,6 +708,7 @@ class Resolver:
         self.background(_retire(old))
 
     async def close(self) -> None:
+        self._closed = True
         for task in list(self._background):
             task.cancel()
         if self._background:
