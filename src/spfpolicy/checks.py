@@ -6,6 +6,10 @@ void limit) without re-running pyspf. An entry never outlives the first of the
 DNS answers its evaluation used to expire (an answer taken from the cache has
 only what is left of its TTL), nor ``Result_Cache_TTL``; an outcome with no
 time left, and a temperror, are not cached, so a DNS hiccup is not remembered.
+
+With Shared_Cache set, a miss there asks the shared level (Redis, through
+``sharedcache.py``) before evaluating, and a fresh outcome goes there too,
+after the answer, for what is left of its time.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.resolver import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.results import NO_MAIL_RECORD, SpfOutcome, SpfResult
+
+if TYPE_CHECKING:  # imported only when Shared_Cache is set (it needs redis)
+    from spfpolicy.sharedcache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,9 @@ class DnsChecks:
         )
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
+        self.shared: SharedCache | None = None  # the second level, if any
+        # Shared-level reads in flight, by check: concurrent misses share one.
+        self._shared_reads: dict[_ResultKey, asyncio.Future[SpfOutcome | None]] = {}
 
     def _limit(self, void_limit: int | None) -> int:
         return self.void_limit if void_limit is None else void_limit
@@ -128,10 +139,37 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
+            cached = await self._from_shared(key)
+            if cached is not None:
+                return cached
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
         return self._keep(key, full)
+
+    async def _from_shared(self, key: str) -> SpfOutcome | None:
+        """The shared level's outcome for ``key``, kept in the result cache
+        for what is left of its time (and no longer than Result_Cache_TTL)."""
+        future = self._shared_reads.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._read_shared(key))
+            self._shared_reads[key] = future
+            future.add_done_callback(lambda _: self._shared_reads.pop(key, None))
+        # shield: one waiter giving up must not cancel the read for the others.
+        return await asyncio.shield(future)
+
+    async def _read_shared(self, key: str) -> SpfOutcome | None:
+        assert self.shared is not None
+        ip, sender, helo, void_limit = key.split("\0")
+        found = await self.shared.get_outcome(ip, sender, helo, int(void_limit))
+        if found is None:
+            return None
+        outcome = _for_decisions(found[0])
+        ttl = min(found[1], self.result_cache_ttl)
+        if ttl > 0:
+            self.results.set(key, outcome, ttl)
+        return outcome
 
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
         if self.results.get(self._key(ip, sender, helo, self._limit(void_limit))) is None:
@@ -150,7 +188,11 @@ class DnsChecks:
         outcome = _for_decisions(full)
         if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
             ttl = self.result_cache_ttl if full.ttl is None else full.ttl
-            self.results.set(key, outcome, min(ttl, self.result_cache_ttl))
+            ttl = min(ttl, self.result_cache_ttl)
+            self.results.set(key, outcome, ttl)
+            if self.shared is not None and isinstance(key, str) and ttl > 0:
+                ip, sender, helo, void_limit = key.split("\0")
+                self.shared.put_outcome(ip, sender, helo, int(void_limit), outcome, ttl)
         return outcome
 
     async def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:

@@ -142,7 +142,8 @@ def _shared_summary(shared: dict[str, Any] | None) -> str:
     mean = f"{1000 * shared['latency_sum'] / operations:.2f}ms" if operations else "-"
     return (
         f" shared_cache[{'DOWN' if shared['down'] else 'up'} hits={shared['hits']} "
-        f"misses={shared['misses']} errors={shared['errors']} "
+        f"misses={shared['misses']} result_hits={shared['result_hits']} "
+        f"result_misses={shared['result_misses']} errors={shared['errors']} "
         f"timeouts={shared['timeouts']} undecodable={shared['undecodable']} "
         f"writes={shared['writes']} write_errors={shared['write_errors']} "
         f"outages={shared['outages']} mean_latency={mean}]"
@@ -325,6 +326,11 @@ def _shared_families(
         "write_errors": "DNS answers Redis refused or lost",
         "writes_dropped": "DNS answers not written: queue full or Redis in its backoff",
         "outages": "Shared-cache outages begun",
+        "result_hits": "SPF checks answered by the shared cache (Redis)",
+        "result_misses": "SPF checks the shared cache did not answer (errors included)",
+        "result_undecodable": "Shared-cache SPF entries that did not decode (read as misses)",
+        "result_writes": "SPF outcomes written to the shared cache",
+        "read_batches": "Pipelines of shared-cache reads sent (each for one or more keys)",
     }
     for name, text in texts.items():
         yield counter(f"spfpolicy_shared_cache_{name}", text, shared[name])

@@ -146,12 +146,14 @@ class PolicyServer:
         return None if self.domains is None else self.domains.report(top)
 
     def _make_checks(self, settings: Settings) -> DnsChecks:
-        return DnsChecks(
+        checks = DnsChecks(
             self.evaluator,
             void_limit=settings.void_limit,
             result_cache_size=settings.result_cache_size,
             result_cache_ttl=settings.result_cache_ttl,
         )
+        checks.shared = self.resolver.shared  # SPF outcomes share the Redis level
+        return checks
 
     # -- start ----------------------------------------------------------------
 

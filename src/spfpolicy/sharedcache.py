@@ -1,14 +1,23 @@
-"""The shared cache: a second level of DNS answers in Redis, under the
-resolver's in-process cache, so that several MX hosts (or a restarted one)
-learn each domain once. Imported only when Shared_Cache is set.
+"""The shared cache: a second level in Redis, under the resolver's DNS cache
+and under the SPF result cache, so that several MX hosts (or a restarted
+one) learn each domain, and each check, once. Imported only when
+Shared_Cache is set.
 
 Rules:
 - the resolver asks here after a first-level miss, inside its single-flight
-  lookup, and writes here after a DNS answer; nothing else talks to Redis;
-- a key is ``<Shared_Cache_Prefix>dns<FORMAT>:<type> <name>``, its value a
-  version byte then the answer in our own small binary encoding (no pickle,
-  no marshal: whoever can write to Redis must not reach the interpreter); its
-  Redis TTL is the answer's remaining TTL, read back with PTTL;
+  lookup, and writes here after a DNS answer; the checks (checks.py) do the
+  same for SPF outcomes; nothing else talks to Redis;
+- a DNS key is ``<Shared_Cache_Prefix>dns<FORMAT>:<type> <name>``; an SPF
+  key is ``<Shared_Cache_Prefix>spf<FORMAT>:<hash>``, the hash a BLAKE2b of
+  the check (client IP, sender, HELO, void limit), so that no sender address
+  is written to Redis in clear;
+- a value is a version byte then our own small binary encoding (no pickle,
+  no marshal: whoever can write to Redis must not reach the interpreter),
+  validated field by field when read; its Redis TTL is the entry's remaining
+  TTL, read back with PTTL;
+- reads wanted in one turn of the event loop go to Redis together, one
+  pipeline (one round trip) for all of them; a key already being read is
+  not read twice;
 - it never costs an answer: each operation has Shared_Cache_Timeout, and an
   error, a timeout, a refused connection, a wrong password, an out-of-memory
   write or an entry that does not decode is a miss, counted, and logged once
@@ -24,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import hashlib
 import logging
 import struct
 import time
@@ -37,6 +47,8 @@ import redis.asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome, SpfResult
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,7 @@ MAX_ENTRY = 65536
 # is slow, so the queue cannot grow without bound.
 MAX_PENDING = 10_000
 WRITE_BATCH = 100  # commands per pipeline
+READ_BATCH = 200  # keys per read pipeline (two commands each: GET, PTTL)
 WRITE_DELAY = 0.005  # seconds a write waits for company (batching)
 WRITE_TIMEOUT = 0.5  # seconds for a batch of writes
 
@@ -161,12 +174,101 @@ def _read(data: bytes, at: int, size: int) -> bytes:
     return chunk
 
 
+# -- SPF outcomes -------------------------------------------------------------
+
+# An outcome is stored as decisions read it (checks._for_decisions): the
+# result, pyspf's code, the identity checked, whether the domain's own record
+# is the no-mail one, the explanation and the deciding mechanism. A
+# temperror is never stored. Everything is checked when read: an entry is
+# only as trustworthy as whoever can write to Redis.
+_OUTCOME = struct.Struct("!BBHBB")  # version, result, code, identity, flags
+_RESULTS = tuple(SpfResult)
+_STORED_RESULTS = frozenset(SpfResult) - {SpfResult.TEMPERROR}
+_IDENTITIES = tuple(Identity)
+_CODES = frozenset({250, 550})  # pyspf's codes of every result but temperror
+_NO_MAIL = 1  # flags: the checked domain publishes NO_MAIL_RECORD
+MAX_TEXT = 2048  # bytes of an explanation or a mechanism
+_CONTROL = frozenset(range(32)) | {127}
+
+
+def check_key(ip: str, sender: str, helo: str, void_limit: int) -> bytes:
+    """The hashed name of a check: 16 bytes of BLAKE2b over its parts, each
+    length-prefixed (so no two checks share a name), in hex."""
+    digest = hashlib.blake2b(digest_size=16, person=b"spfpolicy-check")
+    for part in (ip, sender, helo, str(void_limit)):
+        data = part.encode("utf-8", "surrogateescape")
+        digest.update(_U16.pack(len(data) & 0xFFFF))
+        digest.update(data)
+    return digest.hexdigest().encode("ascii")
+
+
+def _clean_text(value: str) -> bytes:
+    data = value.encode("utf-8")
+    if len(data) > MAX_TEXT or _CONTROL.intersection(data):
+        raise ValueError("text not storable")
+    return data
+
+
+def encode_outcome(outcome: SpfOutcome) -> bytes:
+    """The value of an outcome; ValueError for one that is not stored (a
+    temperror, control characters, texts too long)."""
+    if outcome.result not in _STORED_RESULTS or outcome.code not in _CODES:
+        raise ValueError(f"{outcome.result} {outcome.code} is not stored")
+    explanation = _clean_text(outcome.explanation)
+    mechanism = _clean_text(outcome.mechanism)
+    head = _OUTCOME.pack(
+        FORMAT,
+        _RESULTS.index(outcome.result),
+        outcome.code,
+        _IDENTITIES.index(outcome.identity),
+        _NO_MAIL if outcome.record == NO_MAIL_RECORD else 0,
+    )
+    return b"".join(
+        (head, _U16.pack(len(explanation)), explanation, _U16.pack(len(mechanism)), mechanism)
+    )
+
+
+def decode_outcome(data: bytes) -> SpfOutcome:
+    """The outcome ``encode_outcome`` wrote; raises Undecodable."""
+    try:
+        version, result, code, identity, flags = _OUTCOME.unpack_from(data)
+        if version != FORMAT:
+            raise Undecodable(f"format {version}")
+        at = _OUTCOME.size
+        (size,) = _U16.unpack_from(data, at)
+        explanation = _read(data, at + 2, size)
+        at += 2 + size
+        (size,) = _U16.unpack_from(data, at)
+        mechanism = _read(data, at + 2, size)
+        at += 2 + size
+        if at != len(data) or result >= len(_RESULTS) or identity >= len(_IDENTITIES):
+            raise Undecodable("trailing bytes or a value out of range")
+        spf_result = _RESULTS[result]
+        if spf_result not in _STORED_RESULTS or code not in _CODES or flags & ~_NO_MAIL:
+            raise Undecodable(f"{spf_result} {code} flags {flags}")
+        texts = (explanation, mechanism)
+        if any(len(t) > MAX_TEXT or _CONTROL.intersection(t) for t in texts):
+            raise Undecodable("text too long or with control characters")
+        return SpfOutcome(
+            spf_result,
+            code,
+            explanation.decode("utf-8"),
+            mechanism=mechanism.decode("utf-8"),
+            identity=_IDENTITIES[identity],
+            record=NO_MAIL_RECORD if flags & _NO_MAIL else "",
+        )
+    except (struct.error, UnicodeError) as exc:
+        raise Undecodable(str(exc)) from None
+
+
 # -- the client -------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class SharedStats:
-    """Counters for the metrics and the stats line; monotonic."""
+    """Counters for the metrics and the stats line; monotonic. ``hits``,
+    ``misses``, ``undecodable`` and ``writes`` are of DNS answers; their
+    ``result_`` twins of SPF outcomes."""
 
     hits: int = 0
     misses: int = 0  # every lookup not answered here (the errors included)
@@ -178,6 +280,11 @@ class SharedStats:
     write_errors: int = 0  # entries refused or lost (OOM, outage)
     writes_dropped: int = 0  # entries not sent: queue full or Redis in backoff
     outages: int = 0
+    result_hits: int = 0
+    result_misses: int = 0
+    result_undecodable: int = 0
+    result_writes: int = 0
+    read_batches: int = 0  # pipelines of reads sent (many keys each under load)
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
 
@@ -186,8 +293,16 @@ class SharedStats:
         self.latency_sum += seconds
 
 
+# What a read gives: the value and its remaining time in milliseconds; None
+# for a miss, a failure, or an entry of another Redis type (junk).
+_Found = tuple[bytes, int] | None
+# A key of another Redis type under our prefix (WRONGTYPE): junk, which the
+# callers' PTTL check counts as undecodable.
+_JUNK = (b"", -3)
+
+
 class SharedCache:
-    """DNS answers in Redis, for the resolver; every failure is a miss."""
+    """DNS answers and SPF outcomes in Redis; every failure is a miss."""
 
     def __init__(
         self,
@@ -226,8 +341,12 @@ class SharedCache:
         self._timeouts_in_row = 0
         self._first_timeout = 0.0  # when the timeouts in a row began
         self._write_refused = False  # an OOM (or other) write error logged
-        self._pending: list[tuple[bytes, bytes, int]] = []
+        self._pending: list[tuple[bytes, bytes, int, bool]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Reads wanted in this turn of the loop, and every read in flight.
+        self._wanted: list[bytes] = []
+        self._reading: dict[bytes, asyncio.Future[_Found]] = {}
+        self._readers: set[asyncio.Task[None]] = set()
         self._closed = False
 
     @classmethod
@@ -260,64 +379,34 @@ class SharedCache:
 
     def counters(self) -> dict[str, Any]:
         stats = self.stats
-        return {
-            "hits": stats.hits,
-            "misses": stats.misses,
-            "errors": stats.errors,
-            "timeouts": stats.timeouts,
-            "undecodable": stats.undecodable,
-            "skipped": stats.skipped,
-            "writes": stats.writes,
-            "write_errors": stats.write_errors,
-            "writes_dropped": stats.writes_dropped,
-            "outages": stats.outages,
-            "down": int(self.down),
-            "latency_counts": list(stats.latency_counts),
-            "latency_sum": stats.latency_sum,
+        counters: dict[str, Any] = {
+            name: getattr(stats, name)
+            for name in stats.__slots__
+            if name not in ("latency_counts", "latency_sum")
         }
+        counters["down"] = int(self.down)
+        counters["latency_counts"] = list(stats.latency_counts)
+        counters["latency_sum"] = stats.latency_sum
+        return counters
 
     def _key(self, name: str, qtype: str) -> bytes:
         return self.prefix + f"dns{FORMAT}:{qtype} {name}".encode("utf-8", "surrogateescape")
+
+    def _check_key(self, ip: str, sender: str, helo: str, void_limit: int) -> bytes:
+        return self.prefix + b"spf%d:" % FORMAT + check_key(ip, sender, helo, void_limit)
 
     # -- reads --------------------------------------------------------------
 
     async def get(self, name: str, qtype: str) -> tuple[float, Records, float] | None:
         """(ttl, records, remaining seconds) of a stored answer, or None."""
         stats = self.stats
-        if self._down_since is not None and self.clock() < self._retry_at:
-            stats.skipped += 1
-            stats.misses += 1
-            return None
-        key = self._key(name, qtype)
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self.client.pipeline(transaction=False)
-                pipe.get(key)
-                pipe.pttl(key)
-                data, remaining_ms = await pipe.execute()
-        except redis.exceptions.ResponseError as exc:
-            stats.timed(time.perf_counter() - started)
-            stats.misses += 1
-            if "WRONGTYPE" not in str(exc):  # NOAUTH, NOPERM, ...
-                self._failed(exc)
-                return None
-            # A key of another Redis type under our prefix: junk.
-            stats.undecodable += 1
-            self._recovered()
-            return None
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            stats.timed(time.perf_counter() - started)
-            stats.misses += 1
-            self._failed(exc)
-            return None
-        stats.timed(time.perf_counter() - started)
-        self._recovered()
-        if data is None:
+        found = await self._read(self._key(name, qtype))
+        if found is None:
             stats.misses += 1
             return None
         try:
-            if remaining_ms is None or remaining_ms <= 0:
+            data, remaining_ms = found
+            if remaining_ms <= 0:
                 # -1: no expiry, which no entry of ours lacks; -2: just expired.
                 raise Undecodable(f"PTTL {remaining_ms}")
             ttl, records = decode(qtype, data)
@@ -329,26 +418,125 @@ class SharedCache:
         stats.hits += 1
         return ttl, records, remaining_ms / 1000
 
+    async def get_outcome(
+        self, ip: str, sender: str, helo: str, void_limit: int
+    ) -> tuple[SpfOutcome, float] | None:
+        """(outcome, remaining seconds) of a stored SPF check, or None."""
+        stats = self.stats
+        found = await self._read(self._check_key(ip, sender, helo, void_limit))
+        if found is None:
+            stats.result_misses += 1
+            return None
+        try:
+            data, remaining_ms = found
+            if remaining_ms <= 0:
+                raise Undecodable(f"PTTL {remaining_ms}")
+            outcome = decode_outcome(data)
+        except Undecodable as exc:
+            stats.result_undecodable += 1
+            stats.result_misses += 1
+            log.debug("shared cache: an SPF entry does not decode: %s", exc)
+            return None
+        stats.result_hits += 1
+        return outcome, remaining_ms / 1000
+
+    async def _read(self, key: bytes) -> _Found:
+        """The value and PTTL of ``key``: read with the others wanted in
+        this turn of the loop, in one pipeline. None for a miss or a failure."""
+        future = self._reading.get(key)
+        if future is None:
+            if self._down_since is not None and self.clock() < self._retry_at:
+                self.stats.skipped += 1
+                return None
+            future = asyncio.get_running_loop().create_future()
+            self._reading[key] = future
+            if not self._wanted:
+                asyncio.get_running_loop().call_soon(self._send_reads)
+            self._wanted.append(key)
+        # shield: one waiter giving up must not cancel the read for the others.
+        return await asyncio.shield(future)
+
+    def _send_reads(self) -> None:
+        wanted, self._wanted = self._wanted, []
+        for at in range(0, len(wanted), READ_BATCH):
+            task = asyncio.ensure_future(self._read_batch(wanted[at : at + READ_BATCH]))
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
+
+    async def _read_batch(self, keys: list[bytes]) -> None:
+        stats = self.stats
+        stats.read_batches += 1
+        found: list[_Found] = [None] * len(keys)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.timeout):
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.get(key)
+                    pipe.pttl(key)
+                replies = await pipe.execute(raise_on_error=False)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            stats.timed(time.perf_counter() - started)
+            self._failed(exc)
+        else:
+            stats.timed(time.perf_counter() - started)
+            failure = None
+            for i in range(len(keys)):
+                data, remaining_ms = replies[2 * i], replies[2 * i + 1]
+                if isinstance(data, redis.exceptions.ResponseError):
+                    if "WRONGTYPE" in str(data):
+                        found[i] = _JUNK
+                    else:  # NOAUTH, NOPERM, ...
+                        failure = data
+                elif data is not None and isinstance(remaining_ms, int):
+                    found[i] = (data, remaining_ms)
+            if failure is None:
+                self._recovered()
+            else:
+                self._failed(failure)
+        finally:
+            reading = self._reading
+            for key, value in zip(keys, found, strict=True):
+                future = reading.pop(key, None)
+                if future is not None and not future.done():
+                    future.set_result(value)
+
     # -- writes -------------------------------------------------------------
 
     def put(self, name: str, qtype: str, ttl: float, records: Records, remaining: float) -> None:
         """Queue an answer for Redis, kept there for ``remaining`` seconds."""
-        stats = self.stats
-        milliseconds = int(remaining * 1000)
-        if milliseconds <= 0 or self._closed:
-            return
-        if len(self._pending) >= MAX_PENDING or (
-            self._down_since is not None and self.clock() < self._retry_at
-        ):
-            stats.writes_dropped += 1
-            return
         try:
             value = encode(qtype, ttl, records)
         except (ValueError, TypeError, struct.error, UnicodeError):
             return  # a record our encoding does not know: first level only
-        if len(value) > MAX_ENTRY:
+        self._queue(self._key(name, qtype), value, remaining, False)
+
+    def put_outcome(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        void_limit: int,
+        outcome: SpfOutcome,
+        remaining: float,
+    ) -> None:
+        """Queue an SPF outcome for Redis, kept there for ``remaining`` seconds."""
+        try:
+            value = encode_outcome(outcome)
+        except (ValueError, UnicodeError):
+            return  # not storable (a temperror, odd texts): first level only
+        self._queue(self._check_key(ip, sender, helo, void_limit), value, remaining, True)
+
+    def _queue(self, key: bytes, value: bytes, remaining: float, outcome: bool) -> None:
+        milliseconds = int(remaining * 1000)
+        if milliseconds <= 0 or self._closed or len(value) > MAX_ENTRY:
             return
-        self._pending.append((self._key(name, qtype), value, milliseconds))
+        if len(self._pending) >= MAX_PENDING or (
+            self._down_since is not None and self.clock() < self._retry_at
+        ):
+            self.stats.writes_dropped += 1
+            return
+        self._pending.append((key, value, milliseconds, outcome))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -362,7 +550,7 @@ class SharedCache:
         finally:
             self._flusher = None
 
-    async def _write(self, batch: list[tuple[bytes, bytes, int]]) -> None:
+    async def _write(self, batch: list[tuple[bytes, bytes, int, bool]]) -> None:
         stats = self.stats
         if self._down_since is not None and self.clock() < self._retry_at:
             stats.writes_dropped += len(batch)
@@ -371,7 +559,7 @@ class SharedCache:
         try:
             async with asyncio.timeout(self.write_timeout):
                 pipe = self.client.pipeline(transaction=False)
-                for key, value, milliseconds in batch:
+                for key, value, milliseconds, _ in batch:
                     pipe.set(key, value, px=milliseconds)
                 results = await pipe.execute(raise_on_error=False)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
@@ -381,8 +569,14 @@ class SharedCache:
             return
         stats.timed(time.perf_counter() - started)
         self._recovered()
-        refused = [r for r in results if isinstance(r, Exception)]
-        stats.writes += len(batch) - len(refused)
+        refused = []
+        for entry, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                refused.append(result)
+            elif entry[3]:
+                stats.result_writes += 1
+            else:
+                stats.writes += 1
         stats.write_errors += len(refused)
         if refused:
             stats.errors += 1
@@ -441,6 +635,9 @@ class SharedCache:
     async def close(self) -> None:
         """Send what is queued (within the deadline), then disconnect."""
         self._closed = True
+        for reader in list(self._readers):
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
         flusher = self._flusher
         if flusher is not None:
             try:
