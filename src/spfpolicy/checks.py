@@ -72,8 +72,6 @@ class DnsChecks:
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
         self.shared: SharedCache | None = None  # the second level, if any
-        # Shared-level reads in flight, by check: concurrent misses share one.
-        self._shared_reads: dict[_ResultKey, asyncio.Future[SpfOutcome | None]] = {}
 
     def _limit(self, void_limit: int | None) -> int:
         return self.void_limit if void_limit is None else void_limit
@@ -150,16 +148,8 @@ class DnsChecks:
 
     async def _from_shared(self, key: str) -> SpfOutcome | None:
         """The shared level's outcome for ``key``, kept in the result cache
-        for what is left of its time (and no longer than Result_Cache_TTL)."""
-        future = self._shared_reads.get(key)
-        if future is None:
-            future = asyncio.ensure_future(self._read_shared(key))
-            self._shared_reads[key] = future
-            future.add_done_callback(lambda _: self._shared_reads.pop(key, None))
-        # shield: one waiter giving up must not cancel the read for the others.
-        return await asyncio.shield(future)
-
-    async def _read_shared(self, key: str) -> SpfOutcome | None:
+        for what is left of its time (and no longer than Result_Cache_TTL).
+        Concurrent reads of one key are one Redis read (sharedcache.py)."""
         assert self.shared is not None
         ip, sender, helo, void_limit = key.split("\0")
         found = await self.shared.get_outcome(ip, sender, helo, int(void_limit))
@@ -172,7 +162,18 @@ class DnsChecks:
         return outcome
 
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
-        if self.results.get(self._key(ip, sender, helo, self._limit(void_limit))) is None:
+        key = self._key(ip, sender, helo, self._limit(void_limit))
+        if self.results.get(key) is not None:
+            return
+        if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
+            # The outcome itself may be in Redis: read it with the request's
+            # other checks (one round trip), and fetch DNS only if it is not.
+            self.resolver.background(self._prefetch_shared(key, ip, sender, helo))
+        else:
+            self.evaluator.prefetch(ip, sender, helo)
+
+    async def _prefetch_shared(self, key: str, ip: str, sender: str, helo: str) -> None:
+        if await self._from_shared(key) is None:
             self.evaluator.prefetch(ip, sender, helo)
 
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:

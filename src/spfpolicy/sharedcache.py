@@ -35,6 +35,7 @@ import bisect
 import contextlib
 import hashlib
 import logging
+import select
 import struct
 import time
 import urllib.parse
@@ -284,7 +285,8 @@ class SharedStats:
     result_misses: int = 0
     result_undecodable: int = 0
     result_writes: int = 0
-    read_batches: int = 0  # pipelines of reads sent (many keys each under load)
+    read_batches: int = 0  # round trips of reads (many keys each under load)
+    read_keys: int = 0  # keys they read
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
 
@@ -296,9 +298,73 @@ class SharedStats:
 # What a read gives: the value and its remaining time in milliseconds; None
 # for a miss, a failure, or an entry of another Redis type (junk).
 _Found = tuple[bytes, int] | None
+# Where the counts of a read joined by a second caller go: nowhere read.
+_JOINED = SharedStats()
+
+# Reads: each key's value and remaining time, by one script call per batch.
+# A key of another type gives its error in place (pcall), not the batch's; a
+# missing key's GET is Lua false, so the table has no holes.
+_READ_SCRIPT = (
+    "local r = {} for i, k in ipairs(KEYS) do "
+    "r[2 * i - 1] = redis.pcall('GET', k) r[2 * i] = redis.pcall('PTTL', k) end return r"
+)
+_READ_SHA = hashlib.sha1(_READ_SCRIPT.encode("ascii")).hexdigest()
+
 # A key of another Redis type under our prefix (WRONGTYPE): junk, which the
 # callers' PTTL check counts as undecodable.
 _JUNK = (b"", -3)
+
+
+GRACE_TURNS = 8  # turns of the loop a reply already in our socket gets
+
+
+class _Deadline:
+    """``asyncio.timeout``, except when, at the deadline, Redis's reply is
+    already waiting in our socket: then the event loop was late, not Redis
+    (a busy loop runs its timers before it reads its sockets), and the
+    operation gets a few more turns of the loop to read what has come. A
+    Redis that has not answered costs the deadline and nothing more."""
+
+    def __init__(self, seconds: float, waiting: Callable[[], bool]) -> None:
+        self.seconds = seconds
+        self.waiting = waiting
+        self.expired = False
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.Handle | None = None
+
+    async def __aenter__(self) -> _Deadline:
+        self._task = asyncio.current_task()
+        self._handle = asyncio.get_running_loop().call_later(self.seconds, self._expire, 0)
+        return self
+
+    def _expire(self, turns: int) -> None:
+        assert self._task is not None
+        if turns < GRACE_TURNS and self.waiting():
+            self._handle = asyncio.get_running_loop().call_soon(self._expire, turns + 1)
+            return
+        self.expired = True
+        self._task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        assert self._task is not None and self._handle is not None
+        self._handle.cancel()
+        if self.expired and kind is asyncio.CancelledError and self._task.uncancel() == 0:
+            raise TimeoutError("Shared_Cache_Timeout") from exc
+
+
+def _reply_waiting(conn: Any) -> bool:
+    """Whether bytes from Redis wait for us: read by the transport but not
+    parsed yet, or still in the kernel's socket buffer. False when unsure."""
+    try:
+        reader, writer = conn._reader, conn._writer
+        if reader is None or writer is None:
+            return False
+        if len(reader._buffer):
+            return True
+        sock = writer.transport.get_extra_info("socket")
+        return sock is not None and bool(select.select([sock], [], [], 0)[0])
+    except (AttributeError, OSError, ValueError, TypeError):
+        return False
 
 
 class SharedCache:
@@ -347,6 +413,7 @@ class SharedCache:
         self._wanted: list[bytes] = []
         self._reading: dict[bytes, asyncio.Future[_Found]] = {}
         self._readers: set[asyncio.Task[None]] = set()
+        self._scripts = True  # reads by script, until Redis refuses one
         self._closed = False
 
     @classmethod
@@ -400,7 +467,9 @@ class SharedCache:
     async def get(self, name: str, qtype: str) -> tuple[float, Records, float] | None:
         """(ttl, records, remaining seconds) of a stored answer, or None."""
         stats = self.stats
-        found = await self._read(self._key(name, qtype))
+        found, counted = await self._read(self._key(name, qtype))
+        if not counted:
+            stats = _JOINED  # a joined read: the starter counts it
         if found is None:
             stats.misses += 1
             return None
@@ -423,7 +492,9 @@ class SharedCache:
     ) -> tuple[SpfOutcome, float] | None:
         """(outcome, remaining seconds) of a stored SPF check, or None."""
         stats = self.stats
-        found = await self._read(self._check_key(ip, sender, helo, void_limit))
+        found, counted = await self._read(self._check_key(ip, sender, helo, void_limit))
+        if not counted:
+            stats = _JOINED  # a joined read: the starter counts it
         if found is None:
             stats.result_misses += 1
             return None
@@ -440,21 +511,24 @@ class SharedCache:
         stats.result_hits += 1
         return outcome, remaining_ms / 1000
 
-    async def _read(self, key: bytes) -> _Found:
-        """The value and PTTL of ``key``: read with the others wanted in
-        this turn of the loop, in one pipeline. None for a miss or a failure."""
+    async def _read(self, key: bytes) -> tuple[_Found, bool]:
+        """The value and PTTL of ``key`` (None for a miss or a failure),
+        read with the others wanted in this turn of the loop, in one round
+        trip; and whether this caller started the read (and counts it): a
+        caller that joins a read of the same key counts nothing."""
         future = self._reading.get(key)
+        started = future is None
         if future is None:
             if self._down_since is not None and self.clock() < self._retry_at:
                 self.stats.skipped += 1
-                return None
+                return None, True
             future = asyncio.get_running_loop().create_future()
             self._reading[key] = future
             if not self._wanted:
                 asyncio.get_running_loop().call_soon(self._send_reads)
             self._wanted.append(key)
         # shield: one waiter giving up must not cancel the read for the others.
-        return await asyncio.shield(future)
+        return await asyncio.shield(future), started
 
     def _send_reads(self) -> None:
         wanted, self._wanted = self._wanted, []
@@ -466,15 +540,13 @@ class SharedCache:
     async def _read_batch(self, keys: list[bytes]) -> None:
         stats = self.stats
         stats.read_batches += 1
+        stats.read_keys += len(keys)
         found: list[_Found] = [None] * len(keys)
         started = time.perf_counter()
+        using: list[Any] = []  # the connection, once taken from the pool
         try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self.client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.get(key)
-                    pipe.pttl(key)
-                replies = await pipe.execute(raise_on_error=False)
+            async with _Deadline(self.timeout, lambda: bool(using) and _reply_waiting(using[0])):
+                replies = await self._get_with_pttl(keys, using)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             self._failed(exc)
@@ -488,7 +560,7 @@ class SharedCache:
                         found[i] = _JUNK
                     else:  # NOAUTH, NOPERM, ...
                         failure = data
-                elif data is not None and isinstance(remaining_ms, int):
+                elif isinstance(data, bytes) and isinstance(remaining_ms, int):
                     found[i] = (data, remaining_ms)
             if failure is None:
                 self._recovered()
@@ -500,6 +572,55 @@ class SharedCache:
                 future = reading.pop(key, None)
                 if future is not None and not future.done():
                     future.set_result(value)
+
+    async def _get_with_pttl(self, keys: list[bytes], using: list[Any]) -> list[Any]:
+        """[value, PTTL, value, PTTL, ...] of ``keys``, in one round trip:
+        one script call (one command to pack and one reply to parse, however
+        many keys), or, where Redis refuses scripts, GET and PTTL pipelined.
+        On a connection of our own from the pool, so that the deadline can
+        see whether the reply has come (``_reply_waiting``)."""
+        pool = self.client.connection_pool
+        conn = await pool.get_connection()
+        using.append(conn)
+        try:
+            if self._scripts:
+                try:
+                    return await self._scripted(conn, keys)
+                except redis.exceptions.ResponseError as exc:
+                    if not str(exc).startswith(("NOPERM", "ERR unknown command")):
+                        raise
+                    self._scripts = False
+                    log.warning(
+                        "shared cache: Redis refuses scripts (%s); reads go as GET and PTTL", exc
+                    )
+            commands = [(command, key) for key in keys for command in ("GET", "PTTL")]
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.exceptions.ResponseError as exc:  # in place, as the script's
+                    replies.append(exc)
+            return replies
+        except BaseException as exc:
+            if not isinstance(exc, redis.exceptions.ResponseError):
+                # Cut off mid-reply (a deadline) or broken: not reusable.
+                await conn.disconnect(nowait=True)
+            raise
+        finally:
+            await pool.release(conn)
+
+    @staticmethod
+    async def _scripted(conn: Any, keys: list[bytes]) -> list[Any]:
+        try:
+            await conn.send_command("EVALSHA", _READ_SHA, len(keys), *keys)
+            replies = await conn.read_response()
+        except redis.exceptions.NoScriptError:  # a new Redis: EVAL caches it
+            await conn.send_command("EVAL", _READ_SCRIPT, len(keys), *keys)
+            replies = await conn.read_response()
+        if isinstance(replies, list) and len(replies) == 2 * len(keys):
+            return replies
+        raise redis.exceptions.ResponseError(f"the read script gave {replies!r:.60}")
 
     # -- writes -------------------------------------------------------------
 
