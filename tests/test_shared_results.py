@@ -281,3 +281,31 @@ async def test_concurrent_misses_of_one_check_share_one_read(
     # two keys, each a GET and a PTTL that miss.
     assert shared(running).stats.read_batches == 2
     assert int(redis.command("INFO", "stats")["keyspace_misses"]) == 4
+
+
+async def test_a_redis_user_without_scripts_reads_by_get_and_pttl(
+    tmp_path: Path,
+    redis_server: Callable[..., RedisProcess],
+    policy_server: Callable[..., Awaitable[Running]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    redis = redis_server()
+    redis.command("ACL", "SETUSER", "noscripts", "on", ">secret", "~*", "+@all", "-@scripting")
+    password = tmp_path / "redis.pass"
+    password.write_text("secret\n")
+    options = {
+        "shared_cache": f"{redis.url}?username=noscripts",
+        "shared_cache_password_file": str(password),
+    }
+    first = await policy_server(zone=ZONE, **options)
+    second = await policy_server(zone=ZONE, **options)
+    client = await first.connect()
+    expected = await client.ask(request("a@fail.example", ip=BAD_IP))
+    await settled(shared(first))
+    client = await second.connect()
+    assert await client.ask(request("a@fail.example", ip=BAD_IP)) == expected
+    assert second.dns.queries == 0
+    assert shared(second).stats.result_hits > 0
+    assert not shared(second).down and not shared(first).down
+    refusals = [r for r in caplog.records if "refuses scripts" in r.getMessage()]
+    assert len(refusals) == 2  # once per server

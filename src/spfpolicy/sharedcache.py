@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import logging
 import select
+import ssl
 import struct
 import time
 import urllib.parse
@@ -377,6 +378,7 @@ class SharedCache:
         prefix: str = "spfpolicy:",
         timeout: float = 0.05,
         password: str | None = None,
+        ca_file: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
@@ -391,6 +393,8 @@ class SharedCache:
         options: dict[str, Any] = {}
         if password is not None and not urllib.parse.urlsplit(url).password:
             options["password"] = password
+        if ca_file and urllib.parse.urlsplit(url).scheme == "rediss":
+            options["ssl_ca_certs"] = ca_file
         self.client = redis.asyncio.Redis.from_url(
             url,
             **options,
@@ -412,13 +416,23 @@ class SharedCache:
         # Reads wanted in this turn of the loop, and every read in flight.
         self._wanted: list[bytes] = []
         self._reading: dict[bytes, asyncio.Future[_Found]] = {}
-        self._readers: set[asyncio.Task[None]] = set()
+        self._readers: set[asyncio.Future[Any]] = set()  # reads, connects, releases
         self._scripts = True  # reads by script, until Redis refuses one
         self._closed = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> SharedCache:
-        """The cache Shared_Cache* describe; OSError if the password file is unreadable."""
+        """The cache Shared_Cache* describe; OSError (naming the file) if the
+        password file or the CA file cannot be read, or the CA file holds no
+        certificate."""
+        if settings.shared_cache_ca_file:
+            try:
+                ssl.create_default_context(cafile=settings.shared_cache_ca_file)
+            except ssl.SSLError as exc:
+                reason = f"no CA certificate ({exc.reason})"
+                raise OSError(0, reason, settings.shared_cache_ca_file) from None
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, settings.shared_cache_ca_file) from None
         password = None
         if settings.shared_cache_password_file:
             text = Path(settings.shared_cache_password_file).read_text(encoding="utf-8")
@@ -428,6 +442,7 @@ class SharedCache:
             prefix=settings.shared_cache_prefix,
             timeout=settings.shared_cache_timeout,
             password=password,
+            ca_file=settings.shared_cache_ca_file,
         )
 
     def describe(self) -> str:
@@ -580,14 +595,15 @@ class SharedCache:
         On a connection of our own from the pool, so that the deadline can
         see whether the reply has come (``_reply_waiting``)."""
         pool = self.client.connection_pool
-        conn = await pool.get_connection()
+        conn = await self._connection()
         using.append(conn)
         try:
             if self._scripts:
                 try:
                     return await self._scripted(conn, keys)
                 except redis.exceptions.ResponseError as exc:
-                    if not str(exc).startswith(("NOPERM", "ERR unknown command")):
+                    refused = isinstance(exc, redis.exceptions.NoPermissionError)
+                    if not refused and "unknown command" not in str(exc):
                         raise
                     self._scripts = False
                     log.warning(
@@ -609,6 +625,49 @@ class SharedCache:
             raise
         finally:
             await pool.release(conn)
+
+    def connect_soon(self) -> None:
+        """Open the first connection in the background (at start, once
+        privileges are dropped), so that the first reads need not make it;
+        a Redis that is not there starts an outage, logged, and no more."""
+        task = asyncio.ensure_future(self.connect())
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def connect(self) -> bool:
+        """Make a connection for the pool; whether it worked."""
+        pool = self.client.connection_pool
+        try:
+            conn = await pool.get_connection()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed(exc)
+            return False
+        await pool.release(conn)
+        self._recovered()
+        return True
+
+    async def _connection(self) -> Any:
+        """A connected connection from the pool. Making one (TCP, TLS, AUTH)
+        may take longer than a read's deadline: then it goes on without the
+        read that asked for it, into the pool, for the next reads."""
+        pool = self.client.connection_pool
+        task = asyncio.ensure_future(pool.get_connection())
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._readers.add(task)  # close() ends it
+            task.add_done_callback(self._readers.discard)
+            task.add_done_callback(self._pool_later)
+            raise
+
+    def _pool_later(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            return  # the next read fails on its own, and counts it
+        conn = task.result()
+        pool = self.client.connection_pool
+        later = asyncio.ensure_future(conn.disconnect() if self._closed else pool.release(conn))
+        self._readers.add(later)
+        later.add_done_callback(self._readers.discard)
 
     @staticmethod
     async def _scripted(conn: Any, keys: list[bytes]) -> list[Any]:
