@@ -1037,12 +1037,13 @@ _KEYS: Mapping[str, _Key] = {
         "shared_cache_timeout",
         _timeout,
         unit="seconds",
-        doc="Deadline of each shared-cache lookup, at most 10. A lookup Redis does not "
-        "answer within it goes to DNS, so a slow or stopped Redis adds at most this much "
-        "to each lookup. Writes are sent after the answer and get 0.5 s (or this, if "
-        "longer). After a refused connection, a wrong password or timeouts without a "
-        "success for 0.25 s, Redis is left alone for a backoff (0.5 s, doubling up to "
-        "30 s) before it is tried again.",
+        doc="Deadline of each shared-cache operation, at most 10. A lookup Redis does "
+        "not answer within it goes to DNS, so a slow or stopped Redis adds at most this "
+        "much to each lookup; a reply already received when the deadline comes (the event "
+        "loop was busy, not Redis) is still used. Writes are sent after the answer, with "
+        "the same deadline. After a refused connection, a wrong password or two timeouts "
+        "without a success between them, Redis is left alone for a backoff (0.5 s, "
+        "doubling up to 30 s) before it is tried again.",
     ),
     "Shared_Cache_Password_File": _Key(
         "shared_cache_password_file",

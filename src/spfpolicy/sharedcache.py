@@ -21,8 +21,8 @@ Rules:
 - it never costs an answer: each operation has Shared_Cache_Timeout, and an
   error, a timeout, a refused connection, a wrong password, an out-of-memory
   write or an entry that does not decode is a miss, counted, and logged once
-  per outage; after a connection failure (or timeouts without a success
-  for 0.25 s) Redis is left alone for a backoff (0.5 s doubling to 30 s),
+  per outage; after a connection failure (or two timeouts without a
+  success between them) Redis is left alone for a backoff (0.5 s doubling to 30 s),
   then tried again;
 - writes never wait: they are queued, and a task sends them pipelined a
   moment later, after the answers that needed them.
@@ -69,19 +69,16 @@ MAX_PENDING = 10_000
 WRITE_BATCH = 100  # commands per pipeline
 READ_BATCH = 200  # keys per read pipeline (two commands each: GET, PTTL)
 WRITE_DELAY = 0.005  # seconds a write waits for company (batching)
-WRITE_TIMEOUT = 0.5  # seconds for a batch of writes
 
 BACKOFF_FIRST = 0.5  # seconds without Redis after the first failure
 BACKOFF_MAX = 30.0
-# Timeouts in a row (no success between them) that make an outage, when
-# they span at least TIMEOUT_SPAN (or 5 Shared_Cache_Timeouts, if longer).
-# A refused connection or a wrong password is one at once; but timeouts with
-# successes between them are most often this process's own event loop being
-# busy (the replies waited in the socket while other work ran), not Redis:
-# they cost their lookups a miss, not the next half second of lookups. A
-# stopped or paused Redis has no success at all.
-TIMEOUTS_FOR_OUTAGE = 3
-TIMEOUT_SPAN = 0.25
+# Timeouts in a row (no success between them) that make an outage. A
+# refused connection or a wrong password is one at once. A lone timeout is
+# not: a Redis busy for a moment (a fork for a snapshot) costs the reads of
+# that moment a miss, not the next half second of reads. A late event loop
+# is no timeout at all (see _Deadline). A request can thus pay the deadline
+# twice before Redis is left alone; a stopped or paused Redis no more.
+TIMEOUTS_FOR_OUTAGE = 2
 
 # Latency buckets of shared-cache operations, seconds: a loopback Redis
 # answers in ~0.1 ms, a LAN one in well under 1 ms; the default deadline is 50 ms.
@@ -384,10 +381,6 @@ class SharedCache:
         self.url = url
         self.prefix = prefix.encode("utf-8")
         self.timeout = timeout
-        # Writes wait for nobody: a busy event loop must not lose them at a
-        # lookup's deadline, but a Redis that does not answer must not keep
-        # them (and their connection) long either.
-        self.write_timeout = max(WRITE_TIMEOUT, timeout)
         self.clock = clock
         self.stats = SharedStats()
         options: dict[str, Any] = {}
@@ -409,7 +402,6 @@ class SharedCache:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._timeouts_in_row = 0
-        self._first_timeout = 0.0  # when the timeouts in a row began
         self._write_refused = False  # an OOM (or other) write error logged
         self._pending: list[tuple[bytes, bytes, int, bool]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -560,7 +552,7 @@ class SharedCache:
         started = time.perf_counter()
         using: list[Any] = []  # the connection, once taken from the pool
         try:
-            async with _Deadline(self.timeout, lambda: bool(using) and _reply_waiting(using[0])):
+            async with _Deadline(self.timeout, lambda: bool(using) and _reply_waiting(using[-1])):
                 replies = await self._get_with_pttl(keys, using)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
@@ -591,40 +583,52 @@ class SharedCache:
     async def _get_with_pttl(self, keys: list[bytes], using: list[Any]) -> list[Any]:
         """[value, PTTL, value, PTTL, ...] of ``keys``, in one round trip:
         one script call (one command to pack and one reply to parse, however
-        many keys), or, where Redis refuses scripts, GET and PTTL pipelined.
-        On a connection of our own from the pool, so that the deadline can
-        see whether the reply has come (``_reply_waiting``)."""
-        pool = self.client.connection_pool
-        conn = await self._connection()
-        using.append(conn)
+        many keys), or, where Redis refuses scripts, GET and PTTL pipelined."""
+        if self._scripts:
+            conn = await self._connection(using)
+            try:
+                return await self._scripted(conn, keys)
+            except redis.exceptions.ResponseError as exc:
+                refused = isinstance(exc, redis.exceptions.NoPermissionError)
+                if not refused and "unknown command" not in str(exc):
+                    raise
+                self._scripts = False
+                log.warning(
+                    "shared cache: Redis refuses scripts (%s); reads go as GET and PTTL", exc
+                )
+            except BaseException:
+                await self._drop(conn)
+                raise
+            finally:
+                await self._release(conn)
+        commands = [(command, key) for key in keys for command in ("GET", "PTTL")]
+        return await self._pipelined(commands, using)
+
+    async def _pipelined(self, commands: list[tuple[Any, ...]], using: list[Any]) -> list[Any]:
+        """The replies to ``commands``, sent together; an error reply in its
+        place (as ``raise_on_error=False`` would)."""
+        conn = await self._connection(using)
         try:
-            if self._scripts:
-                try:
-                    return await self._scripted(conn, keys)
-                except redis.exceptions.ResponseError as exc:
-                    refused = isinstance(exc, redis.exceptions.NoPermissionError)
-                    if not refused and "unknown command" not in str(exc):
-                        raise
-                    self._scripts = False
-                    log.warning(
-                        "shared cache: Redis refuses scripts (%s); reads go as GET and PTTL", exc
-                    )
-            commands = [(command, key) for key in keys for command in ("GET", "PTTL")]
             await conn.send_packed_command(conn.pack_commands(commands))
-            replies = []
+            replies: list[Any] = []
             for _ in commands:
                 try:
                     replies.append(await conn.read_response())
-                except redis.exceptions.ResponseError as exc:  # in place, as the script's
+                except redis.exceptions.ResponseError as exc:
                     replies.append(exc)
             return replies
-        except BaseException as exc:
-            if not isinstance(exc, redis.exceptions.ResponseError):
-                # Cut off mid-reply (a deadline) or broken: not reusable.
-                await conn.disconnect(nowait=True)
+        except BaseException:
+            await self._drop(conn)
             raise
         finally:
-            await pool.release(conn)
+            await self._release(conn)
+
+    async def _drop(self, conn: Any) -> None:
+        """Cut off mid-reply (a deadline) or broken: not reusable."""
+        await conn.disconnect(nowait=True)
+
+    async def _release(self, conn: Any) -> None:
+        await self.client.connection_pool.release(conn)
 
     def connect_soon(self) -> None:
         """Open the first connection in the background (at start, once
@@ -646,19 +650,22 @@ class SharedCache:
         self._recovered()
         return True
 
-    async def _connection(self) -> Any:
-        """A connected connection from the pool. Making one (TCP, TLS, AUTH)
-        may take longer than a read's deadline: then it goes on without the
-        read that asked for it, into the pool, for the next reads."""
+    async def _connection(self, using: list[Any]) -> Any:
+        """A connected connection from the pool, also put in ``using`` (for
+        the deadline's look at its socket). Making one (TCP, TLS, AUTH) may
+        take longer than an operation's deadline: then it goes on without
+        the operation that asked for it, into the pool, for the next ones."""
         pool = self.client.connection_pool
         task = asyncio.ensure_future(pool.get_connection())
         try:
-            return await asyncio.shield(task)
+            conn = await asyncio.shield(task)
         except asyncio.CancelledError:
             self._readers.add(task)  # close() ends it
             task.add_done_callback(self._readers.discard)
             task.add_done_callback(self._pool_later)
             raise
+        using.append(conn)
+        return conn
 
     def _pool_later(self, task: asyncio.Future[Any]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -736,12 +743,11 @@ class SharedCache:
             stats.writes_dropped += len(batch)
             return
         started = time.perf_counter()
+        using: list[Any] = []
+        commands = [("SET", key, value, "PX", ms) for key, value, ms, _ in batch]
         try:
-            async with asyncio.timeout(self.write_timeout):
-                pipe = self.client.pipeline(transaction=False)
-                for key, value, milliseconds, _ in batch:
-                    pipe.set(key, value, px=milliseconds)
-                results = await pipe.execute(raise_on_error=False)
+            async with _Deadline(self.timeout, lambda: bool(using) and _reply_waiting(using[-1])):
+                results = await self._pipelined(commands, using)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             stats.write_errors += len(batch)
@@ -777,14 +783,8 @@ class SharedCache:
         stats.errors += 1
         if isinstance(exc, TimeoutError):
             stats.timeouts += 1
-            now = self.clock()
             self._timeouts_in_row += 1
-            if self._timeouts_in_row == 1:
-                self._first_timeout = now
-            if self._down_since is None and (
-                self._timeouts_in_row < TIMEOUTS_FOR_OUTAGE
-                or now - self._first_timeout < max(TIMEOUT_SPAN, 5 * self.timeout)
-            ):
+            if self._down_since is None and self._timeouts_in_row < TIMEOUTS_FOR_OUTAGE:
                 return
         now = self.clock()
         if self._down_since is None:
