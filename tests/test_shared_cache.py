@@ -196,10 +196,13 @@ async def _load(
 
 
 def _check_bound(baseline: list[float], latencies: list[float]) -> None:
-    """Within normal latency plus the timeout, with room for a shared machine."""
-    allowed = max(baseline) + TIMEOUT + 0.5
+    """Within normal latency plus the timeout: a request in flight when Redis
+    fails pays the deadline once, or at worst twice (two reads in a row, the
+    second the one that starts the outage); then none does. 50 ms of room
+    for a shared machine; most requests pay nothing."""
+    allowed = max(baseline) + 2 * TIMEOUT + 0.05
     assert max(latencies) <= allowed, (max(latencies), allowed)
-    assert statistics.median(latencies) <= statistics.median(baseline) + TIMEOUT + 0.05
+    assert statistics.median(latencies) <= statistics.median(baseline) + TIMEOUT / 2
 
 
 FAULTS = ["stopped", "paused", "maxmemory"]

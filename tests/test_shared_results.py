@@ -309,3 +309,65 @@ async def test_a_redis_user_without_scripts_reads_by_get_and_pttl(
     assert not shared(second).down and not shared(first).down
     refusals = [r for r in caplog.records if "refuses scripts" in r.getMessage()]
     assert len(refusals) == 2  # once per server
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("grace", [True, False], ids=["grace", "no-grace"])
+def test_a_reply_that_came_while_the_loop_was_busy_is_used(
+    grace: bool,
+    loop: str,
+    redis_server: Callable[..., RedisProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop blocked past the deadline after Redis answered: the
+    reply waiting in the socket is read, not counted as a timeout. uvloop
+    (the server's loop) runs its due timers before it polls its sockets, so
+    there the control, without the grace turns, times out; asyncio's loop
+    polls first, and reads the reply either way."""
+    import time
+
+    from spfpolicy import sharedcache
+
+    if not grace:
+        monkeypatch.setattr(sharedcache, "GRACE_TURNS", 0)
+    redis = redis_server()
+    outcome = SpfOutcome(SpfResult.FAIL, 550, "not authorized", "-all")
+
+    def evalsha_calls() -> int:
+        stats = redis.command("INFO", "commandstats").get("cmdstat_evalsha", {})
+        return int(stats.get("calls", 0))
+
+    async def scenario() -> tuple[Any, SharedCache]:
+        cache = SharedCache(redis.url, timeout=0.05)
+        try:
+            key = cache._check_key(BAD_IP, "a@fail.example", HELO, 2).decode()
+            redis.command("SET", key, encode_outcome(outcome), "PX", "60000")
+            # One read first: the connection made and the script loaded.
+            assert await cache.get_outcome(BAD_IP, "a@other.example", HELO, 2) is None
+            calls = evalsha_calls()
+            read = asyncio.ensure_future(cache.get_outcome(BAD_IP, "a@fail.example", HELO, 2))
+            # Let the read be sent, then block the loop (blocking calls) until
+            # Redis has run it, and past the deadline.
+            for _ in range(1000):
+                await asyncio.sleep(0)
+                if evalsha_calls() > calls:
+                    break
+            time.sleep(0.1)
+            return await read, cache
+        finally:
+            await cache.close()
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            found, cache = runner.run(scenario())
+    else:
+        found, cache = asyncio.run(scenario())
+    if grace:
+        assert found is not None and found[0] == outcome
+        assert cache.stats.timeouts == 0 and cache.stats.result_hits == 1
+    elif loop == "uvloop":
+        assert found is None and cache.stats.timeouts == 1
