@@ -316,19 +316,37 @@ _JUNK = (b"", -3)
 GRACE_TURNS = 8  # turns of the loop a reply already in our socket gets
 
 
-class _Deadline:
-    """``asyncio.timeout``, except when, at the deadline, Redis's reply is
-    already waiting in our socket: then the event loop was late, not Redis
-    (a busy loop runs its timers before it reads its sockets), and the
-    operation gets a few more turns of the loop to read what has come. A
-    Redis that has not answered costs the deadline and nothing more."""
+class _Op:
+    """One round trip to Redis, as its deadline sees it: the connection
+    (once taken from the pool) and when the command was sent."""
 
-    def __init__(self, seconds: float, waiting: Callable[[], bool]) -> None:
+    __slots__ = ("conn", "sent")
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.sent: float | None = None  # loop time
+
+    def reply_waiting(self) -> bool:
+        return self.conn is not None and _reply_waiting(self.conn)
+
+
+class _Deadline:
+    """``asyncio.timeout`` for one round trip, measuring Redis's time, not
+    this process's. At the deadline: if Redis's reply is already waiting in
+    our socket, the event loop was late, not Redis (uvloop runs its due
+    timers before it reads its sockets), and the operation gets a few more
+    turns of the loop to read it; if the command went out late (a busy loop
+    took long to send it), Redis gets its full time from the sending, once.
+    A Redis that has not answered in that time costs the deadline and no
+    more."""
+
+    def __init__(self, seconds: float, op: _Op) -> None:
         self.seconds = seconds
-        self.waiting = waiting
+        self.op = op
         self.expired = False
         self._task: asyncio.Task[Any] | None = None
         self._handle: asyncio.Handle | None = None
+        self._extended = False
 
     async def __aenter__(self) -> _Deadline:
         self._task = asyncio.current_task()
@@ -337,8 +355,14 @@ class _Deadline:
 
     def _expire(self, turns: int) -> None:
         assert self._task is not None
-        if turns < GRACE_TURNS and self.waiting():
-            self._handle = asyncio.get_running_loop().call_soon(self._expire, turns + 1)
+        loop = asyncio.get_running_loop()
+        if turns < GRACE_TURNS and self.op.reply_waiting():
+            self._handle = loop.call_soon(self._expire, turns + 1)
+            return
+        sent = self.op.sent
+        if not self._extended and sent is not None and loop.time() < sent + self.seconds:
+            self._extended = True
+            self._handle = loop.call_at(sent + self.seconds, self._expire, 0)
             return
         self.expired = True
         self._task.cancel()
@@ -550,10 +574,10 @@ class SharedCache:
         stats.read_keys += len(keys)
         found: list[_Found] = [None] * len(keys)
         started = time.perf_counter()
-        using: list[Any] = []  # the connection, once taken from the pool
+        op = _Op()
         try:
-            async with _Deadline(self.timeout, lambda: bool(using) and _reply_waiting(using[-1])):
-                replies = await self._get_with_pttl(keys, using)
+            async with _Deadline(self.timeout, op):
+                replies = await self._get_with_pttl(keys, op)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             self._failed(exc)
@@ -580,15 +604,16 @@ class SharedCache:
                 if future is not None and not future.done():
                     future.set_result(value)
 
-    async def _get_with_pttl(self, keys: list[bytes], using: list[Any]) -> list[Any]:
+    async def _get_with_pttl(self, keys: list[bytes], op: _Op) -> list[Any]:
         """[value, PTTL, value, PTTL, ...] of ``keys``, in one round trip:
         one script call (one command to pack and one reply to parse, however
         many keys), or, where Redis refuses scripts, GET and PTTL pipelined."""
         if self._scripts:
-            conn = await self._connection(using)
+            conn = await self._connection(op)
             try:
-                return await self._scripted(conn, keys)
+                replies = await self._scripted(conn, keys, op)
             except redis.exceptions.ResponseError as exc:
+                self._give_back(conn)  # an error reply: the connection is in step
                 refused = isinstance(exc, redis.exceptions.NoPermissionError)
                 if not refused and "unknown command" not in str(exc):
                     raise
@@ -597,18 +622,20 @@ class SharedCache:
                     "shared cache: Redis refuses scripts (%s); reads go as GET and PTTL", exc
                 )
             except BaseException:
-                await self._drop(conn)
+                self._give_back(conn, broken=True)
                 raise
-            finally:
-                await self._release(conn)
+            else:
+                self._give_back(conn)
+                return replies
         commands = [(command, key) for key in keys for command in ("GET", "PTTL")]
-        return await self._pipelined(commands, using)
+        return await self._pipelined(commands, op)
 
-    async def _pipelined(self, commands: list[tuple[Any, ...]], using: list[Any]) -> list[Any]:
+    async def _pipelined(self, commands: list[tuple[Any, ...]], op: _Op) -> list[Any]:
         """The replies to ``commands``, sent together; an error reply in its
         place (as ``raise_on_error=False`` would)."""
-        conn = await self._connection(using)
+        conn = await self._connection(op)
         try:
+            op.sent = asyncio.get_running_loop().time()
             await conn.send_packed_command(conn.pack_commands(commands))
             replies: list[Any] = []
             for _ in commands:
@@ -616,19 +643,26 @@ class SharedCache:
                     replies.append(await conn.read_response())
                 except redis.exceptions.ResponseError as exc:
                     replies.append(exc)
-            return replies
         except BaseException:
-            await self._drop(conn)
+            self._give_back(conn, broken=True)
             raise
-        finally:
-            await self._release(conn)
+        self._give_back(conn)
+        return replies
 
-    async def _drop(self, conn: Any) -> None:
-        """Cut off mid-reply (a deadline) or broken: not reusable."""
-        await conn.disconnect(nowait=True)
+    def _give_back(self, conn: Any, *, broken: bool = False) -> None:
+        """Return ``conn`` to the pool, in the background: the pool's lock
+        may be held by a release that waits for a socket to a stopped Redis
+        to close, and the waiting lookups must not wait for that too. A
+        connection cut off mid-reply (a deadline) or broken is closed first."""
+        task = asyncio.ensure_future(self._return(conn, broken))
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
 
-    async def _release(self, conn: Any) -> None:
-        await self.client.connection_pool.release(conn)
+    async def _return(self, conn: Any, broken: bool) -> None:
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            if broken or self._closed:
+                await conn.disconnect(nowait=True)
+            await self.client.connection_pool.release(conn)
 
     def connect_soon(self) -> None:
         """Open the first connection in the background (at start, once
@@ -650,8 +684,8 @@ class SharedCache:
         self._recovered()
         return True
 
-    async def _connection(self, using: list[Any]) -> Any:
-        """A connected connection from the pool, also put in ``using`` (for
+    async def _connection(self, op: _Op) -> Any:
+        """A connected connection from the pool, also put in ``op`` (for
         the deadline's look at its socket). Making one (TCP, TLS, AUTH) may
         take longer than an operation's deadline: then it goes on without
         the operation that asked for it, into the pool, for the next ones."""
@@ -664,7 +698,7 @@ class SharedCache:
             task.add_done_callback(self._readers.discard)
             task.add_done_callback(self._pool_later)
             raise
-        using.append(conn)
+        op.conn = conn
         return conn
 
     def _pool_later(self, task: asyncio.Future[Any]) -> None:
@@ -677,8 +711,9 @@ class SharedCache:
         later.add_done_callback(self._readers.discard)
 
     @staticmethod
-    async def _scripted(conn: Any, keys: list[bytes]) -> list[Any]:
+    async def _scripted(conn: Any, keys: list[bytes], op: _Op) -> list[Any]:
         try:
+            op.sent = asyncio.get_running_loop().time()
             await conn.send_command("EVALSHA", _READ_SHA, len(keys), *keys)
             replies = await conn.read_response()
         except redis.exceptions.NoScriptError:  # a new Redis: EVAL caches it
@@ -743,11 +778,11 @@ class SharedCache:
             stats.writes_dropped += len(batch)
             return
         started = time.perf_counter()
-        using: list[Any] = []
+        op = _Op()
         commands = [("SET", key, value, "PX", ms) for key, value, ms, _ in batch]
         try:
-            async with _Deadline(self.timeout, lambda: bool(using) and _reply_waiting(using[-1])):
-                results = await self._pipelined(commands, using)
+            async with _Deadline(self.timeout, op):
+                results = await self._pipelined(commands, op)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             stats.write_errors += len(batch)
