@@ -67,7 +67,12 @@ MAX_ENTRY = 65536
 # is slow, so the queue cannot grow without bound.
 MAX_PENDING = 10_000
 WRITE_BATCH = 100  # commands per pipeline
-READ_BATCH = 200  # keys per read pipeline (two commands each: GET, PTTL)
+READ_BATCH = 200  # keys per read trip (two commands each: GET, PTTL)
+# Read trips out at once; more wanted reads wait to go together when one is
+# back. Each holds a connection: a busy process opens no more than this many
+# (plus one for writes), instead of making new ones while it is slowest.
+MAX_READ_TRIPS = 2
+MAX_IDLE = 4  # connections kept open between operations
 WRITE_DELAY = 0.005  # seconds a write waits for company (batching)
 
 BACKOFF_FIRST = 0.5  # seconds without Redis after the first failure
@@ -374,6 +379,11 @@ class _Deadline:
             raise TimeoutError("Shared_Cache_Timeout") from exc
 
 
+async def _disconnect(conn: Any) -> None:
+    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        await conn.disconnect(nowait=True)
+
+
 def _reply_waiting(conn: Any) -> bool:
     """Whether bytes from Redis wait for us: read by the transport but not
     parsed yet, or still in the kernel's socket buffer. False when unsure."""
@@ -434,6 +444,9 @@ class SharedCache:
         self._reading: dict[bytes, asyncio.Future[_Found]] = {}
         self._readers: set[asyncio.Future[Any]] = set()  # reads, connects, releases
         self._scripts = True  # reads by script, until Redis refuses one
+        self._trips = 0  # read trips out
+        self._idle: list[Any] = []  # connected connections, ready for an operation
+        self._connections: set[Any] = set()  # every connection of ours (for close)
         self._closed = False
 
     @classmethod
@@ -555,18 +568,38 @@ class SharedCache:
                 return None, True
             future = asyncio.get_running_loop().create_future()
             self._reading[key] = future
-            if not self._wanted:
+            if not self._wanted and self._trips < MAX_READ_TRIPS:
                 asyncio.get_running_loop().call_soon(self._send_reads)
             self._wanted.append(key)
         # shield: one waiter giving up must not cancel the read for the others.
         return await asyncio.shield(future), started
 
     def _send_reads(self) -> None:
-        wanted, self._wanted = self._wanted, []
-        for at in range(0, len(wanted), READ_BATCH):
-            task = asyncio.ensure_future(self._read_batch(wanted[at : at + READ_BATCH]))
+        """Send the wanted reads, unless MAX_READ_TRIPS are out already:
+        then they go together when one comes back (a busy process sends
+        fewer, larger trips, and needs no more connections)."""
+        while self._wanted and self._trips < MAX_READ_TRIPS:
+            batch, self._wanted = self._wanted[:READ_BATCH], self._wanted[READ_BATCH:]
+            self._trips += 1
+            task = asyncio.ensure_future(self._read_batch(batch))
             self._readers.add(task)
-            task.add_done_callback(self._readers.discard)
+            task.add_done_callback(self._trip_done)
+
+    def _trip_done(self, task: asyncio.Future[None]) -> None:
+        self._readers.discard(task)
+        self._trips -= 1
+        if not self._wanted:
+            return
+        if self._closed or (self._down_since is not None and self.clock() < self._retry_at):
+            # Redis failed (or we close): the reads that waited do not go.
+            wanted, self._wanted = self._wanted, []
+            self.stats.skipped += len(wanted)
+            for key in wanted:
+                future = self._reading.pop(key, None)
+                if future is not None and not future.done():
+                    future.set_result(None)
+            return
+        self._send_reads()
 
     async def _read_batch(self, keys: list[bytes]) -> None:
         stats = self.stats
@@ -649,66 +682,88 @@ class SharedCache:
         self._give_back(conn)
         return replies
 
-    def _give_back(self, conn: Any, *, broken: bool = False) -> None:
-        """Return ``conn`` to the pool, in the background: the pool's lock
-        may be held by a release that waits for a socket to a stopped Redis
-        to close, and the waiting lookups must not wait for that too. A
-        connection cut off mid-reply (a deadline) or broken is closed first."""
-        task = asyncio.ensure_future(self._return(conn, broken))
-        self._readers.add(task)
-        task.add_done_callback(self._readers.discard)
-
-    async def _return(self, conn: Any, broken: bool) -> None:
-        with contextlib.suppress(redis.exceptions.RedisError, OSError):
-            if broken or self._closed:
-                await conn.disconnect(nowait=True)
-            await self.client.connection_pool.release(conn)
-
     def connect_soon(self) -> None:
         """Open the first connection in the background (at start, once
         privileges are dropped), so that the first reads need not make it;
         a Redis that is not there starts an outage, logged, and no more."""
-        task = asyncio.ensure_future(self.connect())
-        self._readers.add(task)
-        task.add_done_callback(self._readers.discard)
+        for _ in range(MAX_READ_TRIPS + 1):  # the read trips and a write batch
+            task = asyncio.ensure_future(self.connect())
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
 
     async def connect(self) -> bool:
-        """Make a connection for the pool; whether it worked."""
-        pool = self.client.connection_pool
+        """Make a connection and keep it for the next operation; whether it worked."""
+        conn = self.client.connection_pool.make_connection()
         try:
-            conn = await pool.get_connection()
+            await conn.connect()
         except (redis.exceptions.RedisError, OSError) as exc:
             self._failed(exc)
             return False
-        await pool.release(conn)
+        self._give_back(conn)
         self._recovered()
         return True
 
     async def _connection(self, op: _Op) -> Any:
-        """A connected connection from the pool, also put in ``op`` (for
-        the deadline's look at its socket). Making one (TCP, TLS, AUTH) may
-        take longer than an operation's deadline: then it goes on without
-        the operation that asked for it, into the pool, for the next ones."""
-        pool = self.client.connection_pool
-        task = asyncio.ensure_future(pool.get_connection())
+        """A connected connection of our own, also put in ``op`` (for the
+        deadline's look at its socket). Idle ones are kept in a plain list,
+        not in redis-py's pool, whose lock a busy process would wait on for
+        whole turns of its loop. Making one (TCP, TLS, AUTH) may take longer
+        than an operation's deadline: then it goes on without the operation
+        that asked for it, and is kept for the next ones."""
+        if self._idle:
+            conn = self._idle.pop()
+            if conn.is_connected:
+                op.conn = conn
+                return conn
+        else:
+            conn = self.client.connection_pool.make_connection()
+        self._connections.add(conn)
+        task = asyncio.ensure_future(conn.connect())
         try:
-            conn = await asyncio.shield(task)
+            await asyncio.shield(task)
         except asyncio.CancelledError:
             self._readers.add(task)  # close() ends it
             task.add_done_callback(self._readers.discard)
-            task.add_done_callback(self._pool_later)
+            task.add_done_callback(lambda done: self._connected_late(conn, done))
+            raise
+        except BaseException:
+            self._connections.discard(conn)
             raise
         op.conn = conn
         return conn
 
-    def _pool_later(self, task: asyncio.Future[Any]) -> None:
+    def _connected_late(self, conn: Any, task: asyncio.Future[None]) -> None:
         if task.cancelled() or task.exception() is not None:
-            return  # the next read fails on its own, and counts it
-        conn = task.result()
-        pool = self.client.connection_pool
-        later = asyncio.ensure_future(conn.disconnect() if self._closed else pool.release(conn))
-        self._readers.add(later)
-        later.add_done_callback(self._readers.discard)
+            self._connections.discard(conn)  # the next operation fails on its own
+        else:
+            self._give_back(conn)
+
+    def _give_back(self, conn: Any, *, broken: bool = False) -> None:
+        """Keep ``conn`` for the next operation; or, cut off mid-reply (a
+        deadline) or broken, close it, in the background."""
+        if not (broken or self._closed) and len(self._idle) < MAX_IDLE:
+            self._connections.add(conn)
+            self._idle.append(conn)
+            return
+        self._connections.discard(conn)
+        task = asyncio.ensure_future(self._replace(conn, broken=broken))
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def _replace(self, conn: Any, *, broken: bool) -> None:
+        """Close ``conn``; if it was cut off, open it again for the pool of
+        idle ones, so that the next operations need not make one while the
+        process is busy (what cut it off most often)."""
+        await _disconnect(conn)
+        if not broken or self._closed:
+            return
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await conn.connect()
+            if self._closed or len(self._idle) >= MAX_IDLE:
+                await _disconnect(conn)
+            else:
+                self._connections.add(conn)
+                self._idle.append(conn)
 
     @staticmethod
     async def _scripted(conn: Any, keys: list[bytes], op: _Op) -> list[Any]:
@@ -861,5 +916,8 @@ class SharedCache:
             except TimeoutError:
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
+        self._idle.clear()
+        connections, self._connections = self._connections, set()
+        await asyncio.gather(*(_disconnect(conn) for conn in connections))
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             await self.client.aclose()
