@@ -87,6 +87,22 @@ def test_any_bytes_decode_or_raise_undecodable(qtype: str, data: bytes) -> None:
 # -- a real Redis ---------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def connect_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``serve`` does once privileges are dropped: a server's first
+    connection to Redis is made before the first request, not by it."""
+    from spfpolicy.server import PolicyServer
+
+    start = PolicyServer.start
+
+    async def start_and_connect(self: PolicyServer, *args: Any, **kwargs: Any) -> None:
+        await start(self, *args, **kwargs)
+        if self.resolver.shared is not None:
+            await self.resolver.shared.connect()
+
+    monkeypatch.setattr(PolicyServer, "start", start_and_connect)
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     """``redis_server(password=...)`` -> a started redis-server; all stopped at teardown."""

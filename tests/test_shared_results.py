@@ -158,6 +158,22 @@ SETTINGS: list[dict[str, Any]] = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def connect_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``serve`` does once privileges are dropped: a server's first
+    connection to Redis is made before the first request, not by it."""
+    from spfpolicy.server import PolicyServer
+
+    start = PolicyServer.start
+
+    async def start_and_connect(self: PolicyServer, *args: Any, **kwargs: Any) -> None:
+        await start(self, *args, **kwargs)
+        if self.resolver.shared is not None:
+            await self.resolver.shared.connect()
+
+    monkeypatch.setattr(PolicyServer, "start", start_and_connect)
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     started: list[RedisProcess] = []
@@ -371,3 +387,22 @@ def test_a_reply_that_came_while_the_loop_was_busy_is_used(
         assert cache.stats.timeouts == 0 and cache.stats.result_hits == 1
     elif loop == "uvloop":
         assert found is None and cache.stats.timeouts == 1
+
+
+async def test_a_known_message_costs_one_redis_trip(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    """The HELO and MAIL FROM checks of a message the first host saw are read
+    in one trip, and the second is kept as the trip comes back: no second
+    read when the request goes on to it."""
+    redis = redis_server()
+    first = await policy_server(zone=ZONE, shared_cache=redis.url)
+    second = await policy_server(zone=ZONE, shared_cache=redis.url)
+    client = await first.connect()
+    expected = await client.ask(request("a@fail.example", ip=BAD_IP))
+    await settled(shared(first))
+    client = await second.connect()
+    assert await client.ask(request("a@fail.example", ip=BAD_IP)) == expected
+    stats = shared(second).stats
+    assert (stats.read_batches, stats.read_keys, stats.result_hits) == (1, 2, 2)
+    assert second.dns.queries == 0

@@ -148,18 +148,25 @@ class DnsChecks:
 
     async def _from_shared(self, key: str) -> SpfOutcome | None:
         """The shared level's outcome for ``key``, kept in the result cache
-        for what is left of its time (and no longer than Result_Cache_TTL).
-        Concurrent reads of one key are one Redis read (sharedcache.py)."""
+        for what is left of its time (and no longer than Result_Cache_TTL)
+        as soon as Redis's reply is in, so that a check read in the same
+        trip (the request's next) finds it there. Concurrent reads of one
+        key are one Redis read (sharedcache.py)."""
         assert self.shared is not None
         ip, sender, helo, void_limit = key.split("\0")
-        found = await self.shared.get_outcome(ip, sender, helo, int(void_limit))
-        if found is None:
-            return None
-        outcome = _for_decisions(found[0])
-        ttl = min(found[1], self.result_cache_ttl)
+        found = await self.shared.get_outcome(
+            ip,
+            sender,
+            helo,
+            int(void_limit),
+            arrived=lambda outcome, remaining: self._keep_shared(key, outcome, remaining),
+        )
+        return None if found is None else _for_decisions(found[0])
+
+    def _keep_shared(self, key: str, outcome: SpfOutcome, remaining: float) -> None:
+        ttl = min(remaining, self.result_cache_ttl)
         if ttl > 0:
-            self.results.set(key, outcome, ttl)
-        return outcome
+            self.results.set(key, _for_decisions(outcome), ttl)
 
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
         key = self._key(ip, sender, helo, self._limit(void_limit))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import hashlib
 import logging
 import select
@@ -379,6 +380,24 @@ class _Deadline:
             raise TimeoutError("Shared_Cache_Timeout") from exc
 
 
+def _outcome_of(found: tuple[bytes, int]) -> tuple[SpfOutcome, float] | None:
+    """(outcome, remaining seconds) of a read SPF entry; None if it does not decode."""
+    data, remaining_ms = found
+    try:
+        if remaining_ms <= 0:  # -1: no expiry, which no entry of ours lacks; -2: expired
+            raise Undecodable(f"PTTL {remaining_ms}")
+        return decode_outcome(data), remaining_ms / 1000
+    except Undecodable as exc:
+        log.debug("shared cache: an SPF entry does not decode: %s", exc)
+        return None
+
+
+def _deliver(found: _Found, *, arrived: Callable[[SpfOutcome, float], None]) -> None:
+    outcome = None if found is None else _outcome_of(found)
+    if outcome is not None:
+        arrived(*outcome)
+
+
 async def _disconnect(conn: Any) -> None:
     with contextlib.suppress(redis.exceptions.RedisError, OSError):
         await conn.disconnect(nowait=True)
@@ -442,6 +461,8 @@ class SharedCache:
         # Reads wanted in this turn of the loop, and every read in flight.
         self._wanted: list[bytes] = []
         self._reading: dict[bytes, asyncio.Future[_Found]] = {}
+        # Called with a key's value as its trip comes back (get_outcome's arrived).
+        self._arrivals: dict[bytes, list[Callable[[_Found], None]]] = {}
         self._readers: set[asyncio.Future[Any]] = set()  # reads, connects, releases
         self._scripts = True  # reads by script, until Redis refuses one
         self._trips = 0  # read trips out
@@ -532,30 +553,38 @@ class SharedCache:
         return ttl, records, remaining_ms / 1000
 
     async def get_outcome(
-        self, ip: str, sender: str, helo: str, void_limit: int
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        void_limit: int,
+        *,
+        arrived: Callable[[SpfOutcome, float], None] | None = None,
     ) -> tuple[SpfOutcome, float] | None:
-        """(outcome, remaining seconds) of a stored SPF check, or None."""
+        """(outcome, remaining seconds) of a stored SPF check, or None.
+        ``arrived`` gets a found outcome as soon as its trip comes back,
+        before any waiting task runs again: a request whose next check was
+        read in the same trip then finds it already kept."""
         stats = self.stats
-        found, counted = await self._read(self._check_key(ip, sender, helo, void_limit))
+        key = self._check_key(ip, sender, helo, void_limit)
+        hook = None if arrived is None else functools.partial(_deliver, arrived=arrived)
+        found, counted = await self._read(key, hook)
         if not counted:
             stats = _JOINED  # a joined read: the starter counts it
         if found is None:
             stats.result_misses += 1
             return None
-        try:
-            data, remaining_ms = found
-            if remaining_ms <= 0:
-                raise Undecodable(f"PTTL {remaining_ms}")
-            outcome = decode_outcome(data)
-        except Undecodable as exc:
+        outcome = _outcome_of(found)
+        if outcome is None:
             stats.result_undecodable += 1
             stats.result_misses += 1
-            log.debug("shared cache: an SPF entry does not decode: %s", exc)
             return None
         stats.result_hits += 1
-        return outcome, remaining_ms / 1000
+        return outcome
 
-    async def _read(self, key: bytes) -> tuple[_Found, bool]:
+    async def _read(
+        self, key: bytes, hook: Callable[[_Found], None] | None = None
+    ) -> tuple[_Found, bool]:
         """The value and PTTL of ``key`` (None for a miss or a failure),
         read with the others wanted in this turn of the loop, in one round
         trip; and whether this caller started the read (and counts it): a
@@ -571,6 +600,8 @@ class SharedCache:
             if not self._wanted and self._trips < MAX_READ_TRIPS:
                 asyncio.get_running_loop().call_soon(self._send_reads)
             self._wanted.append(key)
+        if hook is not None:
+            self._arrivals.setdefault(key, []).append(hook)
         # shield: one waiter giving up must not cancel the read for the others.
         return await asyncio.shield(future), started
 
@@ -581,27 +612,26 @@ class SharedCache:
         while self._wanted and self._trips < MAX_READ_TRIPS:
             batch, self._wanted = self._wanted[:READ_BATCH], self._wanted[READ_BATCH:]
             self._trips += 1
-            task = asyncio.ensure_future(self._read_batch(batch))
-            self._readers.add(task)
-            task.add_done_callback(self._trip_done)
+            trip = asyncio.ensure_future(self._read_batch(batch))
+            self._readers.add(trip)
+            trip.add_done_callback(self._trip_done)
 
-    def _trip_done(self, task: asyncio.Future[None]) -> None:
+    def _trip_done(self, task: asyncio.Future[bool]) -> None:
         self._readers.discard(task)
         self._trips -= 1
         if not self._wanted:
             return
-        if self._closed or (self._down_since is not None and self.clock() < self._retry_at):
-            # Redis failed (or we close): the reads that waited do not go.
+        if self._closed or task.cancelled() or not task.result():
+            # Redis did not answer this trip (or we close): the reads that
+            # waited for it do not go; each has waited a deadline at most.
             wanted, self._wanted = self._wanted, []
             self.stats.skipped += len(wanted)
-            for key in wanted:
-                future = self._reading.pop(key, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
+            self._settle(wanted, [None] * len(wanted))
             return
         self._send_reads()
 
-    async def _read_batch(self, keys: list[bytes]) -> None:
+    async def _read_batch(self, keys: list[bytes]) -> bool:
+        """Read ``keys`` in one trip and settle their reads; whether Redis answered."""
         stats = self.stats
         stats.read_batches += 1
         stats.read_keys += len(keys)
@@ -614,6 +644,7 @@ class SharedCache:
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             self._failed(exc)
+            return False
         else:
             stats.timed(time.perf_counter() - started)
             failure = None
@@ -630,12 +661,26 @@ class SharedCache:
                 self._recovered()
             else:
                 self._failed(failure)
+            return failure is None
         finally:
-            reading = self._reading
-            for key, value in zip(keys, found, strict=True):
-                future = reading.pop(key, None)
-                if future is not None and not future.done():
-                    future.set_result(value)
+            self._settle(keys, found)
+
+    def _settle(self, keys: list[bytes], found: list[_Found]) -> None:
+        """Give the reads of ``keys`` their values: first every arrival
+        hook (synchronously, before any waiting task runs again), then the
+        waiters."""
+        arrivals = self._arrivals
+        for key, value in zip(keys, found, strict=True):
+            for hook in arrivals.pop(key, ()):
+                try:
+                    hook(value)
+                except Exception:  # a hook's bug must not leave the waiters waiting
+                    log.exception("shared cache: a read's hook failed")
+        reading = self._reading
+        for key, value in zip(keys, found, strict=True):
+            future = reading.pop(key, None)
+            if future is not None and not future.done():
+                future.set_result(value)
 
     async def _get_with_pttl(self, keys: list[bytes], op: _Op) -> list[Any]:
         """[value, PTTL, value, PTTL, ...] of ``keys``, in one round trip:
