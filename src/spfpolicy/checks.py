@@ -6,6 +6,10 @@ void limit) without re-running pyspf. An entry never outlives the first of the
 DNS answers its evaluation used to expire (an answer taken from the cache has
 only what is left of its TTL), nor ``Result_Cache_TTL``; an outcome with no
 time left, and a temperror, are not cached, so a DNS hiccup is not remembered.
+
+With Shared_Cache set, a miss there asks the shared level (Redis, through
+``sharedcache.py``) before evaluating, and a fresh outcome goes there too,
+after the answer, for what is left of its time.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.resolver import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.results import NO_MAIL_RECORD, SpfOutcome, SpfResult
+
+if TYPE_CHECKING:  # imported only when Shared_Cache is set (it needs redis)
+    from spfpolicy.sharedcache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +71,7 @@ class DnsChecks:
         )
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
+        self.shared: SharedCache | None = None  # the second level, if any
 
     def _limit(self, void_limit: int | None) -> int:
         return self.void_limit if void_limit is None else void_limit
@@ -128,13 +137,50 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
+            cached = await self._from_shared(key)
+            if cached is not None:
+                return cached
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
         return self._keep(key, full)
 
+    async def _from_shared(self, key: str) -> SpfOutcome | None:
+        """The shared level's outcome for ``key``, kept in the result cache
+        for what is left of its time (and no longer than Result_Cache_TTL)
+        as soon as Redis's reply is in, so that a check read in the same
+        trip (the request's next) finds it there. Concurrent reads of one
+        key are one Redis read (sharedcache.py)."""
+        assert self.shared is not None
+        ip, sender, helo, void_limit = key.split("\0")
+        found = await self.shared.get_outcome(
+            ip,
+            sender,
+            helo,
+            int(void_limit),
+            arrived=lambda outcome, remaining: self._keep_shared(key, outcome, remaining),
+        )
+        return None if found is None else _for_decisions(found[0])
+
+    def _keep_shared(self, key: str, outcome: SpfOutcome, remaining: float) -> None:
+        ttl = min(remaining, self.result_cache_ttl)
+        if ttl > 0:
+            self.results.set(key, _for_decisions(outcome), ttl)
+
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
-        if self.results.get(self._key(ip, sender, helo, self._limit(void_limit))) is None:
+        key = self._key(ip, sender, helo, self._limit(void_limit))
+        if self.results.get(key) is not None:
+            return
+        if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
+            # The outcome itself may be in Redis: read it with the request's
+            # other checks (one round trip), and fetch DNS only if it is not.
+            self.resolver.background(self._prefetch_shared(key, ip, sender, helo))
+        else:
+            self.evaluator.prefetch(ip, sender, helo)
+
+    async def _prefetch_shared(self, key: str, ip: str, sender: str, helo: str) -> None:
+        if await self._from_shared(key) is None:
             self.evaluator.prefetch(ip, sender, helo)
 
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:
@@ -150,7 +196,11 @@ class DnsChecks:
         outcome = _for_decisions(full)
         if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
             ttl = self.result_cache_ttl if full.ttl is None else full.ttl
-            self.results.set(key, outcome, min(ttl, self.result_cache_ttl))
+            ttl = min(ttl, self.result_cache_ttl)
+            self.results.set(key, outcome, ttl)
+            if self.shared is not None and isinstance(key, str) and ttl > 0:
+                ip, sender, helo, void_limit = key.split("\0")
+                self.shared.put_outcome(ip, sender, helo, int(void_limit), outcome, ttl)
         return outcome
 
     async def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:

@@ -140,12 +140,15 @@ def _shared_summary(shared: dict[str, Any] | None) -> str:
         return ""
     operations = sum(shared["latency_counts"])
     mean = f"{1000 * shared['latency_sum'] / operations:.2f}ms" if operations else "-"
+    trips = shared["read_batches"]
+    per_trip = f"{shared['read_keys'] / trips:.1f}" if trips else "-"
     return (
         f" shared_cache[{'DOWN' if shared['down'] else 'up'} hits={shared['hits']} "
-        f"misses={shared['misses']} errors={shared['errors']} "
+        f"misses={shared['misses']} result_hits={shared['result_hits']} "
+        f"result_misses={shared['result_misses']} errors={shared['errors']} "
         f"timeouts={shared['timeouts']} undecodable={shared['undecodable']} "
         f"writes={shared['writes']} write_errors={shared['write_errors']} "
-        f"outages={shared['outages']} mean_latency={mean}]"
+        f"outages={shared['outages']} keys_per_read={per_trip} mean_latency={mean}]"
     )
 
 
@@ -325,6 +328,12 @@ def _shared_families(
         "write_errors": "DNS answers Redis refused or lost",
         "writes_dropped": "DNS answers not written: queue full or Redis in its backoff",
         "outages": "Shared-cache outages begun",
+        "result_hits": "SPF checks answered by the shared cache (Redis)",
+        "result_misses": "SPF checks the shared cache did not answer (errors included)",
+        "result_undecodable": "Shared-cache SPF entries that did not decode (read as misses)",
+        "result_writes": "SPF outcomes written to the shared cache",
+        "read_batches": "Round trips of shared-cache reads (each for one or more keys)",
+        "read_keys": "Keys read from the shared cache (read_keys / read_batches: keys per trip)",
     }
     for name, text in texts.items():
         yield counter(f"spfpolicy_shared_cache_{name}", text, shared[name])
