@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.plan import SpfPlans
 from spfpolicy.resolver import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.results import NO_MAIL_RECORD, SpfOutcome, SpfResult
 
@@ -53,6 +54,7 @@ class DnsChecks:
         result_cache_size: int,
         result_cache_ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        plans: bool = True,
     ) -> None:
         self.evaluator = evaluator
         self.resolver: Resolver = evaluator.resolver
@@ -63,6 +65,15 @@ class DnsChecks:
         )
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
+        # Compiled plans of fully cached trees (plan.py): a new client of a
+        # known domain without running pyspf.
+        self.plans: SpfPlans | None = None
+        if plans:
+            self.plans = SpfPlans(
+                self.resolver.peek,
+                clock=self.resolver.clock,
+                default_explanation=evaluator.default_explanation,
+            )
 
     def _limit(self, void_limit: int | None) -> int:
         return self.void_limit if void_limit is None else void_limit
@@ -89,6 +100,10 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        planned = self._planned(ip, sender, helo, void_limit)
+        if planned is not None:
+            self.evaluated_now += 1
+            return self._keep(key, planned)
         # Not even the checked domain's TXT is cached: pyspf would stop at
         # its first lookup, so do not start it.
         domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
@@ -98,7 +113,26 @@ class DnsChecks:
         if full is None:
             return None
         self.evaluated_now += 1
+        self._learn(ip, sender, helo, void_limit, full)
         return self._keep(key, full)
+
+    def _planned(self, ip: str, sender: str, helo: str, void_limit: int) -> SpfOutcome | None:
+        if self.plans is None:
+            return None
+        try:
+            return self.plans.outcome(ip, sender, helo, void_limit)
+        except Exception:  # pyspf will answer
+            log.exception("SPF plan for %r/%r failed", sender, helo)
+            return None
+
+    def _learn(self, ip: str, sender: str, helo: str, void_limit: int, full: SpfOutcome) -> None:
+        # A plan for the next client of this domain; a cache failure (here,
+        # a compiler failure) never fails an answer.
+        if self.plans is not None:
+            try:
+                self.plans.learn(ip, sender, helo, void_limit, full)
+            except Exception:
+                log.exception("building an SPF plan for %r/%r failed", sender, helo)
 
     def cached_lifetime(
         self,
@@ -128,9 +162,13 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        planned = self._planned(ip, sender, helo, void_limit)
+        if planned is not None:
+            return self._keep(key, planned)
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
+        self._learn(ip, sender, helo, void_limit, full)
         return self._keep(key, full)
 
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
