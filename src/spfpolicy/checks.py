@@ -103,7 +103,7 @@ class DnsChecks:
         planned = self._planned(ip, sender, helo, void_limit)
         if planned is not None:
             self.evaluated_now += 1
-            return self._keep(key, planned)
+            return self._store(key, *planned)
         # Not even the checked domain's TXT is cached: pyspf would stop at
         # its first lookup, so do not start it.
         domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
@@ -116,11 +116,15 @@ class DnsChecks:
         self._learn(ip, sender, helo, void_limit, full)
         return self._keep(key, full)
 
-    def _planned(self, ip: str, sender: str, helo: str, void_limit: int) -> SpfOutcome | None:
+    def _planned(
+        self, ip: str, sender: str, helo: str, void_limit: int
+    ) -> tuple[SpfOutcome, float] | None:
+        """The outcome as the result cache keeps it and its time to live,
+        from a compiled plan (plan.py), if one has the answer."""
         if self.plans is None:
             return None
         try:
-            return self.plans.outcome(ip, sender, helo, void_limit)
+            return self.plans.kept(ip, sender, helo, void_limit, _for_decisions)
         except Exception:  # pyspf will answer
             log.exception("SPF plan for %r/%r failed", sender, helo)
             return None
@@ -164,7 +168,7 @@ class DnsChecks:
             return cached
         planned = self._planned(ip, sender, helo, void_limit)
         if planned is not None:
-            return self._keep(key, planned)
+            return self._store(key, *planned)
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
@@ -186,8 +190,12 @@ class DnsChecks:
         """The outcome as decisions read it, kept in the result cache unless it
         is a temperror or has no time left (a ttl <= 0 stores nothing)."""
         outcome = _for_decisions(full)
-        if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
-            ttl = self.result_cache_ttl if full.ttl is None else full.ttl
+        if outcome.result is not SpfResult.TEMPERROR:
+            self._store(key, outcome, self.result_cache_ttl if full.ttl is None else full.ttl)
+        return outcome
+
+    def _store(self, key: _ResultKey, outcome: SpfOutcome, ttl: float) -> SpfOutcome:
+        if self.result_cache_ttl > 0:
             self.results.set(key, outcome, min(ttl, self.result_cache_ttl))
         return outcome
 

@@ -39,6 +39,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+import socket
 import sys
 import time
 from bisect import bisect_right
@@ -406,9 +407,15 @@ class Plan:
     expires: float  # when the first answer under it leaves the cache
     record: str  # the domain's own record (policy's No_Mail reads it)
     size: int = field(default=0, compare=False)
+    # Outcomes as the result cache keeps them, by (step, HELO check): the
+    # same object for every client a step decides for.
+    kept: dict[tuple[int, bool], SpfOutcome] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
-    def decide(self, address: int) -> Effect:
-        """The effect for a client at ``address``: a Done, or None (pyspf)."""
+    def decide(self, address: int) -> int:
+        """The step deciding for a client at ``address`` (its effect a
+        Done), or -1 when pyspf must decide."""
         holders = self.holders[bisect_right(self.starts, address) - 1]
         next_always = self.next_always
         effects = self.effects
@@ -422,9 +429,9 @@ class Plan:
                     break
             effect = effects[step]
             if type(effect) is not int:
-                return effect
+                return -1 if effect is None else step
             position = effect
-        return None
+        return -1
 
 
 def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Plan | None:
@@ -503,6 +510,13 @@ def _client(ip: str) -> tuple[int, bool] | None:
     IPv4-mapped IPv6 address as IPv4 (pyspf's set_ip); None if unparseable."""
     if "%" in ip:
         ip = ip.split("%", 1)[0]  # as the evaluator drops a zone index
+    if ":" not in ip:
+        # glibc's inet_pton takes exactly what ipaddress takes for IPv4
+        # (four decimal octets, no leading zeros), ten times faster.
+        try:
+            return int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big"), False
+        except (OSError, ValueError):
+            return None
     try:
         address = ipaddress.ip_address(ip)
     except ValueError:
@@ -562,8 +576,8 @@ class SpfPlans:
         _local, at, domain = sender.partition("@")
         return domain if at else sender
 
-    def outcome(self, ip: str, sender: str, helo: str, void_limit: int) -> SpfOutcome | None:
-        started = self._timer()
+    def _decide(self, ip: str, sender: str, helo: str, void_limit: int) -> tuple[Plan, int] | None:
+        """The valid plan for this check and the step deciding it."""
         client = _client(ip)
         if client is None:
             return None
@@ -572,15 +586,50 @@ class SpfPlans:
         plan = self._plans.get(key)
         if plan is None:
             return None
-        now = self._clock()
-        if plan.expires <= now:
+        if plan.expires <= self._clock():
             self._drop(key)
             return None
-        effect = plan.decide(address)
-        if effect is None:
+        step = plan.decide(address)
+        if step < 0:
             self.fallbacks += 1
             return None
         self.hits += 1
+        return plan, step
+
+    def outcome(self, ip: str, sender: str, helo: str, void_limit: int) -> SpfOutcome | None:
+        """The outcome pyspf would give, from a valid plan; None when there
+        is none or it leaves this client to pyspf."""
+        started = self._timer()
+        decided = self._decide(ip, sender, helo, void_limit)
+        if decided is None:
+            return None
+        plan, step = decided
+        return self._full(plan, step, sender, helo, started)
+
+    def kept(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        void_limit: int,
+        shape: Callable[[SpfOutcome], SpfOutcome],
+    ) -> tuple[SpfOutcome, float] | None:
+        """``outcome()`` as ``shape`` reduces it (it must keep nothing of the
+        sender, the domain, the lookups, the TTL or the time taken: checks'
+        result-cache form), made once per step, with its time to live."""
+        decided = self._decide(ip, sender, helo, void_limit)
+        if decided is None:
+            return None
+        plan, step = decided
+        memo = (step, not sender)
+        shaped = plan.kept.get(memo)
+        if shaped is None:
+            shaped = shape(self._full(plan, step, sender, helo, 0.0))
+            plan.kept[memo] = shaped
+        return shaped, plan.expires - self._clock()
+
+    def _full(self, plan: Plan, step: int, sender: str, helo: str, started: float) -> SpfOutcome:
+        effect = plan.effects[step]
         assert type(effect) is Done
         result = effect.result
         if effect.error:
@@ -597,8 +646,8 @@ class SpfPlans:
             domain=plan.domain,
             lookups=effect.lookups,
             record=plan.record,
-            ttl=plan.expires - now,
-            elapsed=self._timer() - started,
+            ttl=plan.expires - self._clock(),
+            elapsed=self._timer() - started if started else 0.0,
         )
 
     def learn(
