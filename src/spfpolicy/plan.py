@@ -36,6 +36,7 @@ and the store of plans is bounded in (estimated) bytes.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import math
@@ -158,6 +159,22 @@ class _CompileQuery(spf.query):
             if self.void_lookups > self._void_limit:
                 raise spf.PermError(f"Void lookup limit of {self._void_limit} exceeded")
         return list(answer.records)
+
+
+@functools.lru_cache(maxsize=8192)
+def _span(address: Any, cidr: int, v6: bool) -> tuple[int, int] | None:
+    """The first and last address of what pyspf's cidrmatch() compares a
+    client with, ``address`` widened to ``cidr``; None where pyspf raises
+    or the family is not the client's. Cached: the big providers' ip4
+    lists are under thousands of domains' trees."""
+    try:
+        network = ipaddress.ip_network(address).supernet(new_prefix=cidr)
+    except (ValueError, TypeError):
+        return None
+    if (network.version == 6) != v6:
+        return None
+    first = int(network.network_address)
+    return first, first + network.num_addresses - 1
 
 
 class _Compiler:
@@ -339,14 +356,10 @@ class _Compiler:
         """pyspf's cidrmatch(addresses, cidr) as ranges of integers."""
         spans = []
         for address in addresses:
-            try:
-                network = ipaddress.ip_network(address).supernet(new_prefix=cidr)
-            except (ValueError, TypeError):
+            span = _span(address, cidr, self.v6)
+            if span is None:
                 self._fallback()  # pyspf raises here, or not, by position
-            if (network.version == 6) != self.v6:
-                self._fallback()
-            first = int(network.network_address)
-            spans.append((first, first + network.num_addresses - 1))
+            spans.append(span)
         index = len(self.steps)
         self._new_step(result, mechanism)
         self.tests.add(index)
@@ -456,7 +469,7 @@ def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Pla
         return None
     starts, holders = built
     entries = sum(len(h) for h in holders)
-    size = 300 + 80 * len(starts) + 8 * entries + 120 * len(effects) + len(compiler.top_record)
+    size = 450 + 80 * len(starts) + 8 * entries + 160 * len(effects) + len(compiler.top_record)
     return Plan(
         domain,
         v6,
