@@ -50,7 +50,7 @@ def _world(zone: dict[tuple[str, str], list[Any]]) -> tuple[CacheDns, SpfEvaluat
     clock = FakeClock()
     dns = CacheDns(zone, clock)
     evaluator = SpfEvaluator(dns, prefetch=False, clock=clock)  # type: ignore[arg-type]
-    plans = SpfPlans(dns.peek, clock=clock)
+    plans = SpfPlans(dns.peek, clock=clock, compile_after=1)
     return dns, evaluator, plans
 
 
@@ -111,6 +111,15 @@ def test_no_plan_from_a_tree_with_a_temperror() -> None:
     temperror = SpfOutcome(SpfResult.TEMPERROR, 451, "SPF Temporary Error: DNS Timeout")
     dns.failing.clear()
     assert plans.learn("192.0.2.1", "a@ex.test", "helo.test", 2, temperror) is None
+
+
+def test_a_plan_is_compiled_at_the_second_evaluation() -> None:
+    dns, evaluator, _ = _world(ZONE)
+    plans = SpfPlans(dns.peek, clock=dns.clock)
+    _learn(evaluator, plans, "203.0.113.9", "a@ex.test")
+    assert len(plans) == 0  # the long tail's one-off domains cost no compilation
+    _learn(evaluator, plans, "203.0.113.10", "a@ex.test")
+    assert len(plans) == 1
 
 
 def test_plans_are_keyed_by_void_limit() -> None:

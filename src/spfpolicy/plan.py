@@ -66,6 +66,11 @@ MAX_PLAN_BYTES = 4 * 1024 * 1024
 # A tree that could not be compiled (part of it not cached) is tried again
 # after this long on the resolver's clock, not on every check.
 RETRY_AFTER = 1.0
+# A plan is compiled at a domain's second evaluation by pyspf, not its
+# first: compiling a provider's tree costs two or three evaluations, and
+# most domains of the long tail are seen once. Sightings kept at most:
+COMPILE_AFTER = 2
+MAX_SIGHTINGS = 16_384
 
 _PASS = "pass"
 _NON_PASS_FAIL = ("fail", "softfail")
@@ -456,7 +461,7 @@ def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Pla
     except _NotCached:
         return None
     effects = tuple(compiler.effect(step) for step in compiler.steps)
-    tested = {index for _, _, index in compiler.ranges} | compiler.tests
+    tested = compiler.tests
     next_always = [0] * (len(effects) + 1)
     upcoming = len(effects) - 1  # the walk always ends in an unconditional step
     for index in range(len(effects) - 1, -1, -1):
@@ -558,6 +563,7 @@ class SpfPlans:
         clock: Callable[[], float],
         default_explanation: str | None = None,
         max_bytes: int = MAX_PLAN_BYTES,
+        compile_after: int = COMPILE_AFTER,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch
@@ -566,6 +572,8 @@ class SpfPlans:
         self.max_bytes = max_bytes
         self._plans: dict[tuple[str, int, bool], Plan] = {}
         self._failed: dict[tuple[str, int, bool], float] = {}
+        self.compile_after = compile_after
+        self._seen: dict[tuple[str, int, bool], int] = {}  # evaluations, no plan yet
         self.bytes = 0
         self.hits = 0  # checks answered by a plan
         self.fallbacks = 0  # checks a plan left to pyspf
@@ -681,6 +689,13 @@ class SpfPlans:
             return plan
         if self._failed.get(key, -math.inf) > now:
             return None
+        seen = self._seen.get(key, 0) + 1
+        if seen < self.compile_after:
+            if len(self._seen) >= MAX_SIGHTINGS:
+                self._seen.clear()
+            self._seen[key] = seen
+            return None
+        self._seen.pop(key, None)
         plan = compile_plan(domain, self._fetch, void_limit=void_limit, v6=client[1])
         if plan is None or plan.expires <= now or plan.size > self.max_bytes:
             self.unbuilt += 1
