@@ -43,8 +43,9 @@ import math
 import socket
 import sys
 import time
+from array import array
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -418,7 +419,7 @@ class Plan:
     domain: str
     v6: bool
     void_limit: int
-    starts: tuple[int, ...]  # first address of each elementary range
+    starts: Sequence[int]  # first address of each elementary range
     holders: tuple[tuple[int, ...], ...]  # steps matching it, in order
     next_always: tuple[int, ...]  # per step index: next unconditional step
     effects: tuple[Effect, ...]
@@ -473,20 +474,58 @@ def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Pla
     if built is None:
         return None
     starts, holders = built
-    entries = sum(len(h) for h in holders)
-    size = 450 + 80 * len(starts) + 8 * entries + 160 * len(effects) + len(compiler.top_record)
+    if starts[-1] >= 1 << (128 if v6 else 32):  # past the last address
+        starts, holders = starts[:-1], holders[:-1]
+    # Compact: IPv4 starts as 4-byte integers; the small parts (a step's
+    # holder tuple, a final effect) one object for all plans that have them.
+    packed: Sequence[int] = starts if v6 else array("I", starts)
+    holders = tuple(_shared(held) for held in holders)
+    effects = tuple(_shared(effect) for effect in effects)
+    next_steps = tuple(next_always)
+    record = sys.intern(compiler.top_record)
+    size = (
+        _PLAN_OVERHEAD
+        + sys.getsizeof(packed)
+        + sum(sys.getsizeof(start) for start in starts if v6)
+        + sys.getsizeof(holders)
+        + sys.getsizeof(next_steps)
+        + sys.getsizeof(effects)
+        + sys.getsizeof(record)
+        + _KEPT_PER_STEP * len(effects)
+    )
     return Plan(
         domain,
         v6,
         void_limit,
-        starts,
+        packed,
         holders,
-        tuple(next_always),
+        next_steps,
         effects,
         compiler.q.expires,
-        sys.intern(compiler.top_record),
+        record,
         size,
     )
+
+
+# The Plan object, its domain and kept-outcome dict when empty; per step,
+# room for the kept dict's entries.
+_PLAN_OVERHEAD = 650
+_KEPT_PER_STEP = 24
+# Parts shared between plans (holder tuples, final effects): bounded, and
+# forgotten all at once when full (plans keep the objects they hold).
+MAX_SHARED_PARTS = 8192
+_SHARED_PARTS: dict[Any, Any] = {}
+
+
+def _shared(value: Any) -> Any:
+    if value is None or type(value) is int:
+        return value
+    found = _SHARED_PARTS.get(value)
+    if found is None:
+        if len(_SHARED_PARTS) >= MAX_SHARED_PARTS:
+            _SHARED_PARTS.clear()
+        _SHARED_PARTS[value] = found = value
+    return found
 
 
 def _ranges(
