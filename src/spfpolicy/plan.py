@@ -167,7 +167,7 @@ class _CompileQuery(spf.query):
         return list(answer.records)
 
 
-@functools.lru_cache(maxsize=8192)
+@functools.lru_cache(maxsize=2048)
 def _span(address: Any, cidr: int, v6: bool) -> tuple[int, int] | None:
     """The first and last address of what pyspf's cidrmatch() compares a
     client with, ``address`` widened to ``cidr``; None where pyspf raises
@@ -513,7 +513,7 @@ _PLAN_OVERHEAD = 650
 _KEPT_PER_STEP = 24
 # Parts shared between plans (holder tuples, final effects): bounded, and
 # forgotten all at once when full (plans keep the objects they hold).
-MAX_SHARED_PARTS = 8192
+MAX_SHARED_PARTS = 4096
 _SHARED_PARTS: dict[Any, Any] = {}
 
 
@@ -610,9 +610,12 @@ class SpfPlans:
         self._timer = timer  # for SpfOutcome.elapsed, as the evaluator's
         self.max_bytes = max_bytes
         self._plans: dict[tuple[str, int, bool], Plan] = {}
-        self._failed: dict[tuple[str, int, bool], float] = {}
+        # Keyed by the hash of (domain, void limit, family): an int costs a
+        # tenth of the tuple and its strings; a collision only moves a
+        # compilation one evaluation earlier or later.
+        self._failed: dict[int, float] = {}
         self.compile_after = compile_after
-        self._seen: dict[tuple[str, int, bool], int] = {}  # evaluations, no plan yet
+        self._seen: set[int] = set()  # evaluated once, no plan yet
         self.bytes = 0
         self.hits = 0  # checks answered by a plan
         self.fallbacks = 0  # checks a plan left to pyspf
@@ -726,23 +729,23 @@ class SpfPlans:
         plan = self._plans.get(key)
         if plan is not None and plan.expires > now:
             return plan
-        if self._failed.get(key, -math.inf) > now:
+        token = hash(key)
+        if self._failed.get(token, -math.inf) > now:
             return None
-        seen = self._seen.get(key, 0) + 1
-        if seen < self.compile_after:
+        if self.compile_after > 1 and token not in self._seen:
             if len(self._seen) >= MAX_SIGHTINGS:
                 self._seen.clear()
-            self._seen[key] = seen
+            self._seen.add(token)
             return None
-        self._seen.pop(key, None)
+        self._seen.discard(token)
         plan = compile_plan(domain, self._fetch, void_limit=void_limit, v6=client[1])
         if plan is None or plan.expires <= now or plan.size > self.max_bytes:
             self.unbuilt += 1
             if len(self._failed) >= 4096:
                 self._failed.clear()
-            self._failed[key] = now + RETRY_AFTER
+            self._failed[token] = now + RETRY_AFTER
             return None
-        self._failed.pop(key, None)
+        self._failed.pop(token, None)
         self.builds += 1
         self._store(key, plan)
         return plan
