@@ -231,3 +231,19 @@ def test_the_bench_kinds_go_through_plans(kind: Kind) -> None:
             reference.mechanism,
             reference.explanation,
         )
+
+
+@pytest.mark.parametrize(
+    "ip",
+    ["01.2.3.4", "1.2.3.4\x00", "1.2.3", "", "fe80::1%eth0", "::ffff:192.0.2.9", "1.2.3.4 ", "x"],
+)
+def test_odd_client_addresses_get_pyspfs_answer_or_none(ip: str) -> None:
+    zone = {("ex.test", "TXT"): _txt("v=spf1 ip4:192.0.2.0/24 ip6:fe80::/64 -all")}
+    _dns, evaluator, plans = _world(zone)
+    _learn(evaluator, plans, "203.0.113.9", "a@ex.test")
+    _learn(evaluator, plans, "2001:db8::9", "a@ex.test")
+    planned = plans.outcome(ip, "a@ex.test", "helo.test", 2)
+    if planned is not None:
+        reference = evaluator.check_now(ip, "a@ex.test", "helo.test", void_limit=2)
+        assert reference is not None
+        assert (planned.result, planned.mechanism) == (reference.result, reference.mechanism)
