@@ -9,18 +9,18 @@ conftest.py.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+# One client for all in-process server tests: hardening's, which checks
+# every response block strictly.
 from hardening import BAD_IP, GOOD_IP, header, request
+from hardening import Client as Client
+from hardening import Running as Running
+from hardening import wait_for as wait_for
 from spfpolicy.bench.dnsserver import ZoneServer
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver, Settings
-from spfpolicy.protocol import ResponseParser, encode_request
-from spfpolicy.server import PolicyServer
 
 ZONE: dict[str, Any] = {
     "pass.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}],
@@ -46,53 +46,6 @@ FALLBACK_DEFER = (
 )
 
 
-class Client:
-    """One smtpd-like connection: requests out, actions back, in order."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.parser = ResponseParser()
-
-    async def send(self, data: bytes) -> None:
-        self.writer.write(data)
-        await self.writer.drain()
-
-    async def answer(self) -> str:
-        while (action := self.parser.next_response()) is None:
-            data = await self.reader.read(65536)
-            if not data:
-                raise EOFError("server closed the connection before answering")
-            self.parser.feed(data)
-        return action
-
-    async def ask(self, attributes: dict[str, str]) -> str:
-        await self.send(encode_request(attributes))
-        return await self.answer()
-
-    async def closed_by_server(self, bound: float = 5.0) -> bool:
-        """True once the server closes; False if it sends data instead."""
-        try:
-            async with asyncio.timeout(bound):
-                data = await self.reader.read(65536)
-        except ConnectionResetError:
-            return True
-        return not data
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
-
-
-@dataclasses.dataclass
-class Running:
-    server: PolicyServer
-    dns: ZoneServer
-    path: Path  # the unix socket
-    connect: Callable[[], Awaitable[Client]]
-
-
 def unix(path: Path | str) -> ListenAddress:
     return ListenAddress(ListenFamily.UNIX, path=str(path))
 
@@ -105,12 +58,6 @@ def settings_for(dns: ZoneServer, path: Path, **changes: Any) -> Settings:
         dns_timeout=5.0,
         **changes,
     )
-
-
-async def wait_for(condition: Callable[[], bool], bound: float = 5.0) -> None:
-    async with asyncio.timeout(bound):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 def mixed_requests(count: int) -> list[tuple[dict[str, str], str]]:

@@ -18,9 +18,7 @@ import pwd
 import shutil
 import signal
 import stat
-import sys
 import tempfile
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +26,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from processes import ask, child
 from spfpolicy import cachefile
 from spfpolicy.cachefile import CacheFileError, Entry, decode, encode
 from spfpolicy.config import Settings
-from spfpolicy.protocol import ResponseParser, encode_request
 from spfpolicy.resolver import DnsAnswer
 from spfpolicy.server import PolicyServer
 
@@ -423,27 +421,6 @@ def request(instance: str) -> dict[str, str]:
     }
 
 
-@contextlib.asynccontextmanager
-async def serve(argv: list[str]) -> AsyncIterator[asyncio.subprocess.Process]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "spfpolicy",
-        "serve",
-        *argv,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 async def ask_once(socket_path: Path, proc: asyncio.subprocess.Process, instance: str) -> str:
     async with asyncio.timeout(10):
         # Until it listens (a socket left by a run that could not remove it,
@@ -455,13 +432,7 @@ async def ask_once(socket_path: Path, proc: asyncio.subprocess.Process, instance
                 break
             await asyncio.sleep(0.02)
         try:
-            writer.write(encode_request(request(instance)))
-            parser = ResponseParser()
-            while (action := parser.next_response()) is None:
-                data = await reader.read(65536)
-                assert data, "closed before answering"
-                parser.feed(data)
-            return action
+            return await ask(reader, writer, request(instance))
         finally:
             writer.close()
 
@@ -489,7 +460,7 @@ async def test_a_restart_with_cache_file_answers_a_known_domain_without_dns(
     sock = tmp_path / "policy.sock"
     argv = ["-c", str(conf), "--nameserver", dns.nameserver, "--listen", f"unix:{sock}"]
 
-    async with serve(argv) as first:
+    async with child(["serve", *argv]) as first:
         assert (await ask_once(sock, first, "i.1")).startswith(FAIL_PREFIX)
         assert dns.queries >= 1
         log = await stop(first)
@@ -497,7 +468,7 @@ async def test_a_restart_with_cache_file_answers_a_known_domain_without_dns(
     assert stat.S_IMODE(cache.stat().st_mode) == 0o600
 
     dns.reset_counts()
-    async with serve(argv) as second:
+    async with child(["serve", *argv]) as second:
         assert (await ask_once(sock, second, "i.2")).startswith(FAIL_PREFIX)
         assert dns.queries == 0
         log = await stop(second)
@@ -505,7 +476,7 @@ async def test_a_restart_with_cache_file_answers_a_known_domain_without_dns(
 
     # The control: the same start without Cache_File asks DNS.
     conf.write_text("Log_Target = stderr\nResult_Cache_TTL = 0\n")
-    async with serve(argv) as cold:
+    async with child(["serve", *argv]) as cold:
         assert (await ask_once(sock, cold, "i.3")).startswith(FAIL_PREFIX)
         assert dns.queries >= 1
         await stop(cold)
@@ -530,13 +501,13 @@ async def test_started_as_root_the_file_is_the_unprivileged_users(
         )
         sock = tmp_path / "policy.sock"
         argv = ["-c", str(conf), "--nameserver", dns.nameserver, "--listen", f"unix:{sock}"]
-        async with serve(argv) as first:
+        async with child(["serve", *argv]) as first:
             assert (await ask_once(sock, first, "i.1")).startswith(FAIL_PREFIX)
             await stop(first)
         assert cache.stat().st_uid == nobody.pw_uid
         assert stat.S_IMODE(cache.stat().st_mode) == 0o600
         dns.reset_counts()
-        async with serve(argv) as second:
+        async with child(["serve", *argv]) as second:
             assert (await ask_once(sock, second, "i.2")).startswith(FAIL_PREFIX)
             assert dns.queries == 0
             log = await stop(second)

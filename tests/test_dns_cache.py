@@ -549,3 +549,22 @@ async def test_result_cache_fills_from_cached_dns_without_waiting(zone_server, r
     assert other is first and checks.evaluated_now == 1
     assert checks.cached_spf("192.0.2.6", "b@example.com", "h") is other
     assert checks.result_hits == 1
+
+
+async def test_cname_chain_the_upstream_leaves_unresolved_is_followed(
+    zone_server, resolvers
+) -> None:
+    # The zone server follows at most 10 links in one reply: the resolver
+    # asks again from where that reply's chain ends (a second query, sent
+    # from the first reply's callback on the task-free path).
+    links = 14
+    zone: dict[str, list[dict[str, object]]] = {
+        f"c{i}.example.com": [{"CNAME": f"c{i + 1}.example.com", "ttl": 300 - i}]
+        for i in range(links)
+    }
+    zone[f"c{links}.example.com"] = [{"A": "192.0.2.9", "ttl": 900}]
+    server = await zone_server(zone)
+    answer = await resolvers(server).resolve("c0.example.com", "A")
+    assert answer.records == ("192.0.2.9",)
+    assert answer.ttl == 300 - (links - 1)
+    assert server.queries == 2

@@ -11,16 +11,15 @@ import contextlib
 import os
 import signal
 import socket
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from processes import ask, child
 from spfpolicy import systemd
-from spfpolicy.protocol import ResponseParser, encode_request
 
 ZONE: dict[str, Any] = {"pass.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}]}
 GOOD_IP, BAD_IP = "192.0.2.10", "198.51.100.1"
@@ -58,21 +57,6 @@ os.environ["LISTEN_FDS"] = str(len(fds))
 os.environ["LISTEN_PID"] = str(os.getpid())
 os.execv(sys.executable, [sys.executable, "-m", "spfpolicy", *sys.argv[1:]])
 """
-
-
-async def ask(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, attrs: dict[str, str]
-) -> str:
-    writer.write(encode_request(attrs))
-    await writer.drain()
-    parser = ResponseParser()
-    async with asyncio.timeout(10):
-        while (action := parser.next_response()) is None:
-            data = await reader.read(65536)
-            if not data:
-                raise EOFError("closed before answering")
-            parser.feed(data)
-    return action
 
 
 class NotifySocket:
@@ -202,32 +186,6 @@ def test_watchdog_interval(env: dict[str, str], interval: float | None) -> None:
 # -- a real child, socket-activated --------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def child(
-    argv: list[str], *, env: dict[str, str], pass_fds: tuple[int, ...] = (), launcher: bool = False
-) -> AsyncIterator[asyncio.subprocess.Process]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "NOTIFY_"))}
-    full_env.update(env)
-    if launcher:
-        full_env["SPFTEST_FDS"] = ",".join(str(fd) for fd in pass_fds)
-        command = [sys.executable, "-c", LAUNCHER, *argv]
-    else:
-        command = [sys.executable, "-m", "spfpolicy", *argv]
-    proc = await asyncio.create_subprocess_exec(
-        *command,
-        env=full_env,
-        pass_fds=pass_fds,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
 def listening_unix(path: Path) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
@@ -250,10 +208,11 @@ async def test_socket_activation_and_notify(
         "NOTIFY_SOCKET": str(notify_socket.path),
         "LISTEN_FDNAMES": "policy:policy-inet",
         "WATCHDOG_USEC": "200000",  # a ping every 0.1 s
+        "SPFTEST_FDS": f"{unix_sock.fileno()},{inet_sock.fileno()}",  # for LAUNCHER
     }
     argv = ["serve", "-c", str(conf), "--nameserver", dns.nameserver]
     fds = (unix_sock.fileno(), inet_sock.fileno())
-    async with child(argv, env=env, pass_fds=fds, launcher=True) as proc:
+    async with child(argv, env=env, pass_fds=fds, launcher=LAUNCHER) as proc:
         # The child has its own copies now; ours are not needed to keep them open.
         unix_sock.close()
         inet_sock.close()

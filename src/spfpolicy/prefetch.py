@@ -278,14 +278,15 @@ class SpfPrefetcher:
             if future is not None:
                 waits[i] = future
         if waits:
-            fetched = await asyncio.gather(
-                *(asyncio.shield(future) for future in waits.values()), return_exceptions=True
-            )
-            for i, got in zip(waits, fetched, strict=True):
-                if isinstance(got, DnsAnswer):
-                    answers[i] = got
+            # wait(), unlike gather(), leaves the lookups running when the walk
+            # is cancelled (evaluations may share them), without a shield each.
+            await asyncio.wait(waits.values())
+            for i, future in waits.items():
+                failure = None if future.cancelled() else future.exception()
+                if failure is None and not future.cancelled():
+                    answers[i] = future.result()
                 else:  # a prefetch failure is only a missed speed-up
-                    log.debug("prefetch of %s/TXT failed: %s", names[i], got)
+                    log.debug("prefetch of %s/TXT failed: %r", names[i], failure)
         return answers
 
     def addresses_of(self, mx: DnsAnswer, address_qtype: str) -> None:

@@ -388,7 +388,10 @@ class Resolver:
 
     def _start(self, key: tuple[str, str]) -> asyncio.Future[DnsAnswer]:
         self.stats.misses += 1
-        future = asyncio.ensure_future(self._fetch_dated(*key))
+        if self.shared is None:
+            future = self._send(*key)
+        else:
+            future = asyncio.ensure_future(self._fetch_dated(*key))
         self._inflight[key] = future
         future.add_done_callback(functools.partial(self._settle, key))
         return future
@@ -440,42 +443,141 @@ class Resolver:
                 )
         return self._channel
 
-    async def _fetch(self, name: str, qtype: str) -> DnsAnswer:
-        """Ask upstream, following CNAME links the upstream left unresolved."""
-        wanted = QTYPES[qtype]
-        ttl = self.max_ttl
-        target = name
-        for _ in range(MAX_CNAME_CHAIN + 1):
+    def _send(self, name: str, qtype: str) -> asyncio.Future[DnsAnswer]:
+        """``_fetch_dated`` without a task, for the common case: the query is
+        sent now and its reply read in c-ares' callback, which settles the
+        future. A reply that needs more (a CNAME chain the upstream left
+        unresolved, a name for dnspython) goes on in a task from there.
+        Costs per upstream lookup a task, three coroutines and a future less
+        than the awaited path, which remains for the shared level."""
+        result: asyncio.Future[DnsAnswer] = asyncio.get_running_loop().create_future()
+        try:
+            wire = _wire_name(name)
+        except UnicodeError:
+            # A name IDNA cannot encode is malformed: no records (RFC 7208 4.3).
+            result.set_result(self._dated(self._negative(self.max_ttl, None)))
+            return result
+        if b"\\" in wire:  # c-ares would read it as an escape: see _query
+            self._continue(result, self._fetch_with_dnspython(name, qtype))
+            return result
+
+        delivered = False
+
+        def deliver(reply: pycares.DNSResult | None, status: int | None) -> None:
+            nonlocal delivered
+            if delivered or result.done():  # an error delivered twice; cancelled (close)
+                return
+            delivered = True
+            try:
+                negative = status in NEGATIVE
+                if not negative and status is not None and status != pycares.errno.ARES_SUCCESS:
+                    reply, negative = self._failed_query(name, qtype, status)
+                read = self._read_reply(name, qtype, name, reply, negative, self.max_ttl)
+            except _UseDnspython:
+                self._continue(result, self._fetch_with_dnspython(name, qtype))
+                return
+            except Exception as exc:  # DnsTempError; anything else, as the task would
+                result.set_exception(exc)
+                return
+            if isinstance(read, DnsAnswer):
+                result.set_result(self._dated(read))
+            else:  # a CNAME chain to follow: one link used of the chain's limit
+                target, ttl = read
+                self._continue(result, self._fetch(name, qtype, target, ttl, MAX_CNAME_CHAIN))
+
+        self.stats.upstream_queries += 1
+        try:
+            self._resolver().ask(wire, QTYPES[qtype], deliver)
+        except Exception as exc:  # no channel: the lookup fails, as the task's would
+            if not result.done():
+                result.set_exception(exc)
+        return result
+
+    def _dated(self, answer: DnsAnswer) -> DnsAnswer:
+        """An answer fetched just now, with its expiry."""
+        return DnsAnswer(answer.records, answer.ttl, self.clock() + answer.ttl)
+
+    def _continue(
+        self, result: asyncio.Future[DnsAnswer], work: Coroutine[Any, Any, DnsAnswer]
+    ) -> None:
+        """Settle ``result`` with what ``work`` gives, in a task of its own
+        (cancelled with ``result``)."""
+
+        async def finish() -> None:
+            try:
+                answer = await work
+            except Exception as exc:
+                if not result.done():
+                    result.set_exception(exc)
+                return
+            if not result.done():
+                result.set_result(self._dated(answer))
+
+        task = asyncio.ensure_future(finish())
+        result.add_done_callback(lambda _: task.cancel())
+
+    async def _fetch(
+        self,
+        name: str,
+        qtype: str,
+        target: str | None = None,
+        ttl: float | None = None,
+        links_left: int = MAX_CNAME_CHAIN + 1,
+    ) -> DnsAnswer:
+        """Ask upstream, following CNAME links the upstream left unresolved;
+        from ``target`` when part of the chain was read already."""
+        ttl = self.max_ttl if ttl is None else ttl
+        target = name if target is None else target
+        for _ in range(links_left):
             try:
                 reply, negative = await self._query(target, qtype)
             except _UseDnspython:
                 return await self._fetch_with_dnspython(target, qtype)
-            if reply is None:
-                return self._negative(ttl, None)
-            records: list[Record] = []
-            links: dict[str, str] = {}
-            for rr in reply.answer:
-                if rr.type == wanted:
-                    records.append(_convert(qtype, rr.data))
-                    ttl = min(ttl, rr.ttl)
-                elif isinstance(rr.data, pycares.CNAMERecordData):
-                    links[rr.name.lower().rstrip(".")] = rr.data.cname.lower().rstrip(".")
-                    ttl = min(ttl, rr.ttl)
-            if records:
-                return DnsAnswer(tuple(records), self._clamp(ttl))
-            if negative:  # the upstream followed the chain to its end
-                return self._negative(ttl, reply)
-            # No data of the wanted type: walk the CNAME chain the answer gave.
-            seen = {target}
-            while target in links:
-                target = links[target]
-                if target in seen:  # a loop: no data at the end of it
-                    return self._negative(ttl, reply)
-                seen.add(target)
-            if target == name or not links:
-                return self._negative(ttl, reply)
+            read = self._read_reply(name, qtype, target, reply, negative, ttl)
+            if isinstance(read, DnsAnswer):
+                return read
             # The chain ends at a name the upstream did not resolve: ask it.
+            target, ttl = read
         raise CnameChainTooLong(name)
+
+    def _read_reply(
+        self,
+        name: str,
+        qtype: str,
+        target: str,
+        reply: pycares.DNSResult | None,
+        negative: bool,
+        ttl: float,
+    ) -> DnsAnswer | tuple[str, float]:
+        """The answer a reply to ``target``/``qtype`` gives (``name`` is where
+        the chain began); or, when it ends in a CNAME chain at a name the
+        upstream did not resolve, that name and the TTL so far."""
+        if reply is None:
+            return self._negative(ttl, None)
+        wanted = QTYPES[qtype]
+        records: list[Record] = []
+        links: dict[str, str] = {}
+        for rr in reply.answer:
+            if rr.type == wanted:
+                records.append(_convert(qtype, rr.data))
+                ttl = min(ttl, rr.ttl)
+            elif isinstance(rr.data, pycares.CNAMERecordData):
+                links[rr.name.lower().rstrip(".")] = rr.data.cname.lower().rstrip(".")
+                ttl = min(ttl, rr.ttl)
+        if records:
+            return DnsAnswer(tuple(records), self._clamp(ttl))
+        if negative:  # the upstream followed the chain to its end
+            return self._negative(ttl, reply)
+        # No data of the wanted type: walk the CNAME chain the answer gave.
+        seen = {target}
+        while target in links:
+            target = links[target]
+            if target in seen:  # a loop: no data at the end of it
+                return self._negative(ttl, reply)
+            seen.add(target)
+        if target == name or not links:
+            return self._negative(ttl, reply)
+        return target, ttl
 
     async def _query(self, name: str, qtype: str) -> tuple[pycares.DNSResult | None, bool]:
         """One upstream query: (its reply, whether the answer is negative);
@@ -496,20 +598,29 @@ class Resolver:
             return await self._resolver().query_reply(wire, QTYPES[qtype])
         except aiodns.error.DNSError as exc:
             code = exc.args[0] if exc.args else None
-            if code in NEGATIVE:
-                return None, True
-            if code in _UNASKABLE:
-                raise _UseDnspython from None
-            if code == aiodns.error.ARES_EBADRESP:
-                # c-ares shares one UDP socket between lookups, and one
-                # garbage datagram fails every lookup in flight on it, not
-                # just the one it answered. Asking again on a socket of its
-                # own isolates the culprit: only its own lookup fails.
-                raise _UseDnspython from None
-            self.stats.upstream_failures += 1
             text = exc.args[1] if len(exc.args) > 1 else str(exc)
-            log.debug("DNS %s %s failed: %s (c-ares status %s)", qtype, name, text, code)
-            raise DnsTempError(_REASONS.get(code, text), f"{qtype} {name}: {text}") from None
+            return self._failed_query(name, qtype, code, text)
+
+    def _failed_query(
+        self, name: str, qtype: str, code: int | None, text: str | None = None
+    ) -> tuple[None, bool]:
+        """What a c-ares status other than success means: a negative answer
+        (None, True); else raises _UseDnspython or DnsTempError."""
+        if code in NEGATIVE:
+            return None, True
+        if code in _UNASKABLE:
+            raise _UseDnspython from None
+        if code == aiodns.error.ARES_EBADRESP:
+            # c-ares shares one UDP socket between lookups, and one
+            # garbage datagram fails every lookup in flight on it, not
+            # just the one it answered. Asking again on a socket of its
+            # own isolates the culprit: only its own lookup fails.
+            raise _UseDnspython from None
+        self.stats.upstream_failures += 1
+        if text is None:
+            text = str(pycares.errno.strerror(code)) if code is not None else "unknown error"
+        log.debug("DNS %s %s failed: %s (c-ares status %s)", qtype, name, text, code)
+        raise DnsTempError(_REASONS.get(code, text), f"{qtype} {name}: {text}") from None
 
     def _negative(self, ttl: float, reply: pycares.DNSResult | None) -> DnsAnswer:
         """No records, kept for the reply's negative TTL (RFC 2308 section 5:
