@@ -105,6 +105,7 @@ async def main() -> None:
         )
         plans = checks.plans
         assert plans is not None
+        plans.compile_after = 1  # built at the first evaluation: a tree warmed once
         rows = []
         serial = itertools.count(1)
         for kind in KINDS:
@@ -113,6 +114,8 @@ async def main() -> None:
                 sender = f"someone@{domain.name}"
                 for ip in _clients(domain, 0):
                     await checks.spf(ip, sender, "helo.example", lookup_time=5.0)
+                # Each family's plan, built now that the whole tree is cached.
+                for ip in _clients(domain, 10_000):
                     plans._failed.clear()
                     await checks.spf(ip, sender, "helo.example", lookup_time=5.0)
             work = []
