@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.plan import SpfPlans
 from spfpolicy.resolver import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.results import NO_MAIL_RECORD, SpfOutcome, SpfResult
 
@@ -61,6 +62,7 @@ class DnsChecks:
         result_cache_size: int,
         result_cache_ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        plans: bool = True,
     ) -> None:
         self.evaluator = evaluator
         self.resolver: Resolver = evaluator.resolver
@@ -72,6 +74,15 @@ class DnsChecks:
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
         self.shared: SharedCache | None = None  # the second level, if any
+        # Compiled plans of fully cached trees (plan.py): a new client of a
+        # known domain without running pyspf.
+        self.plans: SpfPlans | None = None
+        if plans:
+            self.plans = SpfPlans(
+                self.resolver.peek,
+                clock=self.resolver.clock,
+                default_explanation=evaluator.default_explanation,
+            )
 
     def _limit(self, void_limit: int | None) -> int:
         return self.void_limit if void_limit is None else void_limit
@@ -98,6 +109,10 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        planned = self._planned(ip, sender, helo, void_limit)
+        if planned is not None:
+            self.evaluated_now += 1
+            return self._store(key, *planned)
         # Not even the checked domain's TXT is cached: pyspf would stop at
         # its first lookup, so do not start it.
         domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
@@ -107,7 +122,30 @@ class DnsChecks:
         if full is None:
             return None
         self.evaluated_now += 1
+        self._learn(ip, sender, helo, void_limit, full)
         return self._keep(key, full)
+
+    def _planned(
+        self, ip: str, sender: str, helo: str, void_limit: int
+    ) -> tuple[SpfOutcome, float] | None:
+        """The outcome as the result cache keeps it and its time to live,
+        from a compiled plan (plan.py), if one has the answer."""
+        if self.plans is None:
+            return None
+        try:
+            return self.plans.kept(ip, sender, helo, void_limit, _for_decisions)
+        except Exception:  # pyspf will answer
+            log.exception("SPF plan for %r/%r failed", sender, helo)
+            return None
+
+    def _learn(self, ip: str, sender: str, helo: str, void_limit: int, full: SpfOutcome) -> None:
+        # A plan for the next client of this domain; a cache failure (here,
+        # a compiler failure) never fails an answer.
+        if self.plans is not None:
+            try:
+                self.plans.learn(ip, sender, helo, void_limit, full)
+            except Exception:
+                log.exception("building an SPF plan for %r/%r failed", sender, helo)
 
     def cached_lifetime(
         self,
@@ -137,6 +175,9 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        planned = self._planned(ip, sender, helo, void_limit)
+        if planned is not None:
+            return self._store(key, *planned)
         if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
             cached = await self._from_shared(key)
             if cached is not None:
@@ -144,6 +185,7 @@ class DnsChecks:
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
+        self._learn(ip, sender, helo, void_limit, full)
         return self._keep(key, full)
 
     async def _from_shared(self, key: str) -> SpfOutcome | None:
@@ -194,8 +236,14 @@ class DnsChecks:
         """The outcome as decisions read it, kept in the result cache unless it
         is a temperror or has no time left (a ttl <= 0 stores nothing)."""
         outcome = _for_decisions(full)
-        if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
-            ttl = self.result_cache_ttl if full.ttl is None else full.ttl
+        if outcome.result is not SpfResult.TEMPERROR:
+            self._store(key, outcome, self.result_cache_ttl if full.ttl is None else full.ttl)
+        return outcome
+
+    def _store(self, key: _ResultKey, outcome: SpfOutcome, ttl: float) -> SpfOutcome:
+        """Keeps ``outcome`` for at most ``ttl`` (and Result_Cache_TTL), here
+        and, after the answer, in the shared level."""
+        if self.result_cache_ttl > 0:
             ttl = min(ttl, self.result_cache_ttl)
             self.results.set(key, outcome, ttl)
             if self.shared is not None and isinstance(key, str) and ttl > 0:

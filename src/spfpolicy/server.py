@@ -140,6 +140,7 @@ class PolicyServer:
             domain_entries=0 if self.domains is None else self.domains.entries(),
             domain_bytes=0 if self.domains is None else self.domains.memory(),
             domain_changes=0 if self.domains is None else self.domains.changes_seen,
+            plans=None if self.checks.plans is None else self.checks.plans.counters(),
         )
 
     def domain_report(self, top: int) -> dict[str, Any] | None:
