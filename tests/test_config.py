@@ -342,6 +342,13 @@ EVERY_KEY = [
         "/etc/spfpolicy/redis.pass",
         id="Shared_Cache_Password_File",
     ),
+    pytest.param(
+        "Shared_Cache_CA_File",
+        "/etc/spfpolicy/redis-ca.pem",
+        "shared_cache_ca_file",
+        "/etc/spfpolicy/redis-ca.pem",
+        id="Shared_Cache_CA_File",
+    ),
 ]
 
 

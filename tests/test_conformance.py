@@ -19,6 +19,7 @@ import yaml
 
 from oracle import plain_pyspf
 from spfpolicy.bench.dnsserver import Zone, ZoneServer
+from spfpolicy.checks import DnsChecks
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.resolver import Resolver
 
@@ -117,3 +118,61 @@ async def test_rfc7208(index: int, name: str, case: dict[str, Any]) -> None:
     if "explanation" in case and outcome.result == "fail":
         assert outcome.explanation == case["explanation"]
         assert outcome.explanation == pyspf_explanation
+
+
+# -- the same suite through compiled plans (plan.py) ---------------------------
+
+PLAN_TALLY: dict[str, int] = {"plan": 0, "pyspf": 0}
+
+
+@pytest.mark.parametrize(("index", "name", "case"), _cases())
+async def test_rfc7208_through_plan(index: int, name: str, case: dict[str, Any]) -> None:
+    """Each case evaluated once by pyspf (warming the DNS cache and building
+    the plan), once more for a client no record names (so the whole tree is
+    cached), then answered again through DnsChecks.cached_spf, which must
+    take the plan path where the plan has the answer and give pyspf's."""
+    scenario = _scenario(index)
+    zone = Zone.from_rfc7208(scenario.get("zonedata") or {})
+    host, sender, helo = case["host"], case["mailfrom"], case["helo"]
+    nobody = "2001:db8:ffff::1" if ":" in host and "::ffff:" not in host else "203.0.113.254"
+    async with ZoneServer(zone) as server:
+        resolver = Resolver([server.nameserver], timeout=0.3, tries=1)
+        evaluator = SpfEvaluator(resolver, lookup_time=3.0, default_explanation="DEFAULT")
+        checks = DnsChecks(evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=60)
+        assert checks.plans is not None
+        try:
+            first = await checks.spf(host, sender, helo, lookup_time=3.0)
+            await evaluator.check(nobody, sender, helo)
+            checks.plans._failed.clear()  # the retry delay: learn again now
+            checks.plans.learn(host, sender, helo, 2, first)
+            checks.results.clear()
+            hits = checks.plans.hits
+            again = checks.cached_spf(host, sender, helo)
+        finally:
+            await resolver.close()
+    if checks.plans.hits == hits:
+        PLAN_TALLY["pyspf"] += 1
+        return
+    # Never from a temperror tree: such a check gets no plan.
+    assert first.result != "temperror"
+    PLAN_TALLY["plan"] += 1
+    assert again is not None
+    assert (again.result, again.code, again.explanation, again.mechanism) == (
+        first.result,
+        first.code,
+        first.explanation,
+        first.mechanism,
+    )
+    if name not in KNOWN_PYSPF_DEVIATIONS and name not in ORACLE_DRIVER_DIFFERENCES:
+        assert again.result in _expected(case)
+    if "explanation" in case and again.result == "fail":
+        assert again.explanation == case["explanation"]
+
+
+def test_rfc7208_plan_path_was_taken() -> None:
+    """After the cases above (file order): most went through a plan."""
+    total = PLAN_TALLY["plan"] + PLAN_TALLY["pyspf"]
+    if total < 100:  # run alone, or the suite is missing
+        return
+    print(PLAN_TALLY)
+    assert PLAN_TALLY["plan"] >= total // 2, PLAN_TALLY

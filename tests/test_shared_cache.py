@@ -87,6 +87,22 @@ def test_any_bytes_decode_or_raise_undecodable(qtype: str, data: bytes) -> None:
 # -- a real Redis ---------------------------------------------------------------
 
 
+@pytest.fixture(autouse=True)
+def connect_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``serve`` does once privileges are dropped: a server's first
+    connection to Redis is made before the first request, not by it."""
+    from spfpolicy.server import PolicyServer
+
+    start = PolicyServer.start
+
+    async def start_and_connect(self: PolicyServer, *args: Any, **kwargs: Any) -> None:
+        await start(self, *args, **kwargs)
+        if self.resolver.shared is not None:
+            await self.resolver.shared.connect()
+
+    monkeypatch.setattr(PolicyServer, "start", start_and_connect)
+
+
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
     """``redis_server(password=...)`` -> a started redis-server; all stopped at teardown."""
@@ -196,10 +212,13 @@ async def _load(
 
 
 def _check_bound(baseline: list[float], latencies: list[float]) -> None:
-    """Within normal latency plus the timeout, with room for a shared machine."""
-    allowed = max(baseline) + TIMEOUT + 0.5
+    """Within normal latency plus the timeout: a request in flight when Redis
+    fails pays the deadline once, or at worst twice (two reads in a row, the
+    second the one that starts the outage); then none does. 50 ms of room
+    for a shared machine; most requests pay nothing."""
+    allowed = max(baseline) + 2 * TIMEOUT + 0.05
     assert max(latencies) <= allowed, (max(latencies), allowed)
-    assert statistics.median(latencies) <= statistics.median(baseline) + TIMEOUT + 0.05
+    assert statistics.median(latencies) <= statistics.median(baseline) + TIMEOUT / 2
 
 
 FAULTS = ["stopped", "paused", "maxmemory"]

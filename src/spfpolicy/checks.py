@@ -6,6 +6,10 @@ void limit) without re-running pyspf. An entry never outlives the first of the
 DNS answers its evaluation used to expire (an answer taken from the cache has
 only what is left of its TTL), nor ``Result_Cache_TTL``; an outcome with no
 time left, and a temperror, are not cached, so a DNS hiccup is not remembered.
+
+With Shared_Cache set, a miss there asks the shared level (Redis, through
+``sharedcache.py``) before evaluating, and a fresh outcome goes there too,
+after the answer, for what is left of its time.
 """
 
 from __future__ import annotations
@@ -16,11 +20,16 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.plan import SpfPlans
 from spfpolicy.resolver import CnameChainTooLong, DnsTempError, Resolver
 from spfpolicy.results import NO_MAIL_RECORD, SpfOutcome, SpfResult
+
+if TYPE_CHECKING:  # imported only when Shared_Cache is set (it needs redis)
+    from spfpolicy.sharedcache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,7 @@ class DnsChecks:
         result_cache_size: int,
         result_cache_ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        plans: bool = True,
     ) -> None:
         self.evaluator = evaluator
         self.resolver: Resolver = evaluator.resolver
@@ -63,6 +73,16 @@ class DnsChecks:
         )
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
+        self.shared: SharedCache | None = None  # the second level, if any
+        # Compiled plans of fully cached trees (plan.py): a new client of a
+        # known domain without running pyspf.
+        self.plans: SpfPlans | None = None
+        if plans:
+            self.plans = SpfPlans(
+                self.resolver.peek,
+                clock=self.resolver.clock,
+                default_explanation=evaluator.default_explanation,
+            )
 
     def _limit(self, void_limit: int | None) -> int:
         return self.void_limit if void_limit is None else void_limit
@@ -89,6 +109,10 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        planned = self._planned(ip, sender, helo, void_limit)
+        if planned is not None:
+            self.evaluated_now += 1
+            return self._store(key, *planned)
         # Not even the checked domain's TXT is cached: pyspf would stop at
         # its first lookup, so do not start it.
         domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
@@ -98,7 +122,30 @@ class DnsChecks:
         if full is None:
             return None
         self.evaluated_now += 1
+        self._learn(ip, sender, helo, void_limit, full)
         return self._keep(key, full)
+
+    def _planned(
+        self, ip: str, sender: str, helo: str, void_limit: int
+    ) -> tuple[SpfOutcome, float] | None:
+        """The outcome as the result cache keeps it and its time to live,
+        from a compiled plan (plan.py), if one has the answer."""
+        if self.plans is None:
+            return None
+        try:
+            return self.plans.kept(ip, sender, helo, void_limit, _for_decisions)
+        except Exception:  # pyspf will answer
+            log.exception("SPF plan for %r/%r failed", sender, helo)
+            return None
+
+    def _learn(self, ip: str, sender: str, helo: str, void_limit: int, full: SpfOutcome) -> None:
+        # A plan for the next client of this domain; a cache failure (here,
+        # a compiler failure) never fails an answer.
+        if self.plans is not None:
+            try:
+                self.plans.learn(ip, sender, helo, void_limit, full)
+            except Exception:
+                log.exception("building an SPF plan for %r/%r failed", sender, helo)
 
     def cached_lifetime(
         self,
@@ -128,13 +175,54 @@ class DnsChecks:
         cached = self._hit(key)
         if cached is not None:
             return cached
+        planned = self._planned(ip, sender, helo, void_limit)
+        if planned is not None:
+            return self._store(key, *planned)
+        if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
+            cached = await self._from_shared(key)
+            if cached is not None:
+                return cached
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
+        self._learn(ip, sender, helo, void_limit, full)
         return self._keep(key, full)
 
+    async def _from_shared(self, key: str) -> SpfOutcome | None:
+        """The shared level's outcome for ``key``, kept in the result cache
+        for what is left of its time (and no longer than Result_Cache_TTL)
+        as soon as Redis's reply is in, so that a check read in the same
+        trip (the request's next) finds it there. Concurrent reads of one
+        key are one Redis read (sharedcache.py)."""
+        assert self.shared is not None
+        ip, sender, helo, void_limit = key.split("\0")
+        found = await self.shared.get_outcome(
+            ip,
+            sender,
+            helo,
+            int(void_limit),
+            arrived=lambda outcome, remaining: self._keep_shared(key, outcome, remaining),
+        )
+        return None if found is None else _for_decisions(found[0])
+
+    def _keep_shared(self, key: str, outcome: SpfOutcome, remaining: float) -> None:
+        ttl = min(remaining, self.result_cache_ttl)
+        if ttl > 0:
+            self.results.set(key, _for_decisions(outcome), ttl)
+
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
-        if self.results.get(self._key(ip, sender, helo, self._limit(void_limit))) is None:
+        key = self._key(ip, sender, helo, self._limit(void_limit))
+        if self.results.get(key) is not None:
+            return
+        if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
+            # The outcome itself may be in Redis: read it with the request's
+            # other checks (one round trip), and fetch DNS only if it is not.
+            self.resolver.background(self._prefetch_shared(key, ip, sender, helo))
+        else:
+            self.evaluator.prefetch(ip, sender, helo)
+
+    async def _prefetch_shared(self, key: str, ip: str, sender: str, helo: str) -> None:
+        if await self._from_shared(key) is None:
             self.evaluator.prefetch(ip, sender, helo)
 
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:
@@ -148,9 +236,19 @@ class DnsChecks:
         """The outcome as decisions read it, kept in the result cache unless it
         is a temperror or has no time left (a ttl <= 0 stores nothing)."""
         outcome = _for_decisions(full)
-        if outcome.result is not SpfResult.TEMPERROR and self.result_cache_ttl > 0:
-            ttl = self.result_cache_ttl if full.ttl is None else full.ttl
-            self.results.set(key, outcome, min(ttl, self.result_cache_ttl))
+        if outcome.result is not SpfResult.TEMPERROR:
+            self._store(key, outcome, self.result_cache_ttl if full.ttl is None else full.ttl)
+        return outcome
+
+    def _store(self, key: _ResultKey, outcome: SpfOutcome, ttl: float) -> SpfOutcome:
+        """Keeps ``outcome`` for at most ``ttl`` (and Result_Cache_TTL), here
+        and, after the answer, in the shared level."""
+        if self.result_cache_ttl > 0:
+            ttl = min(ttl, self.result_cache_ttl)
+            self.results.set(key, outcome, ttl)
+            if self.shared is not None and isinstance(key, str) and ttl > 0:
+                ip, sender, helo, void_limit = key.split("\0")
+                self.shared.put_outcome(ip, sender, helo, int(void_limit), outcome, ttl)
         return outcome
 
     async def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:

@@ -269,6 +269,7 @@ class Settings:
     shared_cache_prefix: str = "spfpolicy:"  # Shared_Cache_Prefix
     shared_cache_timeout: float = 0.05  # Shared_Cache_Timeout, seconds
     shared_cache_password_file: str = ""  # Shared_Cache_Password_File
+    shared_cache_ca_file: str = ""  # Shared_Cache_CA_File (rediss:// only)
     result_cache_size: int = 10_000  # Result_Cache_Size
     result_cache_ttl: int = 60  # Result_Cache_TTL (0 disables)
     # Max_Connections: open client connections; one more is closed at once
@@ -1013,15 +1014,17 @@ _KEYS: Mapping[str, _Key] = {
     "Shared_Cache": _Key(
         "shared_cache",
         _shared_cache,
-        doc="URL of a Redis that holds a second level of DNS answers, shared by several "
-        "MX hosts; empty turns it off. redis://[USER:PASSWORD@]HOST[:PORT][/DB], "
-        "rediss://... for TLS, or unix:///path/redis.sock[?db=DB]. A lookup missing in "
-        "the process's own DNS cache asks Redis before DNS, and an answer from DNS is "
-        "written there after the reply, for its remaining TTL. Redis never costs an "
-        "answer: an error, a timeout, a refused connection or write, a wrong password or "
-        "an entry that does not decode is a miss, counted and logged once per outage. "
-        "It needs redis-py and hiredis (pip install 'spfpolicy[redis]'). Changing it "
-        "needs a restart.",
+        doc="URL of a Redis that holds a second level of DNS answers and SPF results, shared "
+        "by several MX hosts; empty turns it off. "
+        "redis://[USER:PASSWORD@]HOST[:PORT][/DB], rediss://... for TLS, or "
+        "unix:///path/redis.sock[?db=DB]. A lookup missing in the process's own DNS cache "
+        "asks Redis before DNS, and an answer from DNS is written there after the reply, "
+        "for its remaining TTL; likewise a check missing in the result cache asks Redis "
+        "before evaluating (with Result_Cache_TTL above 0). Redis never costs an answer: "
+        "an error, a timeout, a refused connection or write, a wrong password or an entry "
+        "that does not decode is a miss, counted and logged once per outage. It needs "
+        "redis-py and hiredis (pip install 'spfpolicy[redis]'). Changing it needs a "
+        "restart.",
     ),
     "Shared_Cache_Prefix": _Key(
         "shared_cache_prefix",
@@ -1034,18 +1037,27 @@ _KEYS: Mapping[str, _Key] = {
         "shared_cache_timeout",
         _timeout,
         unit="seconds",
-        doc="Deadline of each shared-cache lookup, at most 10. A lookup Redis does not "
-        "answer within it goes to DNS, so a slow or stopped Redis adds at most this much "
-        "to each lookup. Writes are sent after the answer and get 0.5 s (or this, if "
-        "longer). After a refused connection, a wrong password or timeouts without a "
-        "success for 0.25 s, Redis is left alone for a backoff (0.5 s, doubling up to "
-        "30 s) before it is tried again.",
+        doc="Deadline of each shared-cache operation, at most 10. A lookup Redis does "
+        "not answer within it goes to DNS, so a slow or stopped Redis adds at most this "
+        "much to each lookup; a reply already received when the deadline comes (the event "
+        "loop was busy, not Redis) is still used. Writes are sent after the answer, with "
+        "the same deadline. After a refused connection, a wrong password or two timeouts "
+        "without a success between them, Redis is left alone for a backoff (0.5 s, "
+        "doubling up to 30 s) before it is tried again.",
     ),
     "Shared_Cache_Password_File": _Key(
         "shared_cache_password_file",
         _text,
         doc="File holding the password of the shared cache's Redis (AUTH), read at start; "
         "a password in the Shared_Cache URL wins. Empty means none, or the URL's.",
+    ),
+    "Shared_Cache_CA_File": _Key(
+        "shared_cache_ca_file",
+        _file_path,
+        doc="CA certificates (PEM) a rediss:// Shared_Cache's certificate must chain to. "
+        "For a Redis with a certificate of the site's own CA; empty means the system's "
+        "CAs. The certificate must also name the URL's host. A certificate that does "
+        "not verify is an outage like any other: answers go on from DNS.",
     ),
     "Result_Cache_Size": _Key(
         "result_cache_size",

@@ -130,6 +130,8 @@ async def _serve(settings: Settings, load: Callable[[], Settings] | None) -> int
         await server.start_metrics()
         drop_privileges(settings.user, settings.group)
         server.restore_cache()
+        if server.resolver.shared is not None:
+            server.resolver.shared.connect_soon()  # as the user that will reconnect
     except BaseException:
         await server.close()
         notifier.close()

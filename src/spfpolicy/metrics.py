@@ -109,6 +109,7 @@ class Snapshot:
     domain_bytes: int = 0  # its approximate size
     domain_changes: int = 0  # result changes it has seen
     shared: dict[str, Any] | None = None  # SharedCache.counters(), when Shared_Cache is set
+    plans: dict[str, int] | None = None  # SpfPlans.counters() (plan.py), since the last reload
 
 
 def summary_line(snap: Snapshot) -> str:
@@ -130,7 +131,19 @@ def summary_line(snap: Snapshot) -> str:
         f"slow_names[held={dns['slow_names_held']} holds={dns['slow_holds']} "
         f"held_lookups={dns['slow_held_lookups']}] "
         f"result_cache[entries={snap.result_cache_entries} hits={snap.result_cache_hits}]"
+        + _plans_summary(snap.plans)
         + _shared_summary(snap.shared)
+    )
+
+
+def _plans_summary(plans: dict[str, int] | None) -> str:
+    """The compiled plans' part of the stats line (empty when they are off)."""
+    if plans is None:
+        return ""
+    return (
+        f" plans[entries={plans['plans']} bytes={plans['plan_bytes']} "
+        f"hits={plans['plan_hits']} fallbacks={plans['plan_fallbacks']} "
+        f"builds={plans['plan_builds']} unbuilt={plans['plan_unbuilt']}]"
     )
 
 
@@ -140,12 +153,15 @@ def _shared_summary(shared: dict[str, Any] | None) -> str:
         return ""
     operations = sum(shared["latency_counts"])
     mean = f"{1000 * shared['latency_sum'] / operations:.2f}ms" if operations else "-"
+    trips = shared["read_batches"]
+    per_trip = f"{shared['read_keys'] / trips:.1f}" if trips else "-"
     return (
         f" shared_cache[{'DOWN' if shared['down'] else 'up'} hits={shared['hits']} "
-        f"misses={shared['misses']} errors={shared['errors']} "
+        f"misses={shared['misses']} result_hits={shared['result_hits']} "
+        f"result_misses={shared['result_misses']} errors={shared['errors']} "
         f"timeouts={shared['timeouts']} undecodable={shared['undecodable']} "
         f"writes={shared['writes']} write_errors={shared['write_errors']} "
-        f"outages={shared['outages']} mean_latency={mean}]"
+        f"outages={shared['outages']} keys_per_read={per_trip} mean_latency={mean}]"
     )
 
 
@@ -275,6 +291,21 @@ class _Collector:
         yield gauge(
             "spfpolicy_result_cache_entries", "SPF results cached", snap.result_cache_entries
         )
+        plans = snap.plans
+        if plans is not None:
+            yield gauge("spfpolicy_plans", "Compiled SPF plans held", plans["plans"])
+            yield gauge(
+                "spfpolicy_plan_bytes", "Compiled SPF plans, bytes (estimated)", plans["plan_bytes"]
+            )
+            yield counter(
+                "spfpolicy_plan_hits", "SPF checks answered by a compiled plan", plans["plan_hits"]
+            )
+            yield counter(
+                "spfpolicy_plan_fallbacks",
+                "SPF checks a compiled plan left to pyspf",
+                plans["plan_fallbacks"],
+            )
+            yield counter("spfpolicy_plan_builds", "SPF plans compiled", plans["plan_builds"])
         yield gauge("spfpolicy_connections", "Open client connections", snap.connections)
         yield gauge(
             "spfpolicy_requests_in_flight",
@@ -325,6 +356,12 @@ def _shared_families(
         "write_errors": "DNS answers Redis refused or lost",
         "writes_dropped": "DNS answers not written: queue full or Redis in its backoff",
         "outages": "Shared-cache outages begun",
+        "result_hits": "SPF checks answered by the shared cache (Redis)",
+        "result_misses": "SPF checks the shared cache did not answer (errors included)",
+        "result_undecodable": "Shared-cache SPF entries that did not decode (read as misses)",
+        "result_writes": "SPF outcomes written to the shared cache",
+        "read_batches": "Round trips of shared-cache reads (each for one or more keys)",
+        "read_keys": "Keys read from the shared cache (read_keys / read_batches: keys per trip)",
     }
     for name, text in texts.items():
         yield counter(f"spfpolicy_shared_cache_{name}", text, shared[name])

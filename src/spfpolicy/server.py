@@ -71,6 +71,7 @@ RESTART_ONLY = {
     "shared_cache_prefix": "Shared_Cache_Prefix",
     "shared_cache_timeout": "Shared_Cache_Timeout",
     "shared_cache_password_file": "Shared_Cache_Password_File",
+    "shared_cache_ca_file": "Shared_Cache_CA_File",
 }
 
 
@@ -139,6 +140,7 @@ class PolicyServer:
             domain_entries=0 if self.domains is None else self.domains.entries(),
             domain_bytes=0 if self.domains is None else self.domains.memory(),
             domain_changes=0 if self.domains is None else self.domains.changes_seen,
+            plans=None if self.checks.plans is None else self.checks.plans.counters(),
         )
 
     def domain_report(self, top: int) -> dict[str, Any] | None:
@@ -146,12 +148,14 @@ class PolicyServer:
         return None if self.domains is None else self.domains.report(top)
 
     def _make_checks(self, settings: Settings) -> DnsChecks:
-        return DnsChecks(
+        checks = DnsChecks(
             self.evaluator,
             void_limit=settings.void_limit,
             result_cache_size=settings.result_cache_size,
             result_cache_ttl=settings.result_cache_ttl,
         )
+        checks.shared = self.resolver.shared  # SPF outcomes share the Redis level
+        return checks
 
     # -- start ----------------------------------------------------------------
 
@@ -431,8 +435,8 @@ def _shared_cache(settings: Settings) -> Any:
         shared = SharedCache.from_settings(settings)
     except OSError as exc:
         raise StartupError(
-            f"cannot read Shared_Cache_Password_File {settings.shared_cache_password_file}: "
-            f"{exc.strerror or exc}"
+            f"cannot read {exc.filename or settings.shared_cache_password_file} "
+            f"(Shared_Cache_Password_File or Shared_Cache_CA_File): {exc.strerror or exc}"
         ) from None
     except ValueError as exc:  # a URL redis-py does not take
         raise StartupError(f"bad Shared_Cache {settings.shared_cache!r}: {exc}") from None

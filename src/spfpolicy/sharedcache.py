@@ -1,19 +1,28 @@
-"""The shared cache: a second level of DNS answers in Redis, under the
-resolver's in-process cache, so that several MX hosts (or a restarted one)
-learn each domain once. Imported only when Shared_Cache is set.
+"""The shared cache: a second level in Redis, under the resolver's DNS cache
+and under the SPF result cache, so that several MX hosts (or a restarted
+one) learn each domain, and each check, once. Imported only when
+Shared_Cache is set.
 
 Rules:
 - the resolver asks here after a first-level miss, inside its single-flight
-  lookup, and writes here after a DNS answer; nothing else talks to Redis;
-- a key is ``<Shared_Cache_Prefix>dns<FORMAT>:<type> <name>``, its value a
-  version byte then the answer in our own small binary encoding (no pickle,
-  no marshal: whoever can write to Redis must not reach the interpreter); its
-  Redis TTL is the answer's remaining TTL, read back with PTTL;
+  lookup, and writes here after a DNS answer; the checks (checks.py) do the
+  same for SPF outcomes; nothing else talks to Redis;
+- a DNS key is ``<Shared_Cache_Prefix>dns<FORMAT>:<type> <name>``; an SPF
+  key is ``<Shared_Cache_Prefix>spf<FORMAT>:<hash>``, the hash a BLAKE2b of
+  the check (client IP, sender, HELO, void limit), so that no sender address
+  is written to Redis in clear;
+- a value is a version byte then our own small binary encoding (no pickle,
+  no marshal: whoever can write to Redis must not reach the interpreter),
+  validated field by field when read; its Redis TTL is the entry's remaining
+  TTL, read back with PTTL;
+- reads wanted in one turn of the event loop go to Redis together, one
+  pipeline (one round trip) for all of them; a key already being read is
+  not read twice;
 - it never costs an answer: each operation has Shared_Cache_Timeout, and an
   error, a timeout, a refused connection, a wrong password, an out-of-memory
   write or an entry that does not decode is a miss, counted, and logged once
-  per outage; after a connection failure (or timeouts without a success
-  for 0.25 s) Redis is left alone for a backoff (0.5 s doubling to 30 s),
+  per outage; after a connection failure (or two timeouts without a
+  success between them) Redis is left alone for a backoff (0.5 s doubling to 30 s),
   then tried again;
 - writes never wait: they are queued, and a task sends them pipelined a
   moment later, after the answers that needed them.
@@ -24,7 +33,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
+import hashlib
 import logging
+import select
+import ssl
 import struct
 import time
 import urllib.parse
@@ -37,6 +50,8 @@ import redis.asyncio
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+
+from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome, SpfResult
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +68,23 @@ MAX_ENTRY = 65536
 # is slow, so the queue cannot grow without bound.
 MAX_PENDING = 10_000
 WRITE_BATCH = 100  # commands per pipeline
+READ_BATCH = 200  # keys per read trip (two commands each: GET, PTTL)
+# Read trips out at once; more wanted reads wait to go together when one is
+# back. Each holds a connection: a busy process opens no more than this many
+# (plus one for writes), instead of making new ones while it is slowest.
+MAX_READ_TRIPS = 2
+MAX_IDLE = 4  # connections kept open between operations
 WRITE_DELAY = 0.005  # seconds a write waits for company (batching)
-WRITE_TIMEOUT = 0.5  # seconds for a batch of writes
 
 BACKOFF_FIRST = 0.5  # seconds without Redis after the first failure
 BACKOFF_MAX = 30.0
-# Timeouts in a row (no success between them) that make an outage, when
-# they span at least TIMEOUT_SPAN (or 5 Shared_Cache_Timeouts, if longer).
-# A refused connection or a wrong password is one at once; but timeouts with
-# successes between them are most often this process's own event loop being
-# busy (the replies waited in the socket while other work ran), not Redis:
-# they cost their lookups a miss, not the next half second of lookups. A
-# stopped or paused Redis has no success at all.
-TIMEOUTS_FOR_OUTAGE = 3
-TIMEOUT_SPAN = 0.25
+# Timeouts in a row (no success between them) that make an outage. A
+# refused connection or a wrong password is one at once. A lone timeout is
+# not: a Redis busy for a moment (a fork for a snapshot) costs the reads of
+# that moment a miss, not the next half second of reads. A late event loop
+# is no timeout at all (see _Deadline). A request can thus pay the deadline
+# twice before Redis is left alone; a stopped or paused Redis no more.
+TIMEOUTS_FOR_OUTAGE = 2
 
 # Latency buckets of shared-cache operations, seconds: a loopback Redis
 # answers in ~0.1 ms, a LAN one in well under 1 ms; the default deadline is 50 ms.
@@ -161,12 +179,101 @@ def _read(data: bytes, at: int, size: int) -> bytes:
     return chunk
 
 
+# -- SPF outcomes -------------------------------------------------------------
+
+# An outcome is stored as decisions read it (checks._for_decisions): the
+# result, pyspf's code, the identity checked, whether the domain's own record
+# is the no-mail one, the explanation and the deciding mechanism. A
+# temperror is never stored. Everything is checked when read: an entry is
+# only as trustworthy as whoever can write to Redis.
+_OUTCOME = struct.Struct("!BBHBB")  # version, result, code, identity, flags
+_RESULTS = tuple(SpfResult)
+_STORED_RESULTS = frozenset(SpfResult) - {SpfResult.TEMPERROR}
+_IDENTITIES = tuple(Identity)
+_CODES = frozenset({250, 550})  # pyspf's codes of every result but temperror
+_NO_MAIL = 1  # flags: the checked domain publishes NO_MAIL_RECORD
+MAX_TEXT = 2048  # bytes of an explanation or a mechanism
+_CONTROL = frozenset(range(32)) | {127}
+
+
+def check_key(ip: str, sender: str, helo: str, void_limit: int) -> bytes:
+    """The hashed name of a check: 16 bytes of BLAKE2b over its parts, each
+    length-prefixed (so no two checks share a name), in hex."""
+    digest = hashlib.blake2b(digest_size=16, person=b"spfpolicy-check")
+    for part in (ip, sender, helo, str(void_limit)):
+        data = part.encode("utf-8", "surrogateescape")
+        digest.update(_U16.pack(len(data) & 0xFFFF))
+        digest.update(data)
+    return digest.hexdigest().encode("ascii")
+
+
+def _clean_text(value: str) -> bytes:
+    data = value.encode("utf-8")
+    if len(data) > MAX_TEXT or _CONTROL.intersection(data):
+        raise ValueError("text not storable")
+    return data
+
+
+def encode_outcome(outcome: SpfOutcome) -> bytes:
+    """The value of an outcome; ValueError for one that is not stored (a
+    temperror, control characters, texts too long)."""
+    if outcome.result not in _STORED_RESULTS or outcome.code not in _CODES:
+        raise ValueError(f"{outcome.result} {outcome.code} is not stored")
+    explanation = _clean_text(outcome.explanation)
+    mechanism = _clean_text(outcome.mechanism)
+    head = _OUTCOME.pack(
+        FORMAT,
+        _RESULTS.index(outcome.result),
+        outcome.code,
+        _IDENTITIES.index(outcome.identity),
+        _NO_MAIL if outcome.record == NO_MAIL_RECORD else 0,
+    )
+    return b"".join(
+        (head, _U16.pack(len(explanation)), explanation, _U16.pack(len(mechanism)), mechanism)
+    )
+
+
+def decode_outcome(data: bytes) -> SpfOutcome:
+    """The outcome ``encode_outcome`` wrote; raises Undecodable."""
+    try:
+        version, result, code, identity, flags = _OUTCOME.unpack_from(data)
+        if version != FORMAT:
+            raise Undecodable(f"format {version}")
+        at = _OUTCOME.size
+        (size,) = _U16.unpack_from(data, at)
+        explanation = _read(data, at + 2, size)
+        at += 2 + size
+        (size,) = _U16.unpack_from(data, at)
+        mechanism = _read(data, at + 2, size)
+        at += 2 + size
+        if at != len(data) or result >= len(_RESULTS) or identity >= len(_IDENTITIES):
+            raise Undecodable("trailing bytes or a value out of range")
+        spf_result = _RESULTS[result]
+        if spf_result not in _STORED_RESULTS or code not in _CODES or flags & ~_NO_MAIL:
+            raise Undecodable(f"{spf_result} {code} flags {flags}")
+        texts = (explanation, mechanism)
+        if any(len(t) > MAX_TEXT or _CONTROL.intersection(t) for t in texts):
+            raise Undecodable("text too long or with control characters")
+        return SpfOutcome(
+            spf_result,
+            code,
+            explanation.decode("utf-8"),
+            mechanism=mechanism.decode("utf-8"),
+            identity=_IDENTITIES[identity],
+            record=NO_MAIL_RECORD if flags & _NO_MAIL else "",
+        )
+    except (struct.error, UnicodeError) as exc:
+        raise Undecodable(str(exc)) from None
+
+
 # -- the client -------------------------------------------------------------
 
 
 @dataclass(slots=True)
 class SharedStats:
-    """Counters for the metrics and the stats line; monotonic."""
+    """Counters for the metrics and the stats line; monotonic. ``hits``,
+    ``misses``, ``undecodable`` and ``writes`` are of DNS answers; their
+    ``result_`` twins of SPF outcomes."""
 
     hits: int = 0
     misses: int = 0  # every lookup not answered here (the errors included)
@@ -178,6 +285,12 @@ class SharedStats:
     write_errors: int = 0  # entries refused or lost (OOM, outage)
     writes_dropped: int = 0  # entries not sent: queue full or Redis in backoff
     outages: int = 0
+    result_hits: int = 0
+    result_misses: int = 0
+    result_undecodable: int = 0
+    result_writes: int = 0
+    read_batches: int = 0  # round trips of reads (many keys each under load)
+    read_keys: int = 0  # keys they read
     latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     latency_sum: float = 0.0
 
@@ -186,8 +299,127 @@ class SharedStats:
         self.latency_sum += seconds
 
 
+# What a read gives: the value and its remaining time in milliseconds; None
+# for a miss, a failure, or an entry of another Redis type (junk).
+_Found = tuple[bytes, int] | None
+# Where the counts of a read joined by a second caller go: nowhere read.
+_JOINED = SharedStats()
+
+# Reads: each key's value and remaining time, by one script call per batch.
+# A key of another type gives its error in place (pcall), not the batch's; a
+# missing key's GET is Lua false, so the table has no holes.
+_READ_SCRIPT = (
+    "local r = {} for i, k in ipairs(KEYS) do "
+    "r[2 * i - 1] = redis.pcall('GET', k) r[2 * i] = redis.pcall('PTTL', k) end return r"
+)
+_READ_SHA = hashlib.sha1(_READ_SCRIPT.encode("ascii")).hexdigest()
+
+# A key of another Redis type under our prefix (WRONGTYPE): junk, which the
+# callers' PTTL check counts as undecodable.
+_JUNK = (b"", -3)
+
+
+GRACE_TURNS = 8  # turns of the loop a reply already in our socket gets
+
+
+class _Op:
+    """One round trip to Redis, as its deadline sees it: the connection
+    (once taken from the pool) and when the command was sent."""
+
+    __slots__ = ("conn", "sent")
+
+    def __init__(self) -> None:
+        self.conn: Any = None
+        self.sent: float | None = None  # loop time
+
+    def reply_waiting(self) -> bool:
+        return self.conn is not None and _reply_waiting(self.conn)
+
+
+class _Deadline:
+    """``asyncio.timeout`` for one round trip, measuring Redis's time, not
+    this process's. At the deadline: if Redis's reply is already waiting in
+    our socket, the event loop was late, not Redis (uvloop runs its due
+    timers before it reads its sockets), and the operation gets a few more
+    turns of the loop to read it; if the command went out late (a busy loop
+    took long to send it), Redis gets its full time from the sending, once.
+    A Redis that has not answered in that time costs the deadline and no
+    more."""
+
+    def __init__(self, seconds: float, op: _Op) -> None:
+        self.seconds = seconds
+        self.op = op
+        self.expired = False
+        self._task: asyncio.Task[Any] | None = None
+        self._handle: asyncio.Handle | None = None
+        self._extended = False
+
+    async def __aenter__(self) -> _Deadline:
+        self._task = asyncio.current_task()
+        self._handle = asyncio.get_running_loop().call_later(self.seconds, self._expire, 0)
+        return self
+
+    def _expire(self, turns: int) -> None:
+        assert self._task is not None
+        loop = asyncio.get_running_loop()
+        if turns < GRACE_TURNS and self.op.reply_waiting():
+            self._handle = loop.call_soon(self._expire, turns + 1)
+            return
+        sent = self.op.sent
+        if not self._extended and sent is not None and loop.time() < sent + self.seconds:
+            self._extended = True
+            self._handle = loop.call_at(sent + self.seconds, self._expire, 0)
+            return
+        self.expired = True
+        self._task.cancel()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: Any, tb: Any) -> None:
+        assert self._task is not None and self._handle is not None
+        self._handle.cancel()
+        if self.expired and kind is asyncio.CancelledError and self._task.uncancel() == 0:
+            raise TimeoutError("Shared_Cache_Timeout") from exc
+
+
+def _outcome_of(found: tuple[bytes, int]) -> tuple[SpfOutcome, float] | None:
+    """(outcome, remaining seconds) of a read SPF entry; None if it does not decode."""
+    data, remaining_ms = found
+    try:
+        if remaining_ms <= 0:  # -1: no expiry, which no entry of ours lacks; -2: expired
+            raise Undecodable(f"PTTL {remaining_ms}")
+        return decode_outcome(data), remaining_ms / 1000
+    except Undecodable as exc:
+        log.debug("shared cache: an SPF entry does not decode: %s", exc)
+        return None
+
+
+def _deliver(found: _Found, *, arrived: Callable[[SpfOutcome, float], None]) -> None:
+    outcome = None if found is None else _outcome_of(found)
+    if outcome is not None:
+        arrived(*outcome)
+
+
+async def _disconnect(conn: Any) -> None:
+    with contextlib.suppress(redis.exceptions.RedisError, OSError):
+        await conn.disconnect(nowait=True)
+
+
+def _reply_waiting(conn: Any) -> bool:
+    """Whether bytes from Redis wait for us: read by the transport but not
+    parsed yet, or still in the kernel's socket buffer. False when unsure."""
+    try:
+        reader, writer = conn._reader, conn._writer
+        if reader is None or writer is None:
+            return False
+        if len(reader._buffer):
+            return True
+        sock = writer.transport.get_extra_info("socket")
+        return sock is not None and bool(select.select([sock], [], [], 0)[0])
+    except (AttributeError, OSError, ValueError, TypeError):
+        return False
+
+
 class SharedCache:
-    """DNS answers in Redis, for the resolver; every failure is a miss."""
+    """DNS answers and SPF outcomes in Redis; every failure is a miss."""
 
     def __init__(
         self,
@@ -196,20 +428,19 @@ class SharedCache:
         prefix: str = "spfpolicy:",
         timeout: float = 0.05,
         password: str | None = None,
+        ca_file: str = "",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
         self.prefix = prefix.encode("utf-8")
         self.timeout = timeout
-        # Writes wait for nobody: a busy event loop must not lose them at a
-        # lookup's deadline, but a Redis that does not answer must not keep
-        # them (and their connection) long either.
-        self.write_timeout = max(WRITE_TIMEOUT, timeout)
         self.clock = clock
         self.stats = SharedStats()
         options: dict[str, Any] = {}
         if password is not None and not urllib.parse.urlsplit(url).password:
             options["password"] = password
+        if ca_file and urllib.parse.urlsplit(url).scheme == "rediss":
+            options["ssl_ca_certs"] = ca_file
         self.client = redis.asyncio.Redis.from_url(
             url,
             **options,
@@ -224,15 +455,34 @@ class SharedCache:
         self._retry_at = 0.0
         self._backoff = 0.0
         self._timeouts_in_row = 0
-        self._first_timeout = 0.0  # when the timeouts in a row began
         self._write_refused = False  # an OOM (or other) write error logged
-        self._pending: list[tuple[bytes, bytes, int]] = []
+        self._pending: list[tuple[bytes, bytes, int, bool]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Reads wanted in this turn of the loop, and every read in flight.
+        self._wanted: list[bytes] = []
+        self._reading: dict[bytes, asyncio.Future[_Found]] = {}
+        # Called with a key's value as its trip comes back (get_outcome's arrived).
+        self._arrivals: dict[bytes, list[Callable[[_Found], None]]] = {}
+        self._readers: set[asyncio.Future[Any]] = set()  # reads, connects, releases
+        self._scripts = True  # reads by script, until Redis refuses one
+        self._trips = 0  # read trips out
+        self._idle: list[Any] = []  # connected connections, ready for an operation
+        self._connections: set[Any] = set()  # every connection of ours (for close)
         self._closed = False
 
     @classmethod
     def from_settings(cls, settings: Any) -> SharedCache:
-        """The cache Shared_Cache* describe; OSError if the password file is unreadable."""
+        """The cache Shared_Cache* describe; OSError (naming the file) if the
+        password file or the CA file cannot be read, or the CA file holds no
+        certificate."""
+        if settings.shared_cache_ca_file:
+            try:
+                ssl.create_default_context(cafile=settings.shared_cache_ca_file)
+            except ssl.SSLError as exc:
+                reason = f"no CA certificate ({exc.reason})"
+                raise OSError(0, reason, settings.shared_cache_ca_file) from None
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, settings.shared_cache_ca_file) from None
         password = None
         if settings.shared_cache_password_file:
             text = Path(settings.shared_cache_password_file).read_text(encoding="utf-8")
@@ -242,6 +492,7 @@ class SharedCache:
             prefix=settings.shared_cache_prefix,
             timeout=settings.shared_cache_timeout,
             password=password,
+            ca_file=settings.shared_cache_ca_file,
         )
 
     def describe(self) -> str:
@@ -260,64 +511,36 @@ class SharedCache:
 
     def counters(self) -> dict[str, Any]:
         stats = self.stats
-        return {
-            "hits": stats.hits,
-            "misses": stats.misses,
-            "errors": stats.errors,
-            "timeouts": stats.timeouts,
-            "undecodable": stats.undecodable,
-            "skipped": stats.skipped,
-            "writes": stats.writes,
-            "write_errors": stats.write_errors,
-            "writes_dropped": stats.writes_dropped,
-            "outages": stats.outages,
-            "down": int(self.down),
-            "latency_counts": list(stats.latency_counts),
-            "latency_sum": stats.latency_sum,
+        counters: dict[str, Any] = {
+            name: getattr(stats, name)
+            for name in stats.__slots__
+            if name not in ("latency_counts", "latency_sum")
         }
+        counters["down"] = int(self.down)
+        counters["latency_counts"] = list(stats.latency_counts)
+        counters["latency_sum"] = stats.latency_sum
+        return counters
 
     def _key(self, name: str, qtype: str) -> bytes:
         return self.prefix + f"dns{FORMAT}:{qtype} {name}".encode("utf-8", "surrogateescape")
+
+    def _check_key(self, ip: str, sender: str, helo: str, void_limit: int) -> bytes:
+        return self.prefix + b"spf%d:" % FORMAT + check_key(ip, sender, helo, void_limit)
 
     # -- reads --------------------------------------------------------------
 
     async def get(self, name: str, qtype: str) -> tuple[float, Records, float] | None:
         """(ttl, records, remaining seconds) of a stored answer, or None."""
         stats = self.stats
-        if self._down_since is not None and self.clock() < self._retry_at:
-            stats.skipped += 1
-            stats.misses += 1
-            return None
-        key = self._key(name, qtype)
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(self.timeout):
-                pipe = self.client.pipeline(transaction=False)
-                pipe.get(key)
-                pipe.pttl(key)
-                data, remaining_ms = await pipe.execute()
-        except redis.exceptions.ResponseError as exc:
-            stats.timed(time.perf_counter() - started)
-            stats.misses += 1
-            if "WRONGTYPE" not in str(exc):  # NOAUTH, NOPERM, ...
-                self._failed(exc)
-                return None
-            # A key of another Redis type under our prefix: junk.
-            stats.undecodable += 1
-            self._recovered()
-            return None
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            stats.timed(time.perf_counter() - started)
-            stats.misses += 1
-            self._failed(exc)
-            return None
-        stats.timed(time.perf_counter() - started)
-        self._recovered()
-        if data is None:
+        found, counted = await self._read(self._key(name, qtype))
+        if not counted:
+            stats = _JOINED  # a joined read: the starter counts it
+        if found is None:
             stats.misses += 1
             return None
         try:
-            if remaining_ms is None or remaining_ms <= 0:
+            data, remaining_ms = found
+            if remaining_ms <= 0:
                 # -1: no expiry, which no entry of ours lacks; -2: just expired.
                 raise Undecodable(f"PTTL {remaining_ms}")
             ttl, records = decode(qtype, data)
@@ -329,26 +552,313 @@ class SharedCache:
         stats.hits += 1
         return ttl, records, remaining_ms / 1000
 
+    async def get_outcome(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        void_limit: int,
+        *,
+        arrived: Callable[[SpfOutcome, float], None] | None = None,
+    ) -> tuple[SpfOutcome, float] | None:
+        """(outcome, remaining seconds) of a stored SPF check, or None.
+        ``arrived`` gets a found outcome as soon as its trip comes back,
+        before any waiting task runs again: a request whose next check was
+        read in the same trip then finds it already kept."""
+        stats = self.stats
+        key = self._check_key(ip, sender, helo, void_limit)
+        hook = None if arrived is None else functools.partial(_deliver, arrived=arrived)
+        found, counted = await self._read(key, hook)
+        if not counted:
+            stats = _JOINED  # a joined read: the starter counts it
+        if found is None:
+            stats.result_misses += 1
+            return None
+        outcome = _outcome_of(found)
+        if outcome is None:
+            stats.result_undecodable += 1
+            stats.result_misses += 1
+            return None
+        stats.result_hits += 1
+        return outcome
+
+    async def _read(
+        self, key: bytes, hook: Callable[[_Found], None] | None = None
+    ) -> tuple[_Found, bool]:
+        """The value and PTTL of ``key`` (None for a miss or a failure),
+        read with the others wanted in this turn of the loop, in one round
+        trip; and whether this caller started the read (and counts it): a
+        caller that joins a read of the same key counts nothing."""
+        future = self._reading.get(key)
+        started = future is None
+        if future is None:
+            if self._down_since is not None and self.clock() < self._retry_at:
+                self.stats.skipped += 1
+                return None, True
+            future = asyncio.get_running_loop().create_future()
+            self._reading[key] = future
+            if not self._wanted and self._trips < MAX_READ_TRIPS:
+                asyncio.get_running_loop().call_soon(self._send_reads)
+            self._wanted.append(key)
+        if hook is not None:
+            self._arrivals.setdefault(key, []).append(hook)
+        # shield: one waiter giving up must not cancel the read for the others.
+        return await asyncio.shield(future), started
+
+    def _send_reads(self) -> None:
+        """Send the wanted reads, unless MAX_READ_TRIPS are out already:
+        then they go together when one comes back (a busy process sends
+        fewer, larger trips, and needs no more connections)."""
+        while self._wanted and self._trips < MAX_READ_TRIPS:
+            batch, self._wanted = self._wanted[:READ_BATCH], self._wanted[READ_BATCH:]
+            self._trips += 1
+            trip = asyncio.ensure_future(self._read_batch(batch))
+            self._readers.add(trip)
+            trip.add_done_callback(self._trip_done)
+
+    def _trip_done(self, task: asyncio.Future[bool]) -> None:
+        self._readers.discard(task)
+        self._trips -= 1
+        if not self._wanted:
+            return
+        if self._closed or task.cancelled() or not task.result():
+            # Redis did not answer this trip (or we close): the reads that
+            # waited for it do not go; each has waited a deadline at most.
+            wanted, self._wanted = self._wanted, []
+            self.stats.skipped += len(wanted)
+            self._settle(wanted, [None] * len(wanted))
+            return
+        self._send_reads()
+
+    async def _read_batch(self, keys: list[bytes]) -> bool:
+        """Read ``keys`` in one trip and settle their reads; whether Redis answered."""
+        stats = self.stats
+        stats.read_batches += 1
+        stats.read_keys += len(keys)
+        found: list[_Found] = [None] * len(keys)
+        started = time.perf_counter()
+        op = _Op()
+        try:
+            async with _Deadline(self.timeout, op):
+                replies = await self._get_with_pttl(keys, op)
+        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+            stats.timed(time.perf_counter() - started)
+            self._failed(exc)
+            return False
+        else:
+            stats.timed(time.perf_counter() - started)
+            failure = None
+            for i in range(len(keys)):
+                data, remaining_ms = replies[2 * i], replies[2 * i + 1]
+                if isinstance(data, redis.exceptions.ResponseError):
+                    if "WRONGTYPE" in str(data):
+                        found[i] = _JUNK
+                    else:  # NOAUTH, NOPERM, ...
+                        failure = data
+                elif isinstance(data, bytes) and isinstance(remaining_ms, int):
+                    found[i] = (data, remaining_ms)
+            if failure is None:
+                self._recovered()
+            else:
+                self._failed(failure)
+            return failure is None
+        finally:
+            self._settle(keys, found)
+
+    def _settle(self, keys: list[bytes], found: list[_Found]) -> None:
+        """Give the reads of ``keys`` their values: first every arrival
+        hook (synchronously, before any waiting task runs again), then the
+        waiters."""
+        arrivals = self._arrivals
+        for key, value in zip(keys, found, strict=True):
+            for hook in arrivals.pop(key, ()):
+                try:
+                    hook(value)
+                except Exception:  # a hook's bug must not leave the waiters waiting
+                    log.exception("shared cache: a read's hook failed")
+        reading = self._reading
+        for key, value in zip(keys, found, strict=True):
+            future = reading.pop(key, None)
+            if future is not None and not future.done():
+                future.set_result(value)
+
+    async def _get_with_pttl(self, keys: list[bytes], op: _Op) -> list[Any]:
+        """[value, PTTL, value, PTTL, ...] of ``keys``, in one round trip:
+        one script call (one command to pack and one reply to parse, however
+        many keys), or, where Redis refuses scripts, GET and PTTL pipelined."""
+        if self._scripts:
+            conn = await self._connection(op)
+            try:
+                replies = await self._scripted(conn, keys, op)
+            except redis.exceptions.ResponseError as exc:
+                self._give_back(conn)  # an error reply: the connection is in step
+                refused = isinstance(exc, redis.exceptions.NoPermissionError)
+                if not refused and "unknown command" not in str(exc):
+                    raise
+                self._scripts = False
+                log.warning(
+                    "shared cache: Redis refuses scripts (%s); reads go as GET and PTTL", exc
+                )
+            except BaseException:
+                self._give_back(conn, broken=True)
+                raise
+            else:
+                self._give_back(conn)
+                return replies
+        commands = [(command, key) for key in keys for command in ("GET", "PTTL")]
+        return await self._pipelined(commands, op)
+
+    async def _pipelined(self, commands: list[tuple[Any, ...]], op: _Op) -> list[Any]:
+        """The replies to ``commands``, sent together; an error reply in its
+        place (as ``raise_on_error=False`` would)."""
+        conn = await self._connection(op)
+        try:
+            op.sent = asyncio.get_running_loop().time()
+            await conn.send_packed_command(conn.pack_commands(commands))
+            replies: list[Any] = []
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except redis.exceptions.ResponseError as exc:
+                    replies.append(exc)
+        except BaseException:
+            self._give_back(conn, broken=True)
+            raise
+        self._give_back(conn)
+        return replies
+
+    def connect_soon(self) -> None:
+        """Open the first connection in the background (at start, once
+        privileges are dropped), so that the first reads need not make it;
+        a Redis that is not there starts an outage, logged, and no more."""
+        for _ in range(MAX_READ_TRIPS + 1):  # the read trips and a write batch
+            task = asyncio.ensure_future(self.connect())
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
+
+    async def connect(self) -> bool:
+        """Make a connection and keep it for the next operation; whether it worked."""
+        conn = self.client.connection_pool.make_connection()
+        try:
+            await conn.connect()
+        except (redis.exceptions.RedisError, OSError) as exc:
+            self._failed(exc)
+            return False
+        self._give_back(conn)
+        self._recovered()
+        return True
+
+    async def _connection(self, op: _Op) -> Any:
+        """A connected connection of our own, also put in ``op`` (for the
+        deadline's look at its socket). Idle ones are kept in a plain list,
+        not in redis-py's pool, whose lock a busy process would wait on for
+        whole turns of its loop. Making one (TCP, TLS, AUTH) may take longer
+        than an operation's deadline: then it goes on without the operation
+        that asked for it, and is kept for the next ones."""
+        if self._idle:
+            conn = self._idle.pop()
+            if conn.is_connected:
+                op.conn = conn
+                return conn
+        else:
+            conn = self.client.connection_pool.make_connection()
+        self._connections.add(conn)
+        task = asyncio.ensure_future(conn.connect())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            self._readers.add(task)  # close() ends it
+            task.add_done_callback(self._readers.discard)
+            task.add_done_callback(lambda done: self._connected_late(conn, done))
+            raise
+        except BaseException:
+            self._connections.discard(conn)
+            raise
+        op.conn = conn
+        return conn
+
+    def _connected_late(self, conn: Any, task: asyncio.Future[None]) -> None:
+        if task.cancelled() or task.exception() is not None:
+            self._connections.discard(conn)  # the next operation fails on its own
+        else:
+            self._give_back(conn)
+
+    def _give_back(self, conn: Any, *, broken: bool = False) -> None:
+        """Keep ``conn`` for the next operation; or, cut off mid-reply (a
+        deadline) or broken, close it, in the background."""
+        if not (broken or self._closed) and len(self._idle) < MAX_IDLE:
+            self._connections.add(conn)
+            self._idle.append(conn)
+            return
+        self._connections.discard(conn)
+        task = asyncio.ensure_future(self._replace(conn, broken=broken))
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def _replace(self, conn: Any, *, broken: bool) -> None:
+        """Close ``conn``; if it was cut off, open it again for the pool of
+        idle ones, so that the next operations need not make one while the
+        process is busy (what cut it off most often)."""
+        await _disconnect(conn)
+        if not broken or self._closed:
+            return
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await conn.connect()
+            if self._closed or len(self._idle) >= MAX_IDLE:
+                await _disconnect(conn)
+            else:
+                self._connections.add(conn)
+                self._idle.append(conn)
+
+    @staticmethod
+    async def _scripted(conn: Any, keys: list[bytes], op: _Op) -> list[Any]:
+        try:
+            op.sent = asyncio.get_running_loop().time()
+            await conn.send_command("EVALSHA", _READ_SHA, len(keys), *keys)
+            replies = await conn.read_response()
+        except redis.exceptions.NoScriptError:  # a new Redis: EVAL caches it
+            await conn.send_command("EVAL", _READ_SCRIPT, len(keys), *keys)
+            replies = await conn.read_response()
+        if isinstance(replies, list) and len(replies) == 2 * len(keys):
+            return replies
+        raise redis.exceptions.ResponseError(f"the read script gave {replies!r:.60}")
+
     # -- writes -------------------------------------------------------------
 
     def put(self, name: str, qtype: str, ttl: float, records: Records, remaining: float) -> None:
         """Queue an answer for Redis, kept there for ``remaining`` seconds."""
-        stats = self.stats
-        milliseconds = int(remaining * 1000)
-        if milliseconds <= 0 or self._closed:
-            return
-        if len(self._pending) >= MAX_PENDING or (
-            self._down_since is not None and self.clock() < self._retry_at
-        ):
-            stats.writes_dropped += 1
-            return
         try:
             value = encode(qtype, ttl, records)
         except (ValueError, TypeError, struct.error, UnicodeError):
             return  # a record our encoding does not know: first level only
-        if len(value) > MAX_ENTRY:
+        self._queue(self._key(name, qtype), value, remaining, False)
+
+    def put_outcome(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        void_limit: int,
+        outcome: SpfOutcome,
+        remaining: float,
+    ) -> None:
+        """Queue an SPF outcome for Redis, kept there for ``remaining`` seconds."""
+        try:
+            value = encode_outcome(outcome)
+        except (ValueError, UnicodeError):
+            return  # not storable (a temperror, odd texts): first level only
+        self._queue(self._check_key(ip, sender, helo, void_limit), value, remaining, True)
+
+    def _queue(self, key: bytes, value: bytes, remaining: float, outcome: bool) -> None:
+        milliseconds = int(remaining * 1000)
+        if milliseconds <= 0 or self._closed or len(value) > MAX_ENTRY:
             return
-        self._pending.append((self._key(name, qtype), value, milliseconds))
+        if len(self._pending) >= MAX_PENDING or (
+            self._down_since is not None and self.clock() < self._retry_at
+        ):
+            self.stats.writes_dropped += 1
+            return
+        self._pending.append((key, value, milliseconds, outcome))
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
@@ -362,18 +872,17 @@ class SharedCache:
         finally:
             self._flusher = None
 
-    async def _write(self, batch: list[tuple[bytes, bytes, int]]) -> None:
+    async def _write(self, batch: list[tuple[bytes, bytes, int, bool]]) -> None:
         stats = self.stats
         if self._down_since is not None and self.clock() < self._retry_at:
             stats.writes_dropped += len(batch)
             return
         started = time.perf_counter()
+        op = _Op()
+        commands = [("SET", key, value, "PX", ms) for key, value, ms, _ in batch]
         try:
-            async with asyncio.timeout(self.write_timeout):
-                pipe = self.client.pipeline(transaction=False)
-                for key, value, milliseconds in batch:
-                    pipe.set(key, value, px=milliseconds)
-                results = await pipe.execute(raise_on_error=False)
+            async with _Deadline(self.timeout, op):
+                results = await self._pipelined(commands, op)
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             stats.write_errors += len(batch)
@@ -381,8 +890,14 @@ class SharedCache:
             return
         stats.timed(time.perf_counter() - started)
         self._recovered()
-        refused = [r for r in results if isinstance(r, Exception)]
-        stats.writes += len(batch) - len(refused)
+        refused = []
+        for entry, result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):
+                refused.append(result)
+            elif entry[3]:
+                stats.result_writes += 1
+            else:
+                stats.writes += 1
         stats.write_errors += len(refused)
         if refused:
             stats.errors += 1
@@ -403,14 +918,8 @@ class SharedCache:
         stats.errors += 1
         if isinstance(exc, TimeoutError):
             stats.timeouts += 1
-            now = self.clock()
             self._timeouts_in_row += 1
-            if self._timeouts_in_row == 1:
-                self._first_timeout = now
-            if self._down_since is None and (
-                self._timeouts_in_row < TIMEOUTS_FOR_OUTAGE
-                or now - self._first_timeout < max(TIMEOUT_SPAN, 5 * self.timeout)
-            ):
+            if self._down_since is None and self._timeouts_in_row < TIMEOUTS_FOR_OUTAGE:
                 return
         now = self.clock()
         if self._down_since is None:
@@ -441,6 +950,9 @@ class SharedCache:
     async def close(self) -> None:
         """Send what is queued (within the deadline), then disconnect."""
         self._closed = True
+        for reader in list(self._readers):
+            reader.cancel()
+        await asyncio.gather(*self._readers, return_exceptions=True)
         flusher = self._flusher
         if flusher is not None:
             try:
@@ -449,5 +961,8 @@ class SharedCache:
             except TimeoutError:
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
+        self._idle.clear()
+        connections, self._connections = self._connections, set()
+        await asyncio.gather(*(_disconnect(conn) for conn in connections))
         with contextlib.suppress(redis.exceptions.RedisError, OSError):
             await self.client.aclose()

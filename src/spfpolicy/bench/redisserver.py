@@ -8,12 +8,19 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 START_TIMEOUT = 10.0  # seconds for the socket to appear
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 class RedisUnavailable(Exception):
@@ -23,9 +30,19 @@ class RedisUnavailable(Exception):
 class RedisProcess:
     """``redis-server --port 0 --unixsocket DIR/redis.sock``, no persistence."""
 
-    def __init__(self, directory: Path, *, password: str = "", binary: str = "") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        password: str = "",
+        binary: str = "",
+        tls: tuple[Path, Path, Path] | None = None,
+    ) -> None:
         self.directory = Path(directory)
         self.password = password
+        # (certificate, key, CA) for a TLS port on loopback besides the socket.
+        self.tls = tls
+        self.tls_port = 0
         self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
         self.socket = self.directory / "redis.sock"
         self.process: subprocess.Popen[bytes] | None = None
@@ -33,6 +50,11 @@ class RedisProcess:
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    @property
+    def tls_url(self) -> str:
+        """rediss:// on the TLS port (the certificate names localhost)."""
+        return f"rediss://localhost:{self.tls_port}/0"
 
     def start(self) -> None:
         if not os.access(self.binary, os.X_OK):
@@ -52,6 +74,18 @@ class RedisProcess:
         ]  # fmt: skip
         if self.password:
             argv += ["--requirepass", self.password]
+        if self.tls is not None:
+            cert, key, ca = self.tls
+            if not self.tls_port:  # kept across restarts: the URL stays the same
+                self.tls_port = _free_port()
+            argv += [
+                "--bind", "127.0.0.1",
+                "--tls-port", str(self.tls_port),
+                "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key),
+                "--tls-ca-cert-file", str(ca),
+                "--tls-auth-clients", "no",
+            ]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
         while not self.socket.exists():

@@ -1,0 +1,408 @@
+"""SPF outcomes in the shared cache (sharedcache.py, checks.py): their
+encoding, table-driven and property-based; then a differential test: two
+PolicyServers ("two MX hosts") sharing one real redis-server give, for every
+kind of result, the same answers, header bytes included, as each other and
+as a server without Redis, the second without a single DNS query.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from hardening import BAD_IP, GOOD_IP, HELO, request
+from serving import Running, wait_for
+from spfpolicy.bench.redisserver import RedisProcess, RedisUnavailable
+from spfpolicy.checks import DnsChecks
+from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome, SpfResult
+from spfpolicy.sharedcache import (
+    MAX_TEXT,
+    SharedCache,
+    Undecodable,
+    check_key,
+    decode_outcome,
+    encode_outcome,
+)
+
+pytestmark = pytest.mark.slow
+
+# -- the encoding -------------------------------------------------------------
+
+OUTCOMES = [
+    pytest.param(SpfOutcome(SpfResult.PASS, 250, "sender SPF authorized", "mx"), id="pass"),
+    pytest.param(SpfOutcome(SpfResult.FAIL, 550, "Not for bob@x.example", "-all"), id="fail"),
+    pytest.param(SpfOutcome(SpfResult.SOFTFAIL, 250, "domain owner discourages", "~all")),
+    pytest.param(SpfOutcome(SpfResult.NEUTRAL, 250, "", "default"), id="neutral"),
+    pytest.param(SpfOutcome(SpfResult.NONE, 250, "", identity=Identity.HELO), id="none-helo"),
+    pytest.param(SpfOutcome(SpfResult.PERMERROR, 550, "SPF Permanent Error: x"), id="permerror"),
+    pytest.param(
+        SpfOutcome(SpfResult.FAIL, 550, "no mail", "-all", record=NO_MAIL_RECORD), id="no-mail"
+    ),
+    pytest.param(SpfOutcome(SpfResult.PASS, 250, "Grüße ✓", "a"), id="utf-8"),
+]
+
+
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_outcome_encoding_round_trips(outcome: SpfOutcome) -> None:
+    assert decode_outcome(encode_outcome(outcome)) == outcome
+
+
+def test_only_the_no_mail_record_is_kept() -> None:
+    outcome = SpfOutcome(SpfResult.FAIL, 550, "", "-all", record="v=spf1 ip4:192.0.2.1 -all")
+    assert decode_outcome(encode_outcome(outcome)).record == ""
+
+
+NOT_STORED = [
+    pytest.param(SpfOutcome(SpfResult.TEMPERROR, 451, "DNS timeout"), id="temperror"),
+    pytest.param(SpfOutcome(SpfResult.PASS, 999, ""), id="odd-code"),
+    pytest.param(SpfOutcome(SpfResult.FAIL, 550, "a\r\nX-Injected: yes"), id="crlf"),
+    pytest.param(SpfOutcome(SpfResult.FAIL, 550, "x" * (MAX_TEXT + 1)), id="too-long"),
+]
+
+
+@pytest.mark.parametrize("outcome", NOT_STORED)
+def test_some_outcomes_are_not_stored(outcome: SpfOutcome) -> None:
+    with pytest.raises(ValueError):
+        encode_outcome(outcome)
+
+
+GOOD = encode_outcome(SpfOutcome(SpfResult.FAIL, 550, "not authorized", "-all"))
+GARBAGE = [
+    pytest.param(b"", id="empty"),
+    pytest.param(b"\x02" + GOOD[1:], id="another-version"),
+    pytest.param(GOOD[:-1], id="truncated"),
+    pytest.param(GOOD + b"x", id="trailing"),
+    pytest.param(GOOD[:1] + b"\x09" + GOOD[2:], id="result-out-of-range"),
+    pytest.param(GOOD[:1] + b"\x06" + GOOD[2:], id="temperror"),
+    pytest.param(GOOD[:2] + b"\x01\xc3" + GOOD[4:], id="code-451"),
+    pytest.param(GOOD[:4] + b"\x07" + GOOD[5:], id="identity-out-of-range"),
+    pytest.param(GOOD[:5] + b"\x02" + GOOD[6:], id="unknown-flag"),
+    pytest.param(GOOD.replace(b"not authorized", b"not\r\nauthoriz"), id="crlf"),
+    pytest.param(GOOD.replace(b"not authorized", b"not \xff\xfeuthoriz"), id="not-utf-8"),
+]
+
+
+@pytest.mark.parametrize("data", GARBAGE)
+def test_garbage_outcomes_do_not_decode(data: bytes) -> None:
+    with pytest.raises(Undecodable):
+        decode_outcome(data)
+
+
+@given(st.binary(max_size=200))
+def test_any_bytes_decode_or_raise_undecodable(data: bytes) -> None:
+    with contextlib.suppress(Undecodable):
+        decode_outcome(data)
+
+
+@given(st.binary(max_size=40))
+def test_any_corruption_of_a_good_entry_decodes_or_raises(tail: bytes) -> None:
+    with contextlib.suppress(Undecodable):
+        outcome = decode_outcome(GOOD[:6] + tail)
+        assert outcome.result in set(SpfResult) - {SpfResult.TEMPERROR}
+
+
+def test_check_keys_are_hashed_and_distinct() -> None:
+    key = check_key("192.0.2.1", "alice@example.org", "mx.example", 2)
+    assert b"alice" not in key and b"example" not in key and len(key) == 32
+    others = {
+        check_key("192.0.2.1", "alice@example.org", "mx.example", 3),
+        check_key("192.0.2.1", "alice@example.or", "gmx.example", 2),
+        check_key("192.0.2.11", "alice@example.org", "mx.example", 2),
+        check_key("192.0.2.1", "", "mx.example", 2),
+    }
+    assert key not in others and len(others) == 4
+
+
+# -- two MX hosts sharing one real Redis ----------------------------------------
+
+ZONE: dict[str, Any] = {
+    "pass.example": [{"TXT": "v=spf1 a:mail.pass.example mx -all"}],
+    "mail.pass.example": [{"A": GOOD_IP}],
+    "fail.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}],
+    "exp.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all exp=why.exp.example"}],
+    "why.exp.example": [{"TXT": "%{l} may not send from %{i} for %{d}"}],
+    "soft.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 ~all"}],
+    "neutral.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 ?all"}],
+    "none.example": [{"A": "192.0.2.99"}],
+    "perm.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 moo:bar -all"}],
+    "nomail.example": [{"TXT": NO_MAIL_RECORD}],
+    "helo-fail.example": [{"TXT": "v=spf1 -all"}],
+    "helo-pass.example": [{"TXT": f"v=spf1 ip4:{GOOD_IP} -all"}],
+}
+CASES = [
+    ("a@pass.example", GOOD_IP, HELO),
+    ("a@pass.example", BAD_IP, HELO),
+    ("a@fail.example", BAD_IP, HELO),
+    ("Bob.Smith@exp.example", BAD_IP, HELO),
+    ("a@soft.example", BAD_IP, HELO),
+    ("a@neutral.example", BAD_IP, HELO),
+    ("a@none.example", BAD_IP, HELO),
+    ("a@perm.example", BAD_IP, HELO),
+    ("a@nomail.example", BAD_IP, HELO),
+    ("a@nomail.example", BAD_IP, "helo-fail.example"),
+    ("", GOOD_IP, "helo-pass.example"),
+    ("", BAD_IP, "helo-fail.example"),
+    ("a@pass.example", GOOD_IP, "helo-pass.example"),
+]
+SETTINGS: list[dict[str, Any]] = [
+    {},
+    {"no_mail": True, "permerror_reject": True, "helo_reject": "SPF_Not_Pass"},
+]
+
+
+@pytest.fixture(autouse=True)
+def connect_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``serve`` does once privileges are dropped: a server's first
+    connection to Redis is made before the first request, not by it."""
+    from spfpolicy.server import PolicyServer
+
+    start = PolicyServer.start
+
+    async def start_and_connect(self: PolicyServer, *args: Any, **kwargs: Any) -> None:
+        await start(self, *args, **kwargs)
+        if self.resolver.shared is not None:
+            await self.resolver.shared.connect()
+
+    monkeypatch.setattr(PolicyServer, "start", start_and_connect)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
+    started: list[RedisProcess] = []
+
+    def make() -> RedisProcess:
+        server = RedisProcess(tmp_path / f"redis{len(started)}")
+        started.append(server)
+        try:
+            server.start()
+        except RedisUnavailable as exc:
+            pytest.skip(str(exc))
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+def shared(running: Running) -> SharedCache:
+    cache = running.server.resolver.shared
+    assert cache is not None and running.server.checks.shared is cache
+    return cache
+
+
+async def settled(cache: SharedCache) -> None:
+    await wait_for(lambda: not cache._pending and cache._flusher is None)
+
+
+def _settings(changes: dict[str, Any]) -> dict[str, Any]:
+    from spfpolicy.config import HeloReject
+
+    changes = dict(changes)
+    if "helo_reject" in changes:
+        changes["helo_reject"] = HeloReject(changes["helo_reject"])
+    return changes
+
+
+@pytest.mark.parametrize("changes", SETTINGS, ids=["defaults", "strict"])
+async def test_a_shared_outcome_answers_as_a_local_evaluation(
+    changes: dict[str, Any],
+    redis_server: Callable[..., RedisProcess],
+    policy_server: Callable[..., Awaitable[Running]],
+) -> None:
+    redis = redis_server()
+    settings = _settings(changes)
+    first = await policy_server(zone=ZONE, shared_cache=redis.url, **settings)
+    second = await policy_server(zone=ZONE, shared_cache=redis.url, **settings)
+    alone = await policy_server(zone=ZONE, **settings)
+    clients = [await first.connect(), await second.connect(), await alone.connect()]
+    answers: list[list[str]] = [[], [], []]
+    for sender, ip, helo in CASES:
+        for i, client in enumerate(clients):
+            answers[i].append(await client.ask(request(sender, ip=ip, helo=helo)))
+            if i == 0:
+                await settled(shared(first))
+    assert answers[0] == answers[2]
+    assert answers[1] == answers[2]
+    assert len(set(answers[2])) >= 8  # the cases differ: a pass, rejects, headers...
+    assert second.dns.queries == 0
+    cache = shared(second)
+    assert cache.stats.result_hits >= len(CASES) // 2  # others from its own caches
+    assert cache.stats.result_undecodable == 0 and cache.stats.errors == 0
+    assert shared(first).stats.result_writes >= len(CASES)
+    # No sender is written in clear.
+    keys = redis.command("KEYS", "spfpolicy:spf1:*")
+    assert len(keys) >= len(CASES)
+    assert not any(b"example" in key for key in keys)
+    for key in keys:
+        assert b"Bob" not in redis.command("GET", key) or b"may not send" in redis.command(
+            "GET", key
+        )
+
+
+async def test_the_redis_ttl_is_the_outcomes_remaining_time(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    redis = redis_server()
+    running = await policy_server(zone=ZONE, shared_cache=redis.url, result_cache_ttl=100.0)
+    client = await running.connect()
+    await client.ask(request("a@fail.example", ip=BAD_IP))
+    await settled(shared(running))
+    keys = redis.command("KEYS", "spfpolicy:spf1:*")
+    assert keys
+    for key in keys:
+        assert 0 < int(redis.command("PTTL", key)) <= 100_000  # Result_Cache_TTL < the zone's TTL
+
+
+async def test_garbage_outcomes_read_as_a_miss(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    redis = redis_server()
+    first = await policy_server(zone=ZONE, shared_cache=redis.url)
+    client = await first.connect()
+    expected = await client.ask(request("a@fail.example", ip=BAD_IP))
+    await settled(shared(first))
+    # An attacker with write access to Redis turns every fail into a pass.
+    forged = encode_outcome(SpfOutcome(SpfResult.PASS, 250, "", "+all"))
+    for key in redis.command("KEYS", "spfpolicy:spf1:*"):
+        redis.command("SET", key, b"\x01\x00" + forged[2:-3] + b"\r\n", "PX", "60000")
+    second = await policy_server(zone=ZONE, shared_cache=redis.url)
+    client = await second.connect()
+    assert await client.ask(request("a@fail.example", ip=BAD_IP)) == expected
+    assert shared(second).stats.result_undecodable >= 1
+    assert shared(second).stats.result_hits == 0
+    assert second.server.errors == 0
+
+
+async def test_concurrent_misses_of_one_check_share_one_read(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    redis = redis_server()
+    running = await policy_server(zone=ZONE, shared_cache=redis.url)
+    checks: DnsChecks = running.server.checks
+    outcomes = await asyncio.gather(
+        *(checks.spf(BAD_IP, "a@fail.example", HELO, lookup_time=5.0) for _ in range(20))
+    )
+    assert len({dataclasses.astuple(o) for o in outcomes}) == 1
+    assert outcomes[0].result is SpfResult.FAIL
+    assert shared(running).stats.result_misses == 1  # the others joined its read
+    # One read of the check's key for the twenty, then one of the TXT record:
+    # two keys, each a GET and a PTTL that miss.
+    assert shared(running).stats.read_batches == 2
+    assert int(redis.command("INFO", "stats")["keyspace_misses"]) == 4
+
+
+async def test_a_redis_user_without_scripts_reads_by_get_and_pttl(
+    tmp_path: Path,
+    redis_server: Callable[..., RedisProcess],
+    policy_server: Callable[..., Awaitable[Running]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    redis = redis_server()
+    redis.command("ACL", "SETUSER", "noscripts", "on", ">secret", "~*", "+@all", "-@scripting")
+    password = tmp_path / "redis.pass"
+    password.write_text("secret\n")
+    options = {
+        "shared_cache": f"{redis.url}?username=noscripts",
+        "shared_cache_password_file": str(password),
+    }
+    first = await policy_server(zone=ZONE, **options)
+    second = await policy_server(zone=ZONE, **options)
+    client = await first.connect()
+    expected = await client.ask(request("a@fail.example", ip=BAD_IP))
+    await settled(shared(first))
+    client = await second.connect()
+    assert await client.ask(request("a@fail.example", ip=BAD_IP)) == expected
+    assert second.dns.queries == 0
+    assert shared(second).stats.result_hits > 0
+    assert not shared(second).down and not shared(first).down
+    refusals = [r for r in caplog.records if "refuses scripts" in r.getMessage()]
+    assert len(refusals) == 2  # once per server
+
+
+LOOPS = ["asyncio", "uvloop"]
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("grace", [True, False], ids=["grace", "no-grace"])
+def test_a_reply_that_came_while_the_loop_was_busy_is_used(
+    grace: bool,
+    loop: str,
+    redis_server: Callable[..., RedisProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The event loop blocked past the deadline after Redis answered: the
+    reply waiting in the socket is read, not counted as a timeout. uvloop
+    (the server's loop) runs its due timers before it polls its sockets, so
+    there the control, without the grace turns, times out; asyncio's loop
+    polls first, and reads the reply either way."""
+    import time
+
+    from spfpolicy import sharedcache
+
+    if not grace:
+        monkeypatch.setattr(sharedcache, "GRACE_TURNS", 0)
+    redis = redis_server()
+    outcome = SpfOutcome(SpfResult.FAIL, 550, "not authorized", "-all")
+
+    def evalsha_calls() -> int:
+        stats = redis.command("INFO", "commandstats").get("cmdstat_evalsha", {})
+        return int(stats.get("calls", 0))
+
+    async def scenario() -> tuple[Any, SharedCache]:
+        cache = SharedCache(redis.url, timeout=0.05)
+        try:
+            key = cache._check_key(BAD_IP, "a@fail.example", HELO, 2).decode()
+            redis.command("SET", key, encode_outcome(outcome), "PX", "60000")
+            # One read first: the connection made and the script loaded.
+            assert await cache.get_outcome(BAD_IP, "a@other.example", HELO, 2) is None
+            calls = evalsha_calls()
+            read = asyncio.ensure_future(cache.get_outcome(BAD_IP, "a@fail.example", HELO, 2))
+            # Let the read be sent, then block the loop (blocking calls) until
+            # Redis has run it, and past the deadline.
+            for _ in range(1000):
+                await asyncio.sleep(0)
+                if evalsha_calls() > calls:
+                    break
+            time.sleep(0.1)
+            return await read, cache
+        finally:
+            await cache.close()
+
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            found, cache = runner.run(scenario())
+    else:
+        found, cache = asyncio.run(scenario())
+    if grace:
+        assert found is not None and found[0] == outcome
+        assert cache.stats.timeouts == 0 and cache.stats.result_hits == 1
+    elif loop == "uvloop":
+        assert found is None and cache.stats.timeouts == 1
+
+
+async def test_a_known_message_costs_one_redis_trip(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    """The HELO and MAIL FROM checks of a message the first host saw are read
+    in one trip, and the second is kept as the trip comes back: no second
+    read when the request goes on to it."""
+    redis = redis_server()
+    first = await policy_server(zone=ZONE, shared_cache=redis.url)
+    second = await policy_server(zone=ZONE, shared_cache=redis.url)
+    client = await first.connect()
+    expected = await client.ask(request("a@fail.example", ip=BAD_IP))
+    await settled(shared(first))
+    client = await second.connect()
+    assert await client.ask(request("a@fail.example", ip=BAD_IP)) == expected
+    stats = shared(second).stats
+    assert (stats.read_batches, stats.read_keys, stats.result_hits) == (1, 2, 2)
+    assert second.dns.queries == 0
