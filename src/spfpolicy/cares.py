@@ -346,27 +346,6 @@ class LoopResolver(aiodns.DNSResolver):
 
         return False, pycares.Channel(sock_state_cb=sock_state, timeout=self._timeout, **kwargs)
 
-    def ask(
-        self, name: bytes, qtype: int, deliver: Callable[[Reply | None, int | None], None]
-    ) -> None:
-        """One query of ``name``: ``deliver(reply, status)`` is called on the
-        loop's thread when it ends (at once, for a query c-ares refuses),
-        with the reply also for a negative answer where c-ares has one. The
-        resolver's upstream path: no future, no task between c-ares and it."""
-        if self._event_thread:
-            deliver = functools.partial(self.loop.call_soon_threadsafe, deliver)  # type: ignore[arg-type,assignment]
-        try:
-            if KEEPS_NEGATIVE_REPLIES:
-                _ask(self._channel, name, qtype, deliver)
-            else:
-                self._channel.query(
-                    name.decode("ascii"), qtype, callback=functools.partial(_converted, deliver)
-                )
-        except pycares.AresError as exc:
-            # c-ares may have called back already with the same status;
-            # ``deliver`` must take a second call (a settled lookup ignores it).
-            deliver(None, exc.args[0] if exc.args else pycares.errno.ARES_EFORMERR)
-
     def query_reply(self, name: bytes, qtype: int) -> asyncio.Future[tuple[Reply | None, bool]]:
         """One query of ``name`` (ASCII, as the resolver encodes it): (the reply,
         whether the answer is negative), or aiodns' DNSError for any other
