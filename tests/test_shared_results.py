@@ -406,3 +406,34 @@ async def test_a_known_message_costs_one_redis_trip(
     stats = shared(second).stats
     assert (stats.read_batches, stats.read_keys, stats.result_hits) == (1, 2, 2)
     assert second.dns.queries == 0
+
+
+async def test_the_private_names_the_deadline_reads_are_there(
+    redis_server: Callable[..., RedisProcess],
+) -> None:
+    """``sharedcache._reply_waiting`` looks into a redis-py connection
+    (``_reader``, ``_writer``) and asyncio's StreamReader (``_buffer``) to
+    see whether Redis has answered while the loop was busy. Without them it
+    says "no" and the deadline counts a late loop as a slow Redis again:
+    this names what changed."""
+    from spfpolicy import sharedcache
+
+    redis = redis_server()
+    cache = SharedCache(redis.url, timeout=1.0)
+    try:
+        assert await cache.get_outcome(BAD_IP, "a@other.example", HELO, 2) is None
+        assert cache._idle, "no idle connection kept after a read"
+        conn = cache._idle[-1]
+        missing = [name for name in ("_reader", "_writer") if not hasattr(conn, name)]
+        assert not missing, f"redis-py's connection lacks {missing}"
+        assert hasattr(conn._reader, "_buffer"), "asyncio's StreamReader lacks _buffer"
+        assert not sharedcache._reply_waiting(conn)
+        conn._writer.write(b"PING\r\n")  # a reply now waits, unread
+        for _ in range(200):
+            if sharedcache._reply_waiting(conn):
+                break
+            await asyncio.sleep(0.005)
+        assert sharedcache._reply_waiting(conn)
+        assert (await conn.read_response()) in (b"PONG", "PONG")
+    finally:
+        await cache.close()

@@ -405,7 +405,10 @@ async def _disconnect(conn: Any) -> None:
 
 def _reply_waiting(conn: Any) -> bool:
     """Whether bytes from Redis wait for us: read by the transport but not
-    parsed yet, or still in the kernel's socket buffer. False when unsure."""
+    parsed yet, or still in the kernel's socket buffer. False when unsure.
+    The one place that reads private names (redis-py's ``_reader`` and
+    ``_writer``, asyncio's ``StreamReader._buffer``); tests/test_shared_results.py
+    names any of them an upgrade removes."""
     try:
         reader, writer = conn._reader, conn._writer
         if reader is None or writer is None:
