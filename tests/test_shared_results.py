@@ -55,6 +55,34 @@ def test_outcome_encoding_round_trips(outcome: SpfOutcome) -> None:
     assert decode_outcome(encode_outcome(outcome)) == outcome
 
 
+@pytest.mark.parametrize("outcome", OUTCOMES)
+def test_a_decoded_outcome_is_what_the_result_cache_keeps(outcome: SpfOutcome) -> None:
+    """The shared path returns (and keeps) a decoded outcome as it is, not
+    through checks._for_decisions: it must equal what _for_decisions makes
+    of the full outcome the first host evaluated, every field included."""
+    from spfpolicy.checks import _for_decisions
+
+    full = dataclasses.replace(
+        outcome,
+        sender="bob@x.example",
+        domain="x.example",
+        lookups=3,
+        ttl=120.0,
+        elapsed=0.01,
+        record=outcome.record or "v=spf1 mx -all",
+    )
+    decoded = decode_outcome(encode_outcome(_for_decisions(full)))
+    assert decoded == _for_decisions(full) == _for_decisions(decoded)
+    # Decoded once per value: the same object for the same bytes.
+    from spfpolicy.sharedcache import _outcome_of
+
+    data = encode_outcome(full)
+    first, second = _outcome_of((data, 1000)), _outcome_of((bytes(data), 2000))
+    assert first is not None and second is not None
+    assert first[0] is second[0] and first[0] == decoded
+    assert (first[1], second[1]) == (1.0, 2.0)
+
+
 def test_only_the_no_mail_record_is_kept() -> None:
     outcome = SpfOutcome(SpfResult.FAIL, 550, "", "-all", record="v=spf1 ip4:192.0.2.1 -all")
     assert decode_outcome(encode_outcome(outcome)).record == ""
@@ -437,3 +465,74 @@ async def test_the_private_names_the_deadline_reads_are_there(
         assert (await conn.read_response()) in (b"PONG", "PONG")
     finally:
         await cache.close()
+
+
+async def test_a_prefetch_read_needs_no_task(redis_server: Callable[..., RedisProcess]) -> None:
+    """``want_outcome`` (the prefetch's read) joins the turn's trip with
+    hooks only: a found outcome goes to ``arrived``, a miss, an entry that
+    does not decode, and Redis being away go to ``missed``; each counted as
+    get_outcome counts them, a joined read not at all."""
+    redis = redis_server()
+    outcome = SpfOutcome(SpfResult.FAIL, 550, "not authorized", "-all")
+    cache = SharedCache(redis.url, timeout=1.0)
+    got: list[Any] = []
+    try:
+        key = cache._check_key(BAD_IP, "a@fail.example", HELO, 2).decode()
+        redis.command("SET", key, encode_outcome(outcome), "PX", "60000")
+        junk = cache._check_key(BAD_IP, "a@junk.example", HELO, 2).decode()
+        redis.command("SET", junk, "junk", "PX", "60000")
+        for sender in ("a@fail.example", "a@other.example", "a@junk.example", "a@fail.example"):
+            cache.want_outcome(
+                BAD_IP,
+                sender,
+                HELO,
+                2,
+                arrived=lambda found, remaining, sender=sender: got.append(
+                    (sender, found, 0 < remaining <= 60)
+                ),
+                missed=lambda sender=sender: got.append((sender, None, None)),
+            )
+        # A waiting reader of a key a prefetch reads joins its trip.
+        found = await cache.get_outcome(BAD_IP, "a@fail.example", HELO, 2)
+        assert found is not None and found[0] == outcome
+        assert sorted(got, key=str) == sorted(
+            [
+                ("a@fail.example", outcome, True),
+                ("a@fail.example", outcome, True),
+                ("a@other.example", None, None),
+                ("a@junk.example", None, None),
+            ],
+            key=str,
+        )
+        stats = cache.stats
+        assert (stats.read_batches, stats.read_keys) == (1, 3)
+        assert (stats.result_hits, stats.result_misses, stats.result_undecodable) == (1, 2, 1)
+    finally:
+        await cache.close()
+
+    # Redis not there: a refused connection, then the backoff (at once).
+    away = SharedCache("redis://127.0.0.1:1", timeout=1.0)
+    missed: list[str] = []
+    try:
+        for sender in ("a@one.example", "a@two.example"):
+            away.want_outcome(
+                BAD_IP,
+                sender,
+                HELO,
+                2,
+                arrived=lambda *_: pytest.fail("nothing is there"),
+                missed=lambda sender=sender: missed.append(sender),
+            )
+        await wait_for(lambda: len(missed) == 2)
+        away.want_outcome(
+            BAD_IP,
+            "a@three.example",
+            HELO,
+            2,
+            arrived=lambda *_: pytest.fail("nothing is there"),
+            missed=lambda: missed.append("a@three.example"),
+        )
+        assert missed == ["a@one.example", "a@two.example", "a@three.example"]
+        assert away.down and away.stats.skipped == 1 and away.stats.result_misses == 3
+    finally:
+        await away.close()

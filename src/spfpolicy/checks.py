@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import ipaddress
 import logging
 import time
@@ -201,14 +202,16 @@ class DnsChecks:
             sender,
             helo,
             int(void_limit),
-            arrived=lambda outcome, remaining: self._keep_shared(key, outcome, remaining),
+            arrived=functools.partial(self._keep_shared, key),
         )
-        return None if found is None else _for_decisions(found[0])
+        # A decoded outcome is already as decisions read it (sharedcache's
+        # decode_outcome fills no other field), and one object per value.
+        return None if found is None else found[0]
 
     def _keep_shared(self, key: str, outcome: SpfOutcome, remaining: float) -> None:
         ttl = min(remaining, self.result_cache_ttl)
         if ttl > 0:
-            self.results.set(key, _for_decisions(outcome), ttl)
+            self.results.set(key, outcome, ttl)
 
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int | None = None) -> None:
         key = self._key(ip, sender, helo, self._limit(void_limit))
@@ -216,13 +219,19 @@ class DnsChecks:
             return
         if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
             # The outcome itself may be in Redis: read it with the request's
-            # other checks (one round trip), and fetch DNS only if it is not.
-            self.resolver.background(self._prefetch_shared(key, ip, sender, helo))
+            # other checks (one round trip, no task waiting for it), and
+            # fetch DNS only if it is not there.
+            # The key's parts (its HELO lowercased) name the Redis entry.
+            key_ip, key_sender, key_helo, limit = key.split("\0")
+            self.shared.want_outcome(
+                key_ip,
+                key_sender,
+                key_helo,
+                int(limit),
+                arrived=functools.partial(self._keep_shared, key),
+                missed=functools.partial(self.evaluator.prefetch, ip, sender, helo),
+            )
         else:
-            self.evaluator.prefetch(ip, sender, helo)
-
-    async def _prefetch_shared(self, key: str, ip: str, sender: str, helo: str) -> None:
-        if await self._from_shared(key) is None:
             self.evaluator.prefetch(ip, sender, helo)
 
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:

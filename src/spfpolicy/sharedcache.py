@@ -199,11 +199,13 @@ _CONTROL = frozenset(range(32)) | {127}
 def check_key(ip: str, sender: str, helo: str, void_limit: int) -> bytes:
     """The hashed name of a check: 16 bytes of BLAKE2b over its parts, each
     length-prefixed (so no two checks share a name), in hex."""
-    digest = hashlib.blake2b(digest_size=16, person=b"spfpolicy-check")
+    parts = []
     for part in (ip, sender, helo, str(void_limit)):
         data = part.encode("utf-8", "surrogateescape")
-        digest.update(_U16.pack(len(data) & 0xFFFF))
-        digest.update(data)
+        parts.append(_U16.pack(len(data) & 0xFFFF))
+        parts.append(data)
+    # One update of the joined parts: the same digest as one per part.
+    digest = hashlib.blake2b(b"".join(parts), digest_size=16, person=b"spfpolicy-check")
     return digest.hexdigest().encode("ascii")
 
 
@@ -380,21 +382,55 @@ class _Deadline:
             raise TimeoutError("Shared_Cache_Timeout") from exc
 
 
+# Decoded SPF values by their bytes: a value read again (by a second caller
+# of the same trip, or for another check with the same outcome) is not
+# decoded again, and equal values are one (frozen) outcome. Cleared when
+# full; an undecodable value is not kept.
+MAX_DECODED = 4096
+_DECODED: dict[bytes, SpfOutcome] = {}
+
+
 def _outcome_of(found: tuple[bytes, int]) -> tuple[SpfOutcome, float] | None:
     """(outcome, remaining seconds) of a read SPF entry; None if it does not decode."""
     data, remaining_ms = found
-    try:
-        if remaining_ms <= 0:  # -1: no expiry, which no entry of ours lacks; -2: expired
-            raise Undecodable(f"PTTL {remaining_ms}")
-        return decode_outcome(data), remaining_ms / 1000
-    except Undecodable as exc:
-        log.debug("shared cache: an SPF entry does not decode: %s", exc)
+    if remaining_ms <= 0:  # -1: no expiry, which no entry of ours lacks; -2: expired
+        log.debug("shared cache: an SPF entry does not decode: PTTL %s", remaining_ms)
         return None
+    outcome = _DECODED.get(data)
+    if outcome is None:
+        try:
+            outcome = decode_outcome(data)
+        except Undecodable as exc:
+            log.debug("shared cache: an SPF entry does not decode: %s", exc)
+            return None
+        if len(_DECODED) >= MAX_DECODED:
+            _DECODED.clear()
+        _DECODED[data] = outcome
+    return outcome, remaining_ms / 1000
 
 
 def _deliver(found: _Found, *, arrived: Callable[[SpfOutcome, float], None]) -> None:
     outcome = None if found is None else _outcome_of(found)
     if outcome is not None:
+        arrived(*outcome)
+
+
+def _counted(
+    found: _Found,
+    *,
+    stats: SharedStats,
+    arrived: Callable[[SpfOutcome, float], None],
+    missed: Callable[[], None],
+) -> None:
+    """want_outcome's hook: the read counted, then ``arrived`` or ``missed``."""
+    outcome = None if found is None else _outcome_of(found)
+    if outcome is None:
+        if found is not None:
+            stats.result_undecodable += 1
+        stats.result_misses += 1
+        missed()
+    else:
+        stats.result_hits += 1
         arrived(*outcome)
 
 
@@ -463,6 +499,7 @@ class SharedCache:
         self._flusher: asyncio.Task[None] | None = None
         # Reads wanted in this turn of the loop, and every read in flight.
         self._wanted: list[bytes] = []
+        self._want_started = False  # whether the last _want started its read
         self._reading: dict[bytes, asyncio.Future[_Found]] = {}
         # Called with a key's value as its trip comes back (get_outcome's arrived).
         self._arrivals: dict[bytes, list[Callable[[_Found], None]]] = {}
@@ -585,6 +622,49 @@ class SharedCache:
         stats.result_hits += 1
         return outcome
 
+    def want_outcome(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        void_limit: int,
+        *,
+        arrived: Callable[[SpfOutcome, float], None],
+        missed: Callable[[], None],
+    ) -> None:
+        """Read a stored SPF check with this turn's other reads, without a
+        task waiting for it: ``arrived`` gets a found outcome, ``missed`` is
+        called for a miss, a failure or an undecodable entry (at once while
+        Redis is in its backoff), both as the trip comes back, before any
+        waiting task runs again. Counted as get_outcome counts; a read
+        joined while another caller's is in flight counts nothing."""
+        key = self._check_key(ip, sender, helo, void_limit)
+        if self._want(key) is None:  # in the backoff: counted as skipped
+            self.stats.result_misses += 1
+            missed()
+            return
+        stats = self.stats if self._want_started else _JOINED
+        hook = functools.partial(_counted, stats=stats, arrived=arrived, missed=missed)
+        self._arrivals.setdefault(key, []).append(hook)
+
+    def _want(self, key: bytes) -> asyncio.Future[_Found] | None:
+        """The read of ``key`` in flight, started by this call if none was
+        (then ``_want_started`` is set); None while Redis is in its backoff
+        (counted as skipped, nothing read)."""
+        future = self._reading.get(key)
+        self._want_started = future is None
+        if future is not None:
+            return future
+        if self._down_since is not None and self.clock() < self._retry_at:
+            self.stats.skipped += 1
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._reading[key] = future
+        if not self._wanted and self._trips < MAX_READ_TRIPS:
+            asyncio.get_running_loop().call_soon(self._send_reads)
+        self._wanted.append(key)
+        return future
+
     async def _read(
         self, key: bytes, hook: Callable[[_Found], None] | None = None
     ) -> tuple[_Found, bool]:
@@ -592,17 +672,10 @@ class SharedCache:
         read with the others wanted in this turn of the loop, in one round
         trip; and whether this caller started the read (and counts it): a
         caller that joins a read of the same key counts nothing."""
-        future = self._reading.get(key)
-        started = future is None
+        future = self._want(key)
         if future is None:
-            if self._down_since is not None and self.clock() < self._retry_at:
-                self.stats.skipped += 1
-                return None, True
-            future = asyncio.get_running_loop().create_future()
-            self._reading[key] = future
-            if not self._wanted and self._trips < MAX_READ_TRIPS:
-                asyncio.get_running_loop().call_soon(self._send_reads)
-            self._wanted.append(key)
+            return None, True
+        started = self._want_started
         if hook is not None:
             self._arrivals.setdefault(key, []).append(hook)
         # shield: one waiter giving up must not cancel the read for the others.
