@@ -478,6 +478,9 @@ async def test_a_prefetch_read_needs_no_task(redis_server: Callable[..., RedisPr
     got: list[Any] = []
     try:
         key = cache._check_key(BAD_IP, "a@fail.example", HELO, 2).decode()
+        # Hashed once, the same name every time (what other hosts write).
+        assert key == "spfpolicy:spf1:" + check_key(BAD_IP, "a@fail.example", HELO, 2).decode()
+        assert cache._check_key(BAD_IP, "a@fail.example", HELO, 2).decode() == key
         redis.command("SET", key, encode_outcome(outcome), "PX", "60000")
         junk = cache._check_key(BAD_IP, "a@junk.example", HELO, 2).decode()
         redis.command("SET", junk, "junk", "PX", "60000")

@@ -382,6 +382,8 @@ class _Deadline:
             raise TimeoutError("Shared_Cache_Timeout") from exc
 
 
+MAX_CHECK_KEYS = 4096  # hashed check keys kept (SharedCache._check_key)
+
 # Decoded SPF values by their bytes: a value read again (by a second caller
 # of the same trip, or for another check with the same outcome) is not
 # decoded again, and equal values are one (frozen) outcome. Cleared when
@@ -499,6 +501,7 @@ class SharedCache:
         self._flusher: asyncio.Task[None] | None = None
         # Reads wanted in this turn of the loop, and every read in flight.
         self._wanted: list[bytes] = []
+        self._check_keys: dict[tuple[str, str, str, int], bytes] = {}
         self._want_started = False  # whether the last _want started its read
         self._reading: dict[bytes, asyncio.Future[_Found]] = {}
         # Called with a key's value as its trip comes back (get_outcome's arrived).
@@ -565,7 +568,16 @@ class SharedCache:
         return self.prefix + f"dns{FORMAT}:{qtype} {name}".encode("utf-8", "surrogateescape")
 
     def _check_key(self, ip: str, sender: str, helo: str, void_limit: int) -> bytes:
-        return self.prefix + b"spf%d:" % FORMAT + check_key(ip, sender, helo, void_limit)
+        # A check's key is wanted two or three times (the prefetch's read,
+        # the check's, a write): hashed once. Cleared when full.
+        parts = (ip, sender, helo, void_limit)
+        key = self._check_keys.get(parts)
+        if key is None:
+            key = self.prefix + b"spf%d:" % FORMAT + check_key(ip, sender, helo, void_limit)
+            if len(self._check_keys) >= MAX_CHECK_KEYS:
+                self._check_keys.clear()
+            self._check_keys[parts] = key
+        return key
 
     # -- reads --------------------------------------------------------------
 
