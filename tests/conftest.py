@@ -9,7 +9,7 @@ closes them all at teardown, so no test leaks a socket; ``policy_server`` and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import pytest
 
 from serving import ZONE, Client, Running, settings_for
 from spfpolicy.bench.dnsserver import Zone, ZoneServer
+from spfpolicy.bench.redisserver import RedisProcess, RedisUnavailable
 from spfpolicy.resolver import Resolver
 from spfpolicy.server import PolicyServer
 
@@ -100,3 +101,41 @@ async def resolvers() -> AsyncIterator[Callable[..., Resolver]]:
     yield make
     for resolver in made:
         await resolver.close()
+
+
+# -- a real Redis (Debian's redis-server, started in tmp_path) -------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
+    """``redis_server(password=...)`` -> a started redis-server; all stopped
+    at teardown; the test is skipped where redis-server cannot start."""
+    started: list[RedisProcess] = []
+
+    def make(password: str = "") -> RedisProcess:
+        server = RedisProcess(tmp_path / f"redis{len(started)}", password=password)
+        started.append(server)
+        try:
+            server.start()
+        except RedisUnavailable as exc:
+            pytest.skip(str(exc))
+        return server
+
+    yield make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def connect_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As ``serve`` does once privileges are dropped: a server's first
+    connection to Redis is made before the first request, not by it
+    (``pytestmark = pytest.mark.usefixtures("connect_at_start")``)."""
+    start = PolicyServer.start
+
+    async def start_and_connect(self: PolicyServer, *args: Any, **kwargs: Any) -> None:
+        await start(self, *args, **kwargs)
+        if self.resolver.shared is not None:
+            await self.resolver.shared.connect()
+
+    monkeypatch.setattr(PolicyServer, "start", start_and_connect)

@@ -14,7 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hardening import GOOD_IP, header, request
+from redis_support import shared
 from serving import Running, wait_for
-from spfpolicy.bench.redisserver import RedisProcess, RedisUnavailable
+from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.metrics import summary_line
 from spfpolicy.sharedcache import MAX_ENTRY, SharedCache, Undecodable, decode, encode
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("connect_at_start")]
 
 # A zone of many senders, so that each request of a load misses both levels.
 DOMAINS = 400
@@ -85,47 +86,6 @@ def test_any_bytes_decode_or_raise_undecodable(qtype: str, data: bytes) -> None:
 
 
 # -- a real Redis ---------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def connect_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As ``serve`` does once privileges are dropped: a server's first
-    connection to Redis is made before the first request, not by it."""
-    from spfpolicy.server import PolicyServer
-
-    start = PolicyServer.start
-
-    async def start_and_connect(self: PolicyServer, *args: Any, **kwargs: Any) -> None:
-        await start(self, *args, **kwargs)
-        if self.resolver.shared is not None:
-            await self.resolver.shared.connect()
-
-    monkeypatch.setattr(PolicyServer, "start", start_and_connect)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
-    """``redis_server(password=...)`` -> a started redis-server; all stopped at teardown."""
-    started: list[RedisProcess] = []
-
-    def make(password: str = "") -> RedisProcess:
-        server = RedisProcess(tmp_path / f"redis{len(started)}", password=password)
-        started.append(server)
-        try:
-            server.start()
-        except RedisUnavailable as exc:
-            pytest.skip(str(exc))
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
-
-
-def shared(running: Running) -> SharedCache:
-    cache = running.server.resolver.shared
-    assert cache is not None
-    return cache
 
 
 async def settled(cache: SharedCache) -> None:

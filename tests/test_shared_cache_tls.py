@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from hardening import GOOD_IP, header, request
+from redis_support import shared
 from serving import Running, wait_for
 from spfpolicy.bench.redisserver import RedisProcess, RedisUnavailable
 from spfpolicy.config import Settings
 from spfpolicy.lifecycle import StartupError
 from spfpolicy.server import PolicyServer
-from spfpolicy.sharedcache import SharedCache
 
 pytestmark = pytest.mark.slow
 
@@ -82,12 +82,6 @@ def tls_redis(tmp_path: Path, certificates: dict[str, Path]) -> Iterator[RedisPr
         pytest.skip(f"redis-server with a TLS port did not start: {exc}")
     yield server
     server.stop()
-
-
-def shared(running: Running) -> SharedCache:
-    cache = running.server.resolver.shared
-    assert cache is not None
-    return cache
 
 
 async def test_rediss_shares_answers(

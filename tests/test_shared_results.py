@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hardening import BAD_IP, GOOD_IP, HELO, request
+from redis_support import shared
 from serving import Running, wait_for
-from spfpolicy.bench.redisserver import RedisProcess, RedisUnavailable
+from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.checks import DnsChecks
 from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome, SpfResult
 from spfpolicy.sharedcache import (
@@ -32,7 +33,7 @@ from spfpolicy.sharedcache import (
     encode_outcome,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("connect_at_start")]
 
 # -- the encoding -------------------------------------------------------------
 
@@ -184,46 +185,6 @@ SETTINGS: list[dict[str, Any]] = [
     {},
     {"no_mail": True, "permerror_reject": True, "helo_reject": "SPF_Not_Pass"},
 ]
-
-
-@pytest.fixture(autouse=True)
-def connect_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As ``serve`` does once privileges are dropped: a server's first
-    connection to Redis is made before the first request, not by it."""
-    from spfpolicy.server import PolicyServer
-
-    start = PolicyServer.start
-
-    async def start_and_connect(self: PolicyServer, *args: Any, **kwargs: Any) -> None:
-        await start(self, *args, **kwargs)
-        if self.resolver.shared is not None:
-            await self.resolver.shared.connect()
-
-    monkeypatch.setattr(PolicyServer, "start", start_and_connect)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Callable[..., RedisProcess]]:
-    started: list[RedisProcess] = []
-
-    def make() -> RedisProcess:
-        server = RedisProcess(tmp_path / f"redis{len(started)}")
-        started.append(server)
-        try:
-            server.start()
-        except RedisUnavailable as exc:
-            pytest.skip(str(exc))
-        return server
-
-    yield make
-    for server in started:
-        server.stop()
-
-
-def shared(running: Running) -> SharedCache:
-    cache = running.server.resolver.shared
-    assert cache is not None and running.server.checks.shared is cache
-    return cache
 
 
 async def settled(cache: SharedCache) -> None:

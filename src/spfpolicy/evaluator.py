@@ -79,6 +79,21 @@ def _network(ip: Any, prefix: int) -> ipaddress.IPv4Network | ipaddress.IPv6Netw
     return ipaddress.ip_network(ip).supernet(new_prefix=prefix)
 
 
+def lookup_name(name: Any) -> str | None:
+    """The name pyspf asks for, as a lookup sends it (lower case, no final
+    dot), with pyspf's own DNS drivers' contract: an empty name is a
+    permerror; a malformed one (an empty or over-long label) is None, no
+    records (RFC 7208 section 4.3)."""
+    if not name:
+        raise spf.PermError("Invalid query: empty domain name")
+    name = str(name)
+    if name.endswith("."):
+        name = name[:-1]
+    if not all(0 < len(label) < 64 for label in name.split(".")):
+        return None
+    return name.lower()
+
+
 class _Answers(Protocol):
     """What a query reads the resolver through: its cache and its clock."""
 
@@ -165,15 +180,9 @@ class _AsyncQuery(spf.query):
         cnames: Any = None,
         ignore_void: bool = False,
     ) -> list[Any]:
-        if not name:
-            raise spf.PermError("Invalid query: empty domain name")
-        name = str(name)
-        if name.endswith("."):
-            name = name[:-1]
-        # RFC 7208 section 4.3: a malformed domain yields no records.
-        if not all(0 < len(label) < 64 for label in name.split(".")):
+        name = lookup_name(name)
+        if name is None:
             return []
-        name = name.lower()
         self.dns_lookups += 1
         answer = self._resolver.cached(name, qtype)
         if answer is None:

@@ -51,6 +51,7 @@ from typing import Any, NoReturn
 
 import spf
 
+from spfpolicy.evaluator import lookup_name
 from spfpolicy.resolver import DnsAnswer
 from spfpolicy.results import Identity, SpfOutcome, SpfResult
 
@@ -147,14 +148,9 @@ class _CompileQuery(spf.query):
         self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False
     ) -> list[Any]:
         # The evaluator's query's dns(), reading the cache only.
-        if not name:
-            raise spf.PermError("Invalid query: empty domain name")
-        name = str(name)
-        if name.endswith("."):
-            name = name[:-1]
-        if not all(0 < len(label) < 64 for label in name.split(".")):
+        name = lookup_name(name)
+        if name is None:
             return []
-        name = name.lower()
         self.dns_lookups += 1
         answer = self._fetch_answer(name, qtype)
         if answer is None:
