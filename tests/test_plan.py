@@ -247,3 +247,25 @@ def test_odd_client_addresses_get_pyspfs_answer_or_none(ip: str) -> None:
         reference = evaluator.check_now(ip, "a@ex.test", "helo.test", void_limit=2)
         assert reference is not None
         assert (planned.result, planned.mechanism) == (reference.result, reference.mechanism)
+
+
+def test_a_failing_plan_turns_plans_off_and_pyspf_answers(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A bug in plan.py must cost neither an answer nor a traceback per check.
+    from spfpolicy.checks import DnsChecks
+
+    _dns, evaluator, _plans = _world(ZONE)
+    checks = DnsChecks(evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=0)
+    assert checks.plans is not None
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in plan.py")
+
+    monkeypatch.setattr(checks.plans, "kept", broken)
+    answers = [checks.cached_spf(ip, "a@ex.test", "helo.test") for ip in ("192.0.2.1", "192.0.2.2")]
+    reference = evaluator.check_now("192.0.2.1", "a@ex.test", "helo.test", void_limit=2)
+    assert reference is not None
+    assert [a.result if a else None for a in answers] == [reference.result] * 2
+    assert checks.plans is None
+    assert sum("plans are off" in r.getMessage() for r in caplog.records) == 1

@@ -135,8 +135,9 @@ class DnsChecks:
             return None
         try:
             return self.plans.kept(ip, sender, helo, void_limit, _for_decisions)
-        except Exception:  # pyspf will answer
-            log.exception("SPF plan for %r/%r failed", sender, helo)
+        except Exception:  # a bug in plan.py: pyspf answers, from now on
+            log.exception("SPF plan for %r/%r failed; plans are off until a reload", sender, helo)
+            self.plans = None
             return None
 
     def _learn(self, ip: str, sender: str, helo: str, void_limit: int, full: SpfOutcome) -> None:
@@ -146,7 +147,12 @@ class DnsChecks:
             try:
                 self.plans.learn(ip, sender, helo, void_limit, full)
             except Exception:
-                log.exception("building an SPF plan for %r/%r failed", sender, helo)
+                log.exception(
+                    "building an SPF plan for %r/%r failed; plans are off until a reload",
+                    sender,
+                    helo,
+                )
+                self.plans = None
 
     def cached_lifetime(
         self,
