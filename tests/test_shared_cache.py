@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,7 @@ async def _load(
     level; assert each answer; the latencies."""
     latencies: list[float] = []
     queue = list(range(first, first + count))
+    gc.collect()  # not in the middle of the measured requests
 
     async def smtpd() -> None:
         client = await running.connect()
@@ -174,10 +176,13 @@ async def _load(
 def _check_bound(baseline: list[float], latencies: list[float]) -> None:
     """Within normal latency plus the timeout: a request in flight when Redis
     fails pays the deadline once, or at worst twice (two reads in a row, the
-    second the one that starts the outage); then none does. 250 ms of room
-    for a shared machine (50 ms failed once in a full run beside benchmarks);
-    the median says most requests pay nothing."""
-    allowed = max(baseline) + 2 * TIMEOUT + 0.25
+    second the one that starts the outage); then none does. The worst case
+    has 0.5 s of room: in a full run, the 8 requests in flight at once all
+    took 0.37 s once (a pause of the whole test process, a collection of
+    its heap or the machine), which says nothing of Redis. Anything waiting
+    on redis-py's connect timeout (1 s) or a retry still fails it, and the
+    median says most requests pay nothing."""
+    allowed = max(baseline) + 2 * TIMEOUT + 0.5
     assert max(latencies) <= allowed, (max(latencies), allowed)
     assert statistics.median(latencies) <= statistics.median(baseline) + TIMEOUT / 2
 
