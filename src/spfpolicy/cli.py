@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _check(args: argparse.Namespace, settings: Settings) -> int:
     from spfpolicy.evaluator import SpfEvaluator
     from spfpolicy.resolver import Resolver
-    from spfpolicy.trace import Trace
+    from spfpolicy.trace import Trace, outcome_json
 
     lookup_time = args.timeout or float(settings.lookup_time)
     nameservers = [n for servers in args.nameserver or () for n in servers]
@@ -244,13 +244,7 @@ async def _check(args: argparse.Namespace, settings: Settings) -> int:
         import json
 
         report = {
-            "result": outcome.result.value,
-            "code": outcome.code,
-            "explanation": outcome.explanation,
-            "mechanism": outcome.mechanism,
-            "identity": outcome.identity.value,
-            "sender": outcome.sender,
-            "domain": outcome.domain,
+            **outcome_json(outcome),
             "ip": args.ip,
             "helo": args.helo,
             "dns_lookups": outcome.lookups,

@@ -306,13 +306,7 @@ class Trace:
         data: dict[str, Any] = {}
         if outcome is not None:
             data = {
-                "result": outcome.result.value,
-                "code": outcome.code,
-                "explanation": outcome.explanation,
-                "mechanism": outcome.mechanism,
-                "identity": outcome.identity.value,
-                "sender": outcome.sender,
-                "domain": outcome.domain,
+                **outcome_json(outcome),
                 "dns_lookups": outcome.lookups,
                 "elapsed": round(outcome.elapsed, 6),
             }
@@ -331,6 +325,19 @@ class Trace:
             out.append(f"!! {self.error}")
         out.append(f"lookups: {self.lookups}/{LOOKUP_LIMIT}, void lookups: {self.void_lookups}")
         return out
+
+
+def outcome_json(outcome: SpfOutcome) -> dict[str, Any]:
+    """What ``check --json`` reports of an outcome, with or without a trace."""
+    return {
+        "result": outcome.result.value,
+        "code": outcome.code,
+        "explanation": outcome.explanation,
+        "mechanism": outcome.mechanism,
+        "identity": outcome.identity.value,
+        "sender": outcome.sender,
+        "domain": outcome.domain,
+    }
 
 
 def _render(step: Step, depth: int, out: list[str]) -> None:
