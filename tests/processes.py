@@ -9,6 +9,7 @@ import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from spfpolicy.protocol import ResponseParser, encode_request
 
@@ -60,3 +61,17 @@ async def ask(
                 raise EOFError("closed before answering")
             parser.feed(data)
     return action
+
+
+async def connect_when_listening(
+    path: Path | str, proc: asyncio.subprocess.Process, bound: float = 10.0
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection to ``proc``'s unix socket once it accepts one (a socket
+    left by an earlier run, or one made before privileges are dropped,
+    refuses connections until then); fails if ``proc`` ends first."""
+    async with asyncio.timeout(bound):
+        while True:
+            assert proc.returncode is None, "the server ended before it listened"
+            with contextlib.suppress(OSError):
+                return await asyncio.open_unix_connection(str(path))
+            await asyncio.sleep(0.02)

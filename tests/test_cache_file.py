@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processes import ask, child
+from processes import ask, child, connect_when_listening
 from spfpolicy import cachefile
 from spfpolicy.cachefile import CacheFileError, Entry, decode, encode
 from spfpolicy.config import Settings
@@ -422,19 +422,11 @@ def request(instance: str) -> dict[str, str]:
 
 
 async def ask_once(socket_path: Path, proc: asyncio.subprocess.Process, instance: str) -> str:
-    async with asyncio.timeout(10):
-        # Until it listens (a socket left by a run that could not remove it,
-        # one that dropped root, refuses connections until then).
-        while True:
-            assert proc.returncode is None
-            with contextlib.suppress(OSError):
-                reader, writer = await asyncio.open_unix_connection(str(socket_path))
-                break
-            await asyncio.sleep(0.02)
-        try:
-            return await ask(reader, writer, request(instance))
-        finally:
-            writer.close()
+    reader, writer = await connect_when_listening(socket_path, proc)
+    try:
+        return await ask(reader, writer, request(instance))
+    finally:
+        writer.close()
 
 
 async def stop(proc: asyncio.subprocess.Process) -> str:

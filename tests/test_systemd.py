@@ -7,7 +7,6 @@ systemd does), and, as root, the switch to an unprivileged user.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import socket
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from processes import ask, child
+from processes import ask, child, connect_when_listening
 from spfpolicy import systemd
 
 ZONE: dict[str, Any] = {"pass.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}]}
@@ -298,15 +297,7 @@ async def test_root_drops_to_the_configured_user(zone_server: Any, tmp_path: Pat
     path = tmp_path / "root.sock"
     argv = ["serve", "-c", str(conf), "--nameserver", dns.nameserver, "--listen", f"unix:{path}"]
     async with child(argv, env={}) as proc:
-        reader, writer = None, None
-        async with asyncio.timeout(10):
-            while True:
-                assert proc.returncode is None
-                with contextlib.suppress(OSError):
-                    reader, writer = await asyncio.open_unix_connection(str(path))
-                    break
-                await asyncio.sleep(0.02)
-        assert reader is not None and writer is not None
+        reader, writer = await connect_when_listening(path, proc)
         # It answers once it is ready, after the switch.
         assert (await ask(reader, writer, request())).startswith(FAIL_PREFIX)
         uid, gid, groups = proc_ids(proc.pid)
