@@ -502,7 +502,6 @@ class SharedCache:
         # Reads wanted in this turn of the loop, and every read in flight.
         self._wanted: list[bytes] = []
         self._check_keys: dict[tuple[str, str, str, int], bytes] = {}
-        self._want_started = False  # whether the last _want started its read
         self._reading: dict[bytes, asyncio.Future[_Found]] = {}
         # Called with a key's value as its trip comes back (get_outcome's arrived).
         self._arrivals: dict[bytes, list[Callable[[_Found], None]]] = {}
@@ -651,31 +650,31 @@ class SharedCache:
         waiting task runs again. Counted as get_outcome counts; a read
         joined while another caller's is in flight counts nothing."""
         key = self._check_key(ip, sender, helo, void_limit)
-        if self._want(key) is None:  # in the backoff: counted as skipped
+        future, started = self._want(key)
+        if future is None:  # in the backoff: counted as skipped
             self.stats.result_misses += 1
             missed()
             return
-        stats = self.stats if self._want_started else _JOINED
+        stats = self.stats if started else _JOINED
         hook = functools.partial(_counted, stats=stats, arrived=arrived, missed=missed)
         self._arrivals.setdefault(key, []).append(hook)
 
-    def _want(self, key: bytes) -> asyncio.Future[_Found] | None:
-        """The read of ``key`` in flight, started by this call if none was
-        (then ``_want_started`` is set); None while Redis is in its backoff
-        (counted as skipped, nothing read)."""
+    def _want(self, key: bytes) -> tuple[asyncio.Future[_Found] | None, bool]:
+        """The read of ``key`` in flight, and whether this call started it
+        (none was); None while Redis is in its backoff (counted as skipped,
+        nothing read)."""
         future = self._reading.get(key)
-        self._want_started = future is None
         if future is not None:
-            return future
+            return future, False
         if self._down_since is not None and self.clock() < self._retry_at:
             self.stats.skipped += 1
-            return None
+            return None, True
         future = asyncio.get_running_loop().create_future()
         self._reading[key] = future
         if not self._wanted and self._trips < MAX_READ_TRIPS:
             asyncio.get_running_loop().call_soon(self._send_reads)
         self._wanted.append(key)
-        return future
+        return future, True
 
     async def _read(
         self, key: bytes, hook: Callable[[_Found], None] | None = None
@@ -684,10 +683,9 @@ class SharedCache:
         read with the others wanted in this turn of the loop, in one round
         trip; and whether this caller started the read (and counts it): a
         caller that joins a read of the same key counts nothing."""
-        future = self._want(key)
+        future, started = self._want(key)
         if future is None:
             return None, True
-        started = self._want_started
         if hook is not None:
             self._arrivals.setdefault(key, []).append(hook)
         # shield: one waiter giving up must not cancel the read for the others.
