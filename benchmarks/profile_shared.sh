@@ -1,6 +1,7 @@
 #!/bin/sh
 # Profile the second of two MX hosts sharing one Redis (issue 14's case).
 #   benchmarks/profile_shared.sh [REQUESTS] [CONNECTIONS] [SECONDS]   (needs py-spy)
+# RATE=samples per second (default 500); RAW=FILE keeps py-spy's stacks.
 # Starts Redis on a unix socket, the bench's DNS zone and two `spfpolicy serve`
 # with Shared_Cache on it; runs the unique workload against the first, then
 # the same messages against the second while py-spy records it; prints both
@@ -35,7 +36,7 @@ bench() {
 bench s1
 sleep 1.2
 grep -o 'shared_cache.*' "$dir/s1.log" | tail -1
-py-spy record --pid "$s2" --duration "$seconds" --rate 500 --format raw \
+py-spy record --pid "$s2" --duration "$seconds" --rate ${RATE:-500} --format raw \
     -o "$dir/raw.txt" --nonblocking > /dev/null 2>&1 &
 spy=$!
 sleep 0.5
@@ -43,4 +44,5 @@ bench s2
 wait $spy || true
 sleep 1.2
 grep -o 'shared_cache.*' "$dir/s2.log" | tail -1
-python "$(dirname "$0")/top_functions.py" "$dir/raw.txt" | head -30
+if [ -n "${RAW:-}" ]; then cp "$dir/raw.txt" "$RAW"; fi
+python "$(dirname "$0")/top_functions.py" "$dir/raw.txt" 25

@@ -3,6 +3,7 @@ test_deciding): canned SPF outcomes, ``Checks`` fakes, settings and requests."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from spfpolicy.config import Settings, load_settings
@@ -72,6 +73,11 @@ class FakeChecks:
 
     def prefetch(self, ip: str, sender: str, helo: str, *, void_limit: int) -> None:
         self.prefetched.append((ip, sender, helo))
+
+    def read_shared(
+        self, ip: str, sender: str, helo: str, *, void_limit: int, settled: Callable[[bool], None]
+    ) -> bool:
+        return False  # no shared cache
 
 
 def settings_from(tmp_path: Path, lines: list[str]) -> Settings:

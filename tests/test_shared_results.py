@@ -23,6 +23,7 @@ from redis_support import shared
 from serving import Running, wait_for
 from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.checks import DnsChecks
+from spfpolicy.protocol import encode_request
 from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome, SpfResult
 from spfpolicy.sharedcache import (
     MAX_TEXT,
@@ -432,7 +433,8 @@ async def test_a_prefetch_read_needs_no_task(redis_server: Callable[..., RedisPr
     """``want_outcome`` (the prefetch's read) joins the turn's trip with
     hooks only: a found outcome goes to ``arrived``, a miss, an entry that
     does not decode, and Redis being away go to ``missed``; each counted as
-    get_outcome counts them, a joined read not at all."""
+    get_outcome counts them, a joined read not at all; in Redis's backoff
+    there is no read (False)."""
     redis = redis_server()
     outcome = SpfOutcome(SpfResult.FAIL, 550, "not authorized", "-all")
     cache = SharedCache(redis.url, timeout=1.0)
@@ -479,7 +481,7 @@ async def test_a_prefetch_read_needs_no_task(redis_server: Callable[..., RedisPr
     missed: list[str] = []
     try:
         for sender in ("a@one.example", "a@two.example"):
-            away.want_outcome(
+            assert away.want_outcome(
                 BAD_IP,
                 sender,
                 HELO,
@@ -488,15 +490,189 @@ async def test_a_prefetch_read_needs_no_task(redis_server: Callable[..., RedisPr
                 missed=lambda sender=sender: missed.append(sender),
             )
         await wait_for(lambda: len(missed) == 2)
-        away.want_outcome(
+        # In the backoff nothing is read: False, and neither hook is called.
+        assert not away.want_outcome(
             BAD_IP,
             "a@three.example",
             HELO,
             2,
             arrived=lambda *_: pytest.fail("nothing is there"),
-            missed=lambda: missed.append("a@three.example"),
+            missed=lambda: pytest.fail("the caller goes on as for a miss"),
         )
-        assert missed == ["a@one.example", "a@two.example", "a@three.example"]
+        assert missed == ["a@one.example", "a@two.example"]
         assert away.down and away.stats.skipped == 1 and away.stats.result_misses == 3
     finally:
         await away.close()
+
+
+# -- a request read from Redis is answered from the read's callback -------------
+
+
+def _count_awaited(running: Running) -> list[int]:
+    """Counts the requests the server's connection tasks answer (the full
+    way), as opposed to those answered from a callback."""
+    server = running.server
+    awaited = [0]
+    answer = server.answer
+
+    async def counted(*args: Any, **kwargs: Any) -> str:
+        awaited[0] += 1
+        return await answer(*args, **kwargs)
+
+    server.answer = counted  # type: ignore[method-assign]
+    return awaited
+
+
+async def test_a_request_read_from_redis_needs_no_task(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    """The second host answers every case the first saw from the read's
+    callback: no connection task awaits an answer, and the answers are the
+    first host's. Requests sent together wait for the one being read and
+    are answered in order."""
+    redis = redis_server()
+    first = await policy_server(zone=ZONE, shared_cache=redis.url)
+    second = await policy_server(zone=ZONE, shared_cache=redis.url)
+    client = await first.connect()
+    expected = [await client.ask(request(s, ip=ip, helo=helo)) for s, ip, helo in CASES]
+    await settled(shared(first))
+    awaited = _count_awaited(second)
+    client = await second.connect()
+    got = [await client.ask(request(s, ip=ip, helo=helo)) for s, ip, helo in CASES[:6]]
+    # The rest in one write: each waits for the one before it.
+    await client.send(
+        b"".join(encode_request(request(s, ip=ip, helo=helo)) for s, ip, helo in CASES[6:])
+    )
+    got += [await client.answer() for _ in CASES[6:]]
+    assert got == expected
+    assert awaited[0] == 0
+    assert second.dns.queries == 0
+    assert second.server.requests == len(CASES) and second.server.errors == 0
+    assert second.server.requests_in_flight == 0
+
+
+async def test_a_miss_in_redis_goes_to_dns_after_one_read(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    """A check Redis does not hold is read once (by the callback's read),
+    then evaluated from DNS by the connection's task, which does not read
+    Redis again."""
+    redis = redis_server()
+    running = await policy_server(zone=ZONE, shared_cache=redis.url)
+    alone = await policy_server(zone=ZONE)
+    awaited = _count_awaited(running)
+    client = await running.connect()
+    asked = request("a@fail.example", ip=BAD_IP)
+    assert await client.ask(asked) == await (await alone.connect()).ask(asked)
+    assert awaited[0] == 1
+    stats = shared(running).stats
+    # The MAIL FROM and HELO checks, each read once and missed (the other
+    # keys read are DNS answers).
+    assert (stats.result_misses, stats.result_hits) == (2, 0)
+    assert stats.read_keys == stats.result_misses + stats.misses
+    assert not running.server.checks._shared_missed  # each went to DNS once
+
+
+@pytest.mark.parametrize("end", ["client-eof", "server-stop"])
+async def test_a_request_waiting_for_its_read_is_answered_at_the_end(
+    end: str,
+    redis_server: Callable[..., RedisProcess],
+    policy_server: Callable[..., Awaitable[Running]],
+) -> None:
+    """A request whose read is out when the client ends its input or the
+    server stops is taken over by the connection's task (which joins the
+    read) and answered, not dropped."""
+    redis = redis_server()
+    running = await policy_server(zone=ZONE, shared_cache=redis.url, shared_cache_timeout=0.5)
+    alone = await policy_server(zone=ZONE)
+    asked = request("a@fail.example", ip=BAD_IP)
+    expected = await (await alone.connect()).ask(asked)
+    client = await running.connect()
+    redis.pause()  # the read waits for its deadline
+    try:
+        await client.send(encode_request(asked))
+        await wait_for(lambda: running.server.requests_in_flight == 1)
+        if end == "client-eof":
+            client.writer.write_eof()
+            assert await client.answer() == expected
+        else:
+            stop = asyncio.ensure_future(running.server.stop(grace=5.0))
+            assert await client.answer() == expected
+            await stop
+    finally:
+        redis.resume()
+    assert running.server.errors == 0
+
+
+async def test_a_read_that_never_calls_back_is_answered_the_full_way(
+    redis_server: Callable[..., RedisProcess],
+    policy_server: Callable[..., Awaitable[Running]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The safety net under the callback: a read that never ends (a bug,
+    simulated) leaves the request to its connection's task after the
+    server's read_limit."""
+    redis = redis_server()
+    running = await policy_server(zone=ZONE, shared_cache=redis.url)
+    alone = await policy_server(zone=ZONE)
+    asked = request("a@fail.example", ip=BAD_IP)
+    expected = await (await alone.connect()).ask(asked)
+    checks = running.server.checks
+    checks.read_shared = lambda *args, **kwargs: True  # type: ignore[method-assign]
+    client = await running.connect()
+    started = asyncio.get_running_loop().time()
+    assert await client.ask(asked) == expected
+    waited = asyncio.get_running_loop().time() - started
+    assert running.server.read_limit <= waited < 2 * running.server.read_limit + 1.0
+    assert "answering it the full way" in caplog.text
+    assert running.server.errors == 0 and running.server.requests_in_flight == 0
+
+
+async def test_a_hook_that_wants_its_key_again_starts_a_new_read(
+    redis_server: Callable[..., RedisProcess],
+) -> None:
+    """A read's hooks run once it is over: one that wants the same key
+    again (the next request of a connection answered from the callback)
+    gets a read of its own, whose hooks are called too."""
+    redis = redis_server()
+    cache = SharedCache(redis.url, timeout=1.0)
+    calls: list[str] = []
+    try:
+
+        def again() -> None:
+            calls.append("first")
+            assert cache.want_outcome(
+                BAD_IP,
+                "a@x.example",
+                HELO,
+                2,
+                arrived=lambda *_: pytest.fail("nothing is there"),
+                missed=lambda: calls.append("second"),
+            )
+
+        assert cache.want_outcome(
+            BAD_IP, "a@x.example", HELO, 2, arrived=lambda *_: None, missed=again
+        )
+        await wait_for(lambda: len(calls) == 2)
+        assert calls == ["first", "second"] and cache.stats.read_batches == 2
+    finally:
+        await cache.close()
+
+
+async def test_reads_of_a_trip_cancelled_before_it_ran_end_as_misses(
+    redis_server: Callable[..., RedisProcess],
+) -> None:
+    redis = redis_server()
+    cache = SharedCache(redis.url, timeout=1.0)
+    missed: list[str] = []
+    assert cache.want_outcome(
+        BAD_IP,
+        "a@x.example",
+        HELO,
+        2,
+        arrived=lambda *_: pytest.fail("nothing is read"),
+        missed=lambda: missed.append("a@x.example"),
+    )
+    await asyncio.sleep(0)  # the trip is made, not yet run
+    await cache.close()
+    assert missed == ["a@x.example"]

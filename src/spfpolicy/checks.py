@@ -45,6 +45,8 @@ _ResultKey = str | tuple[str, str, str, int]
 # result, its explanation and mechanism), not one per cached check. Cleared
 # when full, as explanations may carry the sender (exp= macros).
 MAX_SHARED_OUTCOMES = 4096
+# Bound of DnsChecks._shared_missed: checks in flight, not a cache.
+MAX_SHARED_MISSED = 4096
 _SHARED: dict[SpfOutcome, SpfOutcome] = {}
 
 
@@ -75,6 +77,9 @@ class DnsChecks:
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
         self.shared: SharedCache | None = None  # the second level, if any
+        # Checks whose prefetch found no outcome in the shared level: their
+        # evaluation goes straight to DNS (cleared when full).
+        self._shared_missed: set[str] = set()
         # Compiled plans of fully cached trees (plan.py): a new client of a
         # known domain without running pyspf.
         self.plans: SpfPlans | None = None
@@ -186,9 +191,13 @@ class DnsChecks:
         if planned is not None:
             return self._store(key, *planned)
         if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
-            cached = await self._from_shared(key)
-            if cached is not None:
-                return cached
+            if key in self._shared_missed:
+                self._shared_missed.discard(key)  # read by the prefetch, not there
+            else:
+                cached = await self._from_shared(key)
+                if cached is not None:
+                    return cached
+                self._shared_missed.discard(key)  # the prefetch's, if it joined
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )
@@ -223,22 +232,78 @@ class DnsChecks:
         key = self._key(ip, sender, helo, self._limit(void_limit))
         if self.results.get(key) is not None:
             return
-        if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
-            # The outcome itself may be in Redis: read it with the request's
-            # other checks (one round trip, no task waiting for it), and
-            # fetch DNS only if it is not there.
-            # The key's parts (its HELO lowercased) name the Redis entry.
-            key_ip, key_sender, key_helo, limit = key.split("\0")
-            self.shared.want_outcome(
-                key_ip,
-                key_sender,
-                key_helo,
-                int(limit),
-                arrived=functools.partial(self._keep_shared, key),
-                missed=functools.partial(self.evaluator.prefetch, ip, sender, helo),
-            )
-        else:
-            self.evaluator.prefetch(ip, sender, helo)
+        # The outcome itself may be in Redis: read it with the request's
+        # other checks (one round trip, no task waiting for it), and fetch
+        # DNS only if it is not there.
+        fetch = functools.partial(self.evaluator.prefetch, ip, sender, helo)
+        if not self._read_shared(key, missed=fetch):
+            fetch()
+
+    def read_shared(
+        self,
+        ip: str,
+        sender: str,
+        helo: str,
+        *,
+        void_limit: int | None = None,
+        settled: Callable[[bool], None],
+    ) -> bool:
+        key = self._key(ip, sender, helo, self._limit(void_limit))
+        if self.results.get(key) is not None:
+            return False
+        return self._read_shared(key, settled=settled)
+
+    def _read_shared(
+        self,
+        key: _ResultKey,
+        *,
+        settled: Callable[[bool], None] | None = None,
+        missed: Callable[[], None] | None = None,
+    ) -> bool:
+        """Read ``key``'s outcome from the shared level with this turn's
+        other reads; a found one goes to the result cache. Once the read is
+        over, ``settled`` gets whether it found the outcome, and ``missed``
+        is called if it did not. False when there is no such read (no
+        shared level, or Redis in its backoff): nothing is called."""
+        if self.shared is None or not isinstance(key, str) or self.result_cache_ttl <= 0:
+            return False
+        # The key's parts (its HELO lowercased) name the Redis entry.
+        ip, sender, helo, limit = key.split("\0")
+        return self.shared.want_outcome(
+            ip,
+            sender,
+            helo,
+            int(limit),
+            arrived=functools.partial(self._arrived_shared, key, settled),
+            missed=functools.partial(self._missed_shared, key, settled, missed),
+        )
+
+    def _arrived_shared(
+        self,
+        key: str,
+        settled: Callable[[bool], None] | None,
+        outcome: SpfOutcome,
+        remaining: float,
+    ) -> None:
+        self._keep_shared(key, outcome, remaining)
+        if settled is not None:
+            settled(True)
+
+    def _missed_shared(
+        self,
+        key: str,
+        settled: Callable[[bool], None] | None,
+        missed: Callable[[], None] | None,
+    ) -> None:
+        if missed is not None:
+            missed()
+        if settled is not None:
+            # The check waiting for this outcome (spf, next) need not read
+            # Redis again. (A prefetched check may never be asked for.)
+            if len(self._shared_missed) >= MAX_SHARED_MISSED:
+                self._shared_missed.clear()
+            self._shared_missed.add(key)
+            settled(False)
 
     def _hit(self, key: _ResultKey) -> SpfOutcome | None:
         """The result cache's outcome for ``key``, counted as a hit."""

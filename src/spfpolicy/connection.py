@@ -10,7 +10,14 @@ at what must be waited for, and says what:
   cached requests without waking the task (the fast path: no task switch);
 - the connection's task runs the same steps and does the waiting between
   them: for more data, for a request's lookups (``answer``), for the client
-  to read (flow control), with Idle_Timeout on the first and the last.
+  to read (flow control), with Idle_Timeout on the first and the last;
+- a request that waits only for an SPF outcome the shared cache may hold
+  waits for that read without the task (``answer_later``): its callback
+  (``_read_back``) answers it and goes on as ``data_received`` does, or,
+  on a miss, hands it to the task. The requests read after it wait, and
+  anything that wakes the task (end of input, shutdown, Idle_Timeout, the
+  server's watch of overdue reads) makes the task take it over, joining
+  the read.
 
 Because the parser holds everything read, "stop reading, then answer what
 was read" is exact at shutdown: nothing read is lost in a stream buffer.
@@ -21,7 +28,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -46,7 +56,18 @@ class Answers(Protocol):
 
     def refuse(self, connection: Connection) -> None: ...
 
+    @property
+    def read_limit(self) -> float: ...
+
     def answer_now(self, request: PolicyRequest) -> str | Known | None: ...
+
+    def answer_later(
+        self, request: PolicyRequest, known: Known, done: Callable[[bool], None]
+    ) -> bool: ...
+
+    def answer_read(
+        self, request: PolicyRequest, known: Known, found: bool, started: float
+    ) -> str | Known | None: ...
 
     async def answer(self, request: PolicyRequest, known: Known | None = None) -> str: ...
 
@@ -56,6 +77,7 @@ class _Wait(enum.Enum):
 
     DATA = enum.auto()  # no complete request read
     CLIENT = enum.auto()  # the client does not read its answers (transport paused writing)
+    READ = enum.auto()  # a request waits for a quick read, outside the task (``_read``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +113,10 @@ class Connection(asyncio.Protocol):
         self._waiting = False  # the task sleeps until data, with nothing to answer
         # A request the fast path took from the parser and leaves to the task.
         self._handed_over: _Lookup | None = None
+        # A request waiting for answer_later's callback (no task involved),
+        # and since when (perf_counter time; see read_overdue).
+        self._reading: _Lookup | None = None
+        self._read_since = 0.0
         self.task: asyncio.Task[None] | None = None
 
     # -- transport callbacks --------------------------------------------------
@@ -126,6 +152,12 @@ class Connection(asyncio.Protocol):
         # requests before it, where _answer_at_once reports it.
         with contextlib.suppress(ProtocolError):
             parser.feed(data)
+        if self._reading is not None:
+            # The next requests wait for the one being read, which goes on
+            # answering when its read is back; the task sleeps on.
+            if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
+                self._set_reading(False)
+            return
         if self._waiting:
             try:
                 stopped = self._answer_at_once()
@@ -134,8 +166,8 @@ class Connection(asyncio.Protocol):
                 # the connection): the task answers what is left.
                 log.exception("answering at once failed; the connection's task goes on")
             else:
-                if stopped is _Wait.DATA:
-                    return  # all answered; the task sleeps on
+                if stopped is _Wait.DATA or stopped is _Wait.READ:
+                    return  # all answered, or being read; the task sleeps on
                 if isinstance(stopped, _Lookup):
                     self._handed_over = stopped
             self._waiting = False  # the task has work: the fast path waits for it
@@ -206,9 +238,78 @@ class Connection(asyncio.Protocol):
                 return _Wait.DATA
             action = answer_now(request)
             if not isinstance(action, str):
-                return _Lookup(request, action)
+                lookup = _Lookup(request, action)
+                return _Wait.READ if self._read(lookup) else lookup
             transport.write(encode_response(action))
         return _Wait.CLIENT
+
+    def _read(self, lookup: _Lookup) -> bool:
+        """Let ``lookup`` wait for a quick read without the task, if the
+        server has one for it (``answer_later``): ``_read_back`` goes on."""
+        if lookup.known is None or self._closing:
+            return False
+        done = functools.partial(self._read_back, lookup)
+        if not self._server.answer_later(lookup.request, lookup.known, done):
+            return False
+        self._reading = lookup
+        self._read_since = time.perf_counter()
+        return True
+
+    def _read_back(self, lookup: _Lookup, found: bool) -> None:
+        """``answer_later``'s callback: write the answer and go on answering
+        at once, or hand the request to the task. Late (the task took the
+        request over): nothing to do."""
+        if self._reading is not lookup:
+            return
+        self._reading = None
+        if self._lost:
+            return
+        assert lookup.known is not None and self._transport is not None
+        try:
+            answer = self._server.answer_read(lookup.request, lookup.known, found, self._read_since)
+        except Exception:  # a bug: the task answers it, the full way
+            log.exception("answering after a read failed; the connection's task goes on")
+            answer = None
+        if not isinstance(answer, str):
+            self._handed_over = _Lookup(lookup.request, answer)
+        else:
+            self._transport.write(encode_response(answer))
+            if not self._waiting:
+                return  # the task is awake, and goes on
+            try:
+                stopped = self._answer_at_once()
+            except Exception:
+                log.exception("answering at once failed; the connection's task goes on")
+            else:
+                if stopped is _Wait.READ:
+                    return
+                if stopped is _Wait.DATA and not (self._closing or self._idle_expired):
+                    if self._paused:
+                        self._set_reading(True)
+                    return
+                if isinstance(stopped, _Lookup):
+                    self._handed_over = stopped
+        self._waiting = False
+        self._wakeup.set()
+
+    @property
+    def reading(self) -> bool:
+        """A request waits for its read (``answer_later``), outside the task."""
+        return self._reading is not None
+
+    def read_overdue(self, since: float) -> bool:
+        """Whether a request still waits for its read; if it has since
+        before ``since`` (a read that never called back, a bug), the task
+        takes it over and answers it the full way."""
+        if self._reading is None:
+            return False
+        if self._read_since < since:
+            log.error(
+                "a request waited %ss for a shared-cache read; answering it the full way",
+                self._server.read_limit,
+            )
+            self._wakeup.set()
+        return True
 
     async def _serve(self) -> None:
         """Answer what ``data_received`` leaves, waiting where it cannot; close."""
@@ -220,6 +321,11 @@ class Connection(asyncio.Protocol):
                 stopped: _Stop
                 if self._handed_over is not None:
                     stopped, self._handed_over = self._handed_over, None
+                elif self._reading is not None:
+                    # Woken while a request waits for its read (end of
+                    # input, shutdown, idle, a late read): the task takes
+                    # it over, joining the read.
+                    stopped, self._reading = self._reading, None
                 else:
                     stopped = self._answer_at_once()
                 if isinstance(stopped, _Lookup):
@@ -234,6 +340,13 @@ class Connection(asyncio.Protocol):
                     except TimeoutError:
                         log.info("closing connection: the client does not read its answers")
                         break
+                elif stopped is _Wait.READ:
+                    self._wakeup.clear()
+                    self._waiting = True
+                    try:
+                        await self._wakeup.wait()
+                    finally:
+                        self._waiting = False
                 elif stopped is _Wait.DATA:
                     if self._closing:
                         break
@@ -255,6 +368,7 @@ class Connection(asyncio.Protocol):
         except Exception:
             log.exception("connection handler failed; closing that connection")
         finally:
+            self._reading = None
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
             server.connections.discard(self)

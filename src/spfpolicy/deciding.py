@@ -80,6 +80,16 @@ class Checks(Protocol):
         """Start fetching what ``spf`` will need for this check; never waits."""
         ...
 
+    def read_shared(
+        self, ip: str, sender: str, helo: str, *, void_limit: int, settled: Callable[[bool], None]
+    ) -> bool:
+        """Start reading this check's outcome from the shared cache, if
+        there is one: True, and once the read is over ``settled`` gets
+        whether it found the outcome (``cached_spf`` then has it; else
+        ``spf`` goes to DNS without reading it again). False when there is
+        no such read; ``settled`` is never called then. Never waits."""
+        ...
+
 
 class _Missing(Exception):
     """A check whose answer is not known yet: ``decide`` awaits ``fetch()`` and starts over."""
@@ -112,6 +122,7 @@ class Known:
         "answers",
         "checks",
         "expected",
+        "missing",
     )
 
     def __init__(self, checks: Checks) -> None:
@@ -121,6 +132,8 @@ class Known:
         self.expected: tuple[tuple[str, str, str], ...] = ()
         self._prefetched = False
         self._void_limit = 0  # of the expected checks
+        # The answer decide_now() stopped at (a key of answers), if it did.
+        self.missing: tuple[object, ...] | None = None
         self._view: RequestView | None = None
         # (settings, remembered, context) of the last attempt: a restart with
         # the same settings and memory needs no new context.
@@ -181,6 +194,27 @@ class Known:
         for ip, sender, helo in planned:
             if ("spf", ip, sender, helo, void_limit) not in self.answers:
                 self.checks.prefetch(ip, sender, helo, void_limit=void_limit)
+
+    def read_expected(self, done: Callable[[bool], None]) -> bool:
+        """``prefetch_expected`` for a request whose attempt stopped at an
+        SPF outcome a quick read may find (the shared cache): True when
+        that read started, and ``done`` will get whether it found the
+        outcome (a new attempt may then decide); False when there is no
+        such read (``done`` is never called): the request waits as usual."""
+        missing = self.missing
+        if missing is None or missing[0] != "spf":
+            return False
+        self.prefetch_expected()  # the request's other checks
+        _, ip, sender, helo, void_limit = cast(_SpfKey, missing)
+        return self.checks.read_shared(ip, sender, helo, void_limit=void_limit, settled=done)
+
+    def forget_missing(self) -> None:
+        """Before a new attempt after ``read_expected``: checks found not
+        cached are asked for again (the read may have brought them)."""
+        answers = self.answers
+        for key in [key for key, answer in answers.items() if answer is _NOT_CACHED]:
+            del answers[key]
+        self.missing = None
 
     def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
         key = ("ptr", ip)
@@ -246,7 +280,8 @@ def decide_now(
     cached, else None (nothing was remembered; ``decide(known=known)`` goes on)."""
     try:
         return _decide(request, settings, known, memory, memo)
-    except _Missing:
+    except _Missing as missing:
+        known.missing = missing.key
         return None
 
 

@@ -2,8 +2,10 @@
 
 A request's way: listeners.py accepts a connection; connection.py reads its
 bytes, parses requests and writes answers in order, asking ``answer_now``
-(every answer cached: decided in the socket callback) or else ``answer``
-(awaited in the connection's task); both go to policy.py for the decision.
+(every answer cached: decided in the socket callback), ``answer_later``
+(an SPF outcome to read from the shared cache: decided in the read's
+callback) or else ``answer`` (awaited in the connection's task); all go to
+policy.py for the decision.
 Every smtpd connection is served concurrently in one process. A request that
 fails in any way is still answered (DUNNO, or the TempError action when
 TempError_Defer is set), and the connection and the server live on.
@@ -102,6 +104,7 @@ class PolicyServer:
         self._stop_deadline: float | None = None  # loop time answers are due by
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._result_hits_before = 0  # of result caches replaced by reloads
+        self._read_watch: asyncio.TimerHandle | None = None  # see _watch_reads
 
     # Counters the tests and the old API read directly.
     @property
@@ -122,7 +125,16 @@ class PolicyServer:
 
     @property
     def requests_in_flight(self) -> int:
-        return len(self._deadlines)
+        # Those of answer_later are counted by their connections.
+        return len(self._deadlines) + sum(c.reading for c in self.connections)
+
+    @property
+    def read_limit(self) -> float:
+        """Seconds a connection lets a request wait for ``answer_later``'s
+        callback before its task takes the request over (a safety net: the
+        shared cache's reads end within their own deadlines)."""
+        settings = self.settings
+        return min(settings.request_timeout, 1.0 + 4 * settings.shared_cache_timeout)
 
     def snapshot(self) -> Snapshot:
         return Snapshot(
@@ -217,8 +229,11 @@ class PolicyServer:
             or request_log.isEnabledFor(logging.DEBUG)
         ):
             return None
-        started = time.perf_counter()
-        known = Known(self.checks)
+        return self._decided_now(request, Known(self.checks), time.perf_counter())
+
+    def _decided_now(
+        self, request: PolicyRequest, known: Known, started: float
+    ) -> str | Known | None:
         try:
             decision = decide_now(request, self.settings, known, self.memory, self.memo)
         except Exception:
@@ -227,6 +242,51 @@ class PolicyServer:
             return known
         self.stats.requests += 1
         return self._answered(request, decision, started)
+
+    def answer_later(
+        self, request: PolicyRequest, known: Known, done: Callable[[bool], None]
+    ) -> bool:
+        """For a request ``answer_now`` left with ``known``: when what it
+        stopped at is an SPF outcome the shared cache may hold, read it and
+        return True; ``done`` then gets whether the read found it, in a
+        callback of its own soon after Redis's reply (no task waits for
+        the read), for ``answer_read`` to go on. False, and ``done`` is
+        never called: await ``answer``."""
+        if self.checks.shared is None or known.checks is not self.checks or self.stopping:
+            return False
+        loop = asyncio.get_running_loop()
+
+        def settled(found: bool) -> None:
+            # Not from inside the read's hook: the shared cache finishes
+            # settling the trip before a request is answered again.
+            loop.call_soon(done, found)
+
+        if not known.read_expected(settled):
+            return False
+        if self._read_watch is None:
+            self._read_watch = loop.call_later(self.read_limit, self._watch_reads)
+        return True
+
+    def answer_read(
+        self, request: PolicyRequest, known: Known, found: bool, started: float
+    ) -> str | Known | None:
+        """What ``answer_now`` returns for a request once its read (see
+        ``answer_later``, ``started`` at perf_counter time) is over."""
+        if not found or self.stopping or known.checks is not self.checks:
+            return known
+        known.forget_missing()
+        return self._decided_now(request, known, started)
+
+    def _watch_reads(self) -> None:
+        """The safety net under answer_later: a request whose read has not
+        called back within read_limit goes to its connection's task."""
+        self._read_watch = None
+        since = time.perf_counter() - self.read_limit
+        reading = [c for c in self.connections if c.read_overdue(since)]
+        if reading:
+            self._read_watch = asyncio.get_running_loop().call_later(
+                self.read_limit, self._watch_reads
+            )
 
     async def answer(self, request: PolicyRequest, known: Known | None = None) -> str:
         """One request in, one action out, whatever happens on the way;
@@ -365,6 +425,9 @@ class PolicyServer:
         await self.close()
 
     async def close(self) -> None:
+        if self._read_watch is not None:
+            self._read_watch.cancel()
+            self._read_watch = None
         self.listeners.close()
         if self.metrics is not None:
             await self.metrics.close()

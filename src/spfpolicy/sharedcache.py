@@ -642,22 +642,23 @@ class SharedCache:
         *,
         arrived: Callable[[SpfOutcome, float], None],
         missed: Callable[[], None],
-    ) -> None:
+    ) -> bool:
         """Read a stored SPF check with this turn's other reads, without a
         task waiting for it: ``arrived`` gets a found outcome, ``missed`` is
-        called for a miss, a failure or an undecodable entry (at once while
-        Redis is in its backoff), both as the trip comes back, before any
-        waiting task runs again. Counted as get_outcome counts; a read
-        joined while another caller's is in flight counts nothing."""
+        called for a miss, a failure or an undecodable entry, both as the
+        trip comes back, before any waiting task runs again. Counted as
+        get_outcome counts; a read joined while another caller's is in
+        flight counts nothing. False, with neither called, while Redis is
+        in its backoff (nothing is read: the caller goes on as for a miss)."""
         key = self._check_key(ip, sender, helo, void_limit)
         future, started = self._want(key)
         if future is None:  # in the backoff: counted as skipped
             self.stats.result_misses += 1
-            missed()
-            return
+            return False
         stats = self.stats if started else _JOINED
         hook = functools.partial(_counted, stats=stats, arrived=arrived, missed=missed)
         self._arrivals.setdefault(key, []).append(hook)
+        return True
 
     def _want(self, key: bytes) -> tuple[asyncio.Future[_Found] | None, bool]:
         """The read of ``key`` in flight, and whether this call started it
@@ -700,11 +701,15 @@ class SharedCache:
             self._trips += 1
             trip = asyncio.ensure_future(self._read_batch(batch))
             self._readers.add(trip)
-            trip.add_done_callback(self._trip_done)
+            trip.add_done_callback(functools.partial(self._trip_done, batch))
 
-    def _trip_done(self, task: asyncio.Future[bool]) -> None:
+    def _trip_done(self, batch: list[bytes], task: asyncio.Future[bool]) -> None:
         self._readers.discard(task)
         self._trips -= 1
+        if task.cancelled():
+            # Cancelled before it ran (close): its reads still end, as misses
+            # (a read settled already is not there to settle again).
+            self._settle(batch, [None] * len(batch))
         if not self._wanted:
             return
         if self._closed or task.cancelled() or not task.result():
@@ -754,17 +759,19 @@ class SharedCache:
     def _settle(self, keys: list[bytes], found: list[_Found]) -> None:
         """Give the reads of ``keys`` their values: first every arrival
         hook (synchronously, before any waiting task runs again), then the
-        waiters."""
-        arrivals = self._arrivals
-        for key, value in zip(keys, found, strict=True):
-            for hook in arrivals.pop(key, ()):
+        waiters. The reads are over before the first hook runs: a hook
+        that wants one of these keys again starts a new read, rather than
+        joining one whose hooks have been called."""
+        arrivals, reading = self._arrivals, self._reading
+        futures = [reading.pop(key, None) for key in keys]
+        hooks = [arrivals.pop(key, ()) for key in keys]
+        for value, hooked in zip(found, hooks, strict=True):
+            for hook in hooked:
                 try:
                     hook(value)
                 except Exception:  # a hook's bug must not leave the waiters waiting
                     log.exception("shared cache: a read's hook failed")
-        reading = self._reading
-        for key, value in zip(keys, found, strict=True):
-            future = reading.pop(key, None)
+        for future, value in zip(futures, found, strict=True):
             if future is not None and not future.done():
                 future.set_result(value)
 

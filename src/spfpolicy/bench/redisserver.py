@@ -88,11 +88,23 @@ class RedisProcess:
             ]  # fmt: skip
         self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT
-        while not self.socket.exists():
+        # The socket's file appears at bind(), before listen(): a connection
+        # in between is refused. Ready is when one is accepted.
+        while not self._accepts():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RedisUnavailable(f"redis-server did not start (see {self.directory})")
             time.sleep(0.01)
+
+    def _accepts(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.socket))
+        except OSError:
+            return False
+        finally:
+            probe.close()
+        return True
 
     def command(self, *words: str | bytes) -> Any:
         """One command, through a blocking redis-py client (tests and bench only)."""
