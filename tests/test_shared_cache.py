@@ -245,6 +245,33 @@ async def test_redis_failing_under_load_costs_no_answer(
     assert running.server.errors == 0
 
 
+async def test_a_restarted_redis_costs_no_outage(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    """Redis restarted between two operations (an upgrade, a reboot of its
+    host): the connections kept from before are closed by then. The next
+    read and write find that out and go on a new connection, within their
+    deadline: no error, no outage, nothing skipped."""
+    redis = redis_server()
+    running = await policy_server(zone=ZONE, shared_cache=redis.url)
+    cache = shared(running)
+    client = await running.connect()
+    await client.ask(request(sender(0), ip=GOOD_IP))
+    await settled(cache)
+    assert len(cache._idle) >= 2  # kept for the next operations
+    redis.stop()
+    redis.start()  # the same socket path, an empty Redis
+    before = cache.stats.read_batches
+    await client.ask(request(sender(1), ip=GOOD_IP))
+    await settled(cache)
+    stats = cache.stats
+    assert stats.read_batches > before
+    assert (stats.errors, stats.outages, stats.skipped, stats.writes_dropped) == (0, 0, 0, 0)
+    assert not cache.down
+    assert redis.command("KEYS", "spfpolicy:*")  # written after the restart
+    assert running.server.errors == 0
+
+
 async def test_wrong_password_costs_no_answer(
     tmp_path: Path,
     redis_server: Callable[..., RedisProcess],

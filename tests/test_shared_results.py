@@ -676,3 +676,34 @@ async def test_reads_of_a_trip_cancelled_before_it_ran_end_as_misses(
     await asyncio.sleep(0)  # the trip is made, not yet run
     await cache.close()
     assert missed == ["a@x.example"]
+
+
+async def test_a_connection_cut_off_by_a_deadline_is_not_used_out_of_step(
+    redis_server: Callable[..., RedisProcess],
+) -> None:
+    """A read whose deadline passes while its reply is still to come leaves
+    that reply on its connection. The connection is not given to the next
+    read as it is (which would take the late reply for its own): it is
+    opened again, and the reads after Redis is back get their own values."""
+    redis = redis_server()
+    cache = SharedCache(redis.url, timeout=0.2)
+    late = SpfOutcome(SpfResult.FAIL, 550, "late", "-all")
+    mine = SpfOutcome(SpfResult.PASS, 250, "mine", "mx")
+    try:
+        assert await cache.connect()
+        late_key = cache._check_key(BAD_IP, "a@late.example", HELO, 2)
+        mine_key = cache._check_key(BAD_IP, "a@mine.example", HELO, 2)
+        redis.command("SET", late_key, encode_outcome(late), "PX", "60000")
+        redis.command("SET", mine_key, encode_outcome(mine), "PX", "60000")
+        redis.pause()
+        try:
+            assert await cache.get_outcome(BAD_IP, "a@late.example", HELO, 2) is None
+        finally:
+            redis.resume()
+        assert cache.stats.timeouts == 1
+        for _ in range(3):  # every kept connection, in turn
+            found = await cache.get_outcome(BAD_IP, "a@mine.example", HELO, 2)
+            assert found is not None and found[0] == mine
+        assert cache.stats.timeouts == 1 and not cache.down
+    finally:
+        await cache.close()

@@ -41,10 +41,10 @@ import ssl
 import struct
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio
 import redis.exceptions
@@ -54,6 +54,7 @@ from redis.backoff import NoBackoff
 from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome, SpfResult
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 # Bumped on any incompatible change of the key or value format: old entries
 # are then simply not found (and a stray one fails the version byte).
@@ -328,10 +329,11 @@ class _Op:
     """One round trip to Redis, as its deadline sees it: the connection
     (once taken from the pool) and when the command was sent."""
 
-    __slots__ = ("conn", "sent")
+    __slots__ = ("conn", "reused", "sent")
 
     def __init__(self) -> None:
         self.conn: Any = None
+        self.reused = False  # the connection was kept from an earlier operation
         self.sent: float | None = None  # loop time
 
     def reply_waiting(self) -> bool:
@@ -731,7 +733,7 @@ class SharedCache:
         op = _Op()
         try:
             async with _Deadline(self.timeout, op):
-                replies = await self._get_with_pttl(keys, op)
+                replies = await self._again_if_stale(op, lambda: self._get_with_pttl(keys, op))
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             self._failed(exc)
@@ -851,7 +853,7 @@ class SharedCache:
         if self._idle:
             conn = self._idle.pop()
             if conn.is_connected:
-                op.conn = conn
+                op.conn, op.reused = conn, True
                 return conn
         else:
             conn = self.client.connection_pool.make_connection()
@@ -869,6 +871,25 @@ class SharedCache:
             raise
         op.conn = conn
         return conn
+
+    async def _again_if_stale(self, op: _Op, run: Callable[[], Awaitable[_T]]) -> _T:
+        """``run()``; if the connection it was given, kept from an earlier
+        operation, turns out closed by Redis (restarted since), once more
+        on a new connection, within the same deadline. The other kept
+        connections are as old: they are closed too."""
+        try:
+            return await run()
+        except (redis.exceptions.ConnectionError, ConnectionError):
+            if not op.reused:
+                raise
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._connections.discard(conn)
+            task = asyncio.ensure_future(_disconnect(conn))
+            self._readers.add(task)
+            task.add_done_callback(self._readers.discard)
+        op.conn, op.reused, op.sent = None, False, None
+        return await run()
 
     def _connected_late(self, conn: Any, task: asyncio.Future[None]) -> None:
         if task.cancelled() or task.exception() is not None:
@@ -975,7 +996,7 @@ class SharedCache:
         commands = [("SET", key, value, "PX", ms) for key, value, ms, _ in batch]
         try:
             async with _Deadline(self.timeout, op):
-                results = await self._pipelined(commands, op)
+                results = await self._again_if_stale(op, lambda: self._pipelined(commands, op))
         except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
             stats.timed(time.perf_counter() - started)
             stats.write_errors += len(batch)
