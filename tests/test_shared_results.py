@@ -628,6 +628,18 @@ async def test_a_read_that_never_calls_back_is_answered_the_full_way(
     assert running.server.errors == 0 and running.server.requests_in_flight == 0
 
 
+def _want_absent(cache: SharedCache, *, missed: Callable[[], None]) -> bool:
+    """``want_outcome`` of a check that Redis does not hold."""
+    return cache.want_outcome(
+        BAD_IP,
+        "a@x.example",
+        HELO,
+        2,
+        arrived=lambda *_: pytest.fail("nothing is there"),
+        missed=missed,
+    )
+
+
 async def test_a_hook_that_wants_its_key_again_starts_a_new_read(
     redis_server: Callable[..., RedisProcess],
 ) -> None:
@@ -641,14 +653,7 @@ async def test_a_hook_that_wants_its_key_again_starts_a_new_read(
 
         def again() -> None:
             calls.append("first")
-            assert cache.want_outcome(
-                BAD_IP,
-                "a@x.example",
-                HELO,
-                2,
-                arrived=lambda *_: pytest.fail("nothing is there"),
-                missed=lambda: calls.append("second"),
-            )
+            assert _want_absent(cache, missed=lambda: calls.append("second"))
 
         assert cache.want_outcome(
             BAD_IP, "a@x.example", HELO, 2, arrived=lambda *_: None, missed=again
@@ -665,14 +670,7 @@ async def test_reads_of_a_trip_cancelled_before_it_ran_end_as_misses(
     redis = redis_server()
     cache = SharedCache(redis.url, timeout=1.0)
     missed: list[str] = []
-    assert cache.want_outcome(
-        BAD_IP,
-        "a@x.example",
-        HELO,
-        2,
-        arrived=lambda *_: pytest.fail("nothing is read"),
-        missed=lambda: missed.append("a@x.example"),
-    )
+    assert _want_absent(cache, missed=lambda: missed.append("a@x.example"))
     await asyncio.sleep(0)  # the trip is made, not yet run
     await cache.close()
     assert missed == ["a@x.example"]

@@ -311,6 +311,16 @@ class Connection(asyncio.Protocol):
             self._wakeup.set()
         return True
 
+    async def _sleep(self) -> None:
+        """Until woken, with nothing for the task to answer: meanwhile the
+        callbacks answer at once what they can (``_waiting``)."""
+        self._wakeup.clear()
+        self._waiting = True
+        try:
+            await self._wakeup.wait()
+        finally:
+            self._waiting = False
+
     async def _serve(self) -> None:
         """Answer what ``data_received`` leaves, waiting where it cannot; close."""
         server = self._server
@@ -341,12 +351,7 @@ class Connection(asyncio.Protocol):
                         log.info("closing connection: the client does not read its answers")
                         break
                 elif stopped is _Wait.READ:
-                    self._wakeup.clear()
-                    self._waiting = True
-                    try:
-                        await self._wakeup.wait()
-                    finally:
-                        self._waiting = False
+                    await self._sleep()
                 elif stopped is _Wait.DATA:
                     if self._closing:
                         break
@@ -356,12 +361,7 @@ class Connection(asyncio.Protocol):
                         idle = server.settings.idle_timeout
                         log.info("closing connection idle for %ss (Idle_Timeout)", idle)
                         break
-                    self._wakeup.clear()
-                    self._waiting = True
-                    try:
-                        await self._wakeup.wait()
-                    finally:
-                        self._waiting = False
+                    await self._sleep()
                 else:
                     log.warning("closing connection: %s", stopped)
                     break
