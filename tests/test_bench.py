@@ -523,6 +523,10 @@ def test_shared_cache_second_mx_host_over_the_first_ones_domains() -> None:
     assert shared["keys"] > 0 and shared["bytes_per_key"] > 0
     assert shared["dns_queries_per_request_second_over_first"] < 0.5
     assert "second MX host / first" in format_report(data)
+    # A second host that made no DNS query at all (a mix without
+    # temperrors) is reported, not a division by zero.
+    shared["dns_queries_per_request_second_over_first"] = 0.0
+    assert " = 0.00x (target <= 0.1)" in format_report(data)
 
 
 def test_shared_cache_on_and_off_in_one_run() -> None:

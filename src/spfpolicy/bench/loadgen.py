@@ -1282,7 +1282,9 @@ def _num(value: float | None, digits: int = 2) -> str:
 def _x(value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.2f}x" if value >= 1 else f"{value:.3f}x (1/{1 / value:.1f})"
+    if value >= 1 or value <= 0:  # 0: the second host made no DNS query at all
+        return f"{value:.2f}x"
+    return f"{value:.3f}x (1/{1 / value:.1f})"
 
 
 def _plotting() -> Any:
