@@ -212,6 +212,7 @@ async def test_a_shared_outcome_answers_as_a_local_evaluation(
     first = await policy_server(zone=ZONE, shared_cache=redis.url, **settings)
     second = await policy_server(zone=ZONE, shared_cache=redis.url, **settings)
     alone = await policy_server(zone=ZONE, **settings)
+    awaited = _count_awaited(second)  # the second host answers from the reads' callbacks
     clients = [await first.connect(), await second.connect(), await alone.connect()]
     answers: list[list[str]] = [[], [], []]
     for sender, ip, helo in CASES:
@@ -223,6 +224,7 @@ async def test_a_shared_outcome_answers_as_a_local_evaluation(
     assert answers[1] == answers[2]
     assert len(set(answers[2])) >= 8  # the cases differ: a pass, rejects, headers...
     assert second.dns.queries == 0
+    assert awaited[0] == 0
     cache = shared(second)
     assert cache.stats.result_hits >= len(CASES) // 2  # others from its own caches
     assert cache.stats.result_undecodable == 0 and cache.stats.errors == 0
