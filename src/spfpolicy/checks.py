@@ -77,8 +77,10 @@ class DnsChecks:
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
         self.shared: SharedCache | None = None  # the second level, if any
-        # Checks whose prefetch found no outcome in the shared level: their
-        # evaluation goes straight to DNS (cleared when full).
+        # Checks whose read (read_shared) found no outcome in the shared
+        # level: their evaluation, next, goes straight to DNS. Taken out by
+        # it; one left behind (a request that went away) costs at most one
+        # Redis read skipped later. Cleared when full.
         self._shared_missed: set[str] = set()
         # Compiled plans of fully cached trees (plan.py): a new client of a
         # known domain without running pyspf.
@@ -192,7 +194,7 @@ class DnsChecks:
             return self._store(key, *planned)
         if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
             if key in self._shared_missed:
-                self._shared_missed.discard(key)  # read by the prefetch, not there
+                self._shared_missed.discard(key)  # just read, not there
             else:
                 cached = await self._from_shared(key)
                 if cached is not None:
