@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from hardening import GOOD_IP, header, request
 from redis_support import shared
 from serving import Running, wait_for
+from spfpolicy import sharedcache
 from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.metrics import summary_line
 from spfpolicy.sharedcache import MAX_ENTRY, SharedCache, Undecodable, decode, encode
@@ -270,6 +271,27 @@ async def test_a_restarted_redis_costs_no_outage(
     assert not cache.down
     assert redis.command("KEYS", "spfpolicy:*")  # written after the restart
     assert running.server.errors == 0
+
+
+async def test_a_burst_of_writes_goes_in_few_pipelines(
+    redis_server: Callable[..., RedisProcess],
+) -> None:
+    """Writes go one pipeline after another: a burst larger than one (a
+    busy host's backlog) is sent in pipelines of WRITE_BATCH, nothing
+    dropped."""
+    redis = redis_server()
+    cache = SharedCache(redis.url, timeout=1.0)
+    count = 4 * sharedcache.WRITE_BATCH
+    try:
+        for i in range(count):
+            cache.put(f"d{i}.example", "TXT", 300.0, ((b"v=spf1 -all",),), 300.0)
+        await settled(cache)
+        stats = cache.stats
+        assert (stats.writes, stats.writes_dropped, stats.write_errors) == (count, 0, 0)
+        assert sum(stats.latency_counts) == 4  # trips
+        assert int(redis.command("DBSIZE")) == count
+    finally:
+        await cache.close()
 
 
 async def test_wrong_password_costs_no_answer(
