@@ -199,7 +199,7 @@ class DnsChecks:
                 cached = await self._from_shared(key)
                 if cached is not None:
                     return cached
-                self._shared_missed.discard(key)  # the prefetch's, if it joined
+                self._shared_missed.discard(key)  # read_shared's, if this read joined it
         full = await self.evaluator.check(
             ip, sender, helo, lookup_time=lookup_time, void_limit=void_limit
         )

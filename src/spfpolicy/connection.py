@@ -152,29 +152,14 @@ class Connection(asyncio.Protocol):
         # requests before it, where _answer_at_once reports it.
         with contextlib.suppress(ProtocolError):
             parser.feed(data)
-        if self._reading is not None:
-            # The next requests wait for the one being read, which goes on
-            # answering when its read is back; the task sleeps on.
-            if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
-                self._set_reading(False)
-            return
-        if self._waiting:
-            try:
-                stopped = self._answer_at_once()
-            except Exception:
-                # A bug must not escape into the transport (which would drop
-                # the connection): the task answers what is left.
-                log.exception("answering at once failed; the connection's task goes on")
+        if self._reading is None:  # else the next requests wait for the one being read
+            if self._waiting:
+                self._go_on()  # the fast path: answer without waking the task
             else:
-                if stopped is _Wait.DATA or stopped is _Wait.READ:
-                    return  # all answered, or being read; the task sleeps on
-                if isinstance(stopped, _Lookup):
-                    self._handed_over = stopped
-            self._waiting = False  # the task has work: the fast path waits for it
+                self._wakeup.set()
         # Backpressure on a client that pipelines faster than we answer.
         if not self._paused and parser.buffered > 2 * self._server.settings.max_request_size:
             self._set_reading(False)
-        self._wakeup.set()
 
     def eof_received(self) -> bool:
         self._closing = True
@@ -272,24 +257,33 @@ class Connection(asyncio.Protocol):
             answer = None
         if not isinstance(answer, str):
             self._handed_over = _Lookup(lookup.request, answer)
+            self._waiting = False
+            self._wakeup.set()
+            return
+        self._transport.write(encode_response(answer))
+        if self._waiting:  # else the task is awake, and goes on
+            self._go_on()
+
+    def _go_on(self) -> None:
+        """While the task sleeps with nothing to answer (``_waiting``):
+        answer at once what can be, and wake the task for what is left (a
+        lookup, a client that does not read, the end of the connection)."""
+        try:
+            stopped = self._answer_at_once()
+        except Exception:
+            # A bug must not escape into the transport (which would drop
+            # the connection): the task answers what is left.
+            log.exception("answering at once failed; the connection's task goes on")
         else:
-            self._transport.write(encode_response(answer))
-            if not self._waiting:
-                return  # the task is awake, and goes on
-            try:
-                stopped = self._answer_at_once()
-            except Exception:
-                log.exception("answering at once failed; the connection's task goes on")
-            else:
-                if stopped is _Wait.READ:
-                    return
-                if stopped is _Wait.DATA and not (self._closing or self._idle_expired):
-                    if self._paused:
-                        self._set_reading(True)
-                    return
-                if isinstance(stopped, _Lookup):
-                    self._handed_over = stopped
-        self._waiting = False
+            if stopped is _Wait.READ:
+                return  # a request is being read; its callback goes on
+            if stopped is _Wait.DATA and not (self._closing or self._idle_expired):
+                if self._paused:
+                    self._set_reading(True)
+                return  # all answered; the task sleeps on
+            if isinstance(stopped, _Lookup):
+                self._handed_over = stopped
+        self._waiting = False  # the task has work: the fast path waits for it
         self._wakeup.set()
 
     @property
