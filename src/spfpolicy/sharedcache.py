@@ -831,9 +831,7 @@ class SharedCache:
         privileges are dropped), so that the first reads need not make it;
         a Redis that is not there starts an outage, logged, and no more."""
         for _ in range(MAX_READ_TRIPS + 1):  # the read trips and a write batch
-            task = asyncio.ensure_future(self.connect())
-            self._readers.add(task)
-            task.add_done_callback(self._readers.discard)
+            self._background(asyncio.ensure_future(self.connect()))
 
     async def connect(self) -> bool:
         """Make a connection and keep it for the next operation; whether it worked."""
@@ -866,8 +864,7 @@ class SharedCache:
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
-            self._readers.add(task)  # close() ends it
-            task.add_done_callback(self._readers.discard)
+            self._background(task)
             task.add_done_callback(lambda done: self._connected_late(conn, done))
             raise
         except BaseException:
@@ -889,9 +886,7 @@ class SharedCache:
         idle, self._idle = self._idle, []
         for conn in idle:
             self._connections.discard(conn)
-            task = asyncio.ensure_future(_disconnect(conn))
-            self._readers.add(task)
-            task.add_done_callback(self._readers.discard)
+            self._background(asyncio.ensure_future(_disconnect(conn)))
         op.conn, op.reused, op.sent = None, False, None
         return await run()
 
@@ -909,7 +904,10 @@ class SharedCache:
             self._idle.append(conn)
             return
         self._connections.discard(conn)
-        task = asyncio.ensure_future(self._replace(conn, broken=broken))
+        self._background(asyncio.ensure_future(self._replace(conn, broken=broken)))
+
+    def _background(self, task: asyncio.Future[Any]) -> None:
+        """Keep ``task`` until it is done; close() ends it if it is not."""
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
 
