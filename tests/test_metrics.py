@@ -164,6 +164,7 @@ async def test_prometheus_endpoint(metrics_server: PolicyServer, tmp_path: Path)
     assert value("spfpolicy_requests_in_flight") == 0
     assert value("spfpolicy_request_errors_total") == 0
     assert value("spfpolicy_plans") >= 0  # compiled plans (plan.py)
+    assert value("spfpolicy_plan_shapes") <= value("spfpolicy_plans")
     assert value("spfpolicy_plan_hits_total") >= 0
     assert value("spfpolicy_plan_builds_total") >= 0
     writer.close()
@@ -226,4 +227,4 @@ async def test_periodic_stats_line(zone_server: Any, tmp_path: Path) -> None:
     assert line.startswith("INFO spfpolicy.stats: stats: requests=1 errors=0 actions[550=1]")
     assert "dns_cache[entries=" in line
     assert "result_cache[entries=2 hits=0]" in line  # HELO and MAIL FROM checks
-    assert " plans[entries=0 " in line  # each domain evaluated once: no plan yet
+    assert " plans[entries=0 shapes=0 " in line  # each domain evaluated once: no plan yet

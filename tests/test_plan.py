@@ -149,9 +149,63 @@ def test_the_store_is_bounded_in_bytes() -> None:
         _learn(evaluator, plans, "192.0.2.1", f"a@d{i}.test")
     assert 8 <= len(plans) <= 10  # sizes differ by the record text
     assert plans.bytes <= plans.max_bytes
-    # The oldest went first.
+    # The oldest went first (none was used since it was built).
     assert plans.outcome("10.49.0.1", "a@d49.test", "helo.test", 2) is not None
     assert plans.outcome("10.0.0.1", "a@d0.test", "helo.test", 2) is None
+
+
+def test_the_plan_used_least_recently_goes_first() -> None:
+    # A busy domain's plan stays while the long tail comes and goes.
+    zone = {(f"d{i}.test", "TXT"): _txt(f"v=spf1 ip4:10.{i}.0.0/16 -all") for i in range(50)}
+    _dns, evaluator, plans = _world(zone)
+    _learn(evaluator, plans, "192.0.2.1", "a@d0.test")
+    plans.max_bytes = plans.bytes * 10
+    for i in range(1, 50):
+        _learn(evaluator, plans, "192.0.2.1", f"a@d{i}.test")
+        assert plans.outcome("10.0.0.1", "a@d0.test", "helo.test", 2) is not None
+    assert plans.bytes <= plans.max_bytes
+    assert plans.outcome("10.1.0.1", "a@d1.test", "helo.test", 2) is None
+    assert plans.outcome("10.49.0.1", "a@d49.test", "helo.test", 2) is not None
+
+
+def test_domains_whose_trees_compile_alike_share_one_shape() -> None:
+    # A provider's customers with the same record: one table, counted once,
+    # and each domain's outcome still its own (pyspf's, domain and sender).
+    zone = {(f"c{i}.test", "TXT"): _txt("v=spf1 include:prov.test -all") for i in range(20)}
+    zone[("prov.test", "TXT")] = _txt("v=spf1 ip4:198.51.100.0/24 ip4:203.0.113.0/25 ~all")
+    zone[("odd.test", "TXT")] = _txt("v=spf1 include:prov.test ~all")  # another shape
+    dns, evaluator, plans = _world(zone)
+    _learn(evaluator, plans, "192.0.2.1", "a@c0.test")
+    one_plan = plans.bytes
+    _learn(evaluator, plans, "192.0.2.1", "a@c1.test")
+    per_plan = plans.bytes - one_plan
+    assert 0 < per_plan < one_plan / 2
+    for i in range(2, 20):
+        _learn(evaluator, plans, "192.0.2.1", f"a@c{i}.test")
+    _learn(evaluator, plans, "192.0.2.1", "a@odd.test")
+    assert plans.counters()["plans"] == 21
+    assert plans.counters()["plan_shapes"] == 2
+    shape = one_plan - per_plan  # odd.test's is as large: its record is as long
+    assert plans.bytes == 2 * shape + 21 * per_plan  # not 21 * (shape + per_plan)
+    for i in (0, 7, 19):
+        sender = f"someone@c{i}.test"
+        for ip in ("198.51.100.9", "203.0.113.200", "192.0.2.77", "::ffff:203.0.113.1"):
+            planned = plans.outcome(ip, sender, "helo.test", 2)
+            reference = evaluator.check_now(ip, sender, "helo.test", void_limit=2)
+            assert planned is not None and reference is not None
+            assert (planned.result, planned.mechanism, planned.explanation) == (
+                reference.result,
+                reference.mechanism,
+                reference.explanation,
+            )
+            assert (planned.domain, planned.sender) == (reference.domain, reference.sender)
+    # A shape goes with the last plan that used it; the bytes with it.
+    dns.clock.now += 3601
+    for i in range(20):
+        assert plans.outcome("198.51.100.9", f"a@c{i}.test", "helo.test", 2) is None
+    assert plans.counters()["plan_shapes"] == 1
+    assert plans.outcome("198.51.100.9", "a@odd.test", "helo.test", 2) is None
+    assert plans.counters()["plans"] == plans.counters()["plan_shapes"] == plans.bytes == 0
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,11 @@ outcome (when the plan answers rather than handing over to pyspf) must equal
 the evaluator's ``check_now``: pyspf itself, with its ``dns()`` reading the
 same DNS data from a dict (``DictDns``) rather than over sockets, so
 thousands of trees run in seconds.
+
+A second domain (``TWIN``) publishes the top domain's record, checked
+through the same store: where its tree compiles alike, its plan shares the
+top domain's shape (one table and one set of kept outcomes for both), and
+its outcomes, its own domain and sender in them, must still be pyspf's.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from spfpolicy.resolver import DnsAnswer
 from spfpolicy.results import SpfResult
 
 TOP = "d0.test"
+TWIN = "d9.test"  # publishes TOP's record
 TARGETS = ("n1.test", "n2.test", "n3.test", "n4.test")
 HOSTS = ("h1.test", "h2.test", "h3.test", "h4.test")
 VOIDS = ("nx1.test", "nx2.test")
@@ -187,6 +193,8 @@ def world(rng: random.Random) -> tuple[dict[tuple[str, str], list[Any]], list[st
             zone[(name, "TXT")] = [_txt(record)]
             if rng.randrange(40) == 0:  # two SPF records: permerror
                 zone[(name, "TXT")].append(_txt("v=spf1 -all"))
+    if (TOP, "TXT") in zone:
+        zone[(TWIN, "TXT")] = list(zone[(TOP, "TXT")])
     for name in (*HOSTS, TOP):
         four = rng.sample(V4_BASES, rng.randrange(1 if name == "h1.test" else 0, 4))
         six = rng.sample(ADDRESSES6, rng.randrange(3))
@@ -231,30 +239,34 @@ def test_plan_equals_pyspf(rng: random.Random, void_limit: int, helo_check: bool
         default_explanation=EXPLANATION,
     )
     plans = SpfPlans(dns.peek, clock=dns.clock, default_explanation=EXPLANATION)
-    sender, helo = ("", TOP) if helo_check else (f"someone@{TOP}", "mail.example")
-    first = evaluator.check_now(clients[0], sender, helo, void_limit=void_limit)
-    assert first is not None
-    plans.learn(clients[0], sender, helo, void_limit, first)
-    for client in clients:
-        reference = evaluator.check_now(client, sender, helo, void_limit=void_limit)
-        assert reference is not None
-        plans.learn(client, sender, helo, void_limit, reference)
-        planned = plans.outcome(client, sender, helo, void_limit)
-        if planned is None:
-            TALLY["pyspf"] += 1
-            continue
-        TALLY["plan"] += 1
-        TALLY[f"plan:{planned.result}"] += 1
-        assert reference.result is not SpfResult.TEMPERROR
-        got = (planned.result, planned.code, planned.explanation, planned.mechanism)
-        want = (reference.result, reference.code, reference.explanation, reference.mechanism)
-        assert got == want, (client, zone)
-        assert planned.identity == reference.identity
-        assert planned.sender == reference.sender
-        assert planned.domain == reference.domain
-        assert planned.record == reference.record
-        assert planned.ttl is not None and reference.ttl is not None
-        assert planned.ttl <= reference.ttl
+    for domain in (TOP, TWIN):
+        sender, helo = ("", domain) if helo_check else (f"someone@{domain}", "mail.example")
+        first = evaluator.check_now(clients[0], sender, helo, void_limit=void_limit)
+        assert first is not None
+        plans.learn(clients[0], sender, helo, void_limit, first)
+        for client in clients:
+            reference = evaluator.check_now(client, sender, helo, void_limit=void_limit)
+            assert reference is not None
+            plans.learn(client, sender, helo, void_limit, reference)
+            planned = plans.outcome(client, sender, helo, void_limit)
+            if planned is None:
+                TALLY["pyspf"] += 1
+                continue
+            TALLY["plan"] += 1
+            TALLY[f"plan:{planned.result}"] += 1
+            assert reference.result is not SpfResult.TEMPERROR
+            got = (planned.result, planned.code, planned.explanation, planned.mechanism)
+            want = (reference.result, reference.code, reference.explanation, reference.mechanism)
+            assert got == want, (domain, client, zone)
+            assert planned.identity == reference.identity
+            assert planned.sender == reference.sender
+            assert planned.domain == reference.domain
+            assert planned.record == reference.record
+            assert planned.ttl is not None and reference.ttl is not None
+            assert planned.ttl <= reference.ttl
+    counters = plans.counters()
+    if counters["plan_shapes"] < counters["plans"]:
+        TALLY["shared"] += 1
 
 
 def test_the_plan_answered_most_checks() -> None:
@@ -265,3 +277,4 @@ def test_the_plan_answered_most_checks() -> None:
     assert TALLY["plan"] > TALLY["pyspf"] / 4, dict(TALLY)
     for result in ("pass", "fail", "softfail", "neutral", "none", "permerror"):
         assert TALLY[f"plan:{result}"] > 0, dict(TALLY)
+    assert TALLY["shared"] > 0, dict(TALLY)  # the twin's plan shared a shape

@@ -141,7 +141,8 @@ def _plans_summary(plans: dict[str, int] | None) -> str:
     if plans is None:
         return ""
     return (
-        f" plans[entries={plans['plans']} bytes={plans['plan_bytes']} "
+        f" plans[entries={plans['plans']} shapes={plans['plan_shapes']} "
+        f"bytes={plans['plan_bytes']} "
         f"hits={plans['plan_hits']} fallbacks={plans['plan_fallbacks']} "
         f"builds={plans['plan_builds']} unbuilt={plans['plan_unbuilt']}]"
     )
@@ -294,6 +295,11 @@ class _Collector:
         plans = snap.plans
         if plans is not None:
             yield gauge("spfpolicy_plans", "Compiled SPF plans held", plans["plans"])
+            yield gauge(
+                "spfpolicy_plan_shapes",
+                "Distinct compiled SPF tables the plans share",
+                plans["plan_shapes"],
+            )
             yield gauge(
                 "spfpolicy_plan_bytes", "Compiled SPF plans, bytes (estimated)", plans["plan_bytes"]
             )

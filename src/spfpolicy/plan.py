@@ -30,7 +30,9 @@ whose networks hold it, in order) and a walk over those and the
 unconditional steps. Rules: a plan is built only from cached answers (a
 temperror is never cached, so never under a plan), lives no longer than the
 first of them to expire, is keyed by the void limit it was compiled with,
-and the store of plans is bounded in (estimated) bytes.
+and the store of plans is bounded in (estimated) bytes. What a plan holds
+apart from its domain (its ``Shape``) is kept once for all domains whose
+trees compile alike, and the plan used least recently goes first.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, NoReturn
 
 import spf
@@ -62,7 +64,8 @@ Fetch = Callable[[str, str], DnsAnswer | None]
 
 # Bounds: a plan with more range entries than this is not built (a tree of
 # overlapping networks); the store keeps plans up to MAX_PLAN_BYTES, counted
-# by estimate (see Plan.size), within the process's memory budget.
+# by estimate (a shape's size once, _PLAN_OVERHEAD per plan), within the
+# process's memory budget.
 MAX_RANGE_ENTRIES = 20_000
 MAX_PLAN_BYTES = 4 * 1024 * 1024
 # A tree that could not be compiled (part of it not cached) is tried again
@@ -408,25 +411,55 @@ class _Compiler:
         return Done(result, sys.intern(mechanism), step.lookups)
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """One domain's compiled tree for one address family and void limit."""
+class Shape:
+    """What a plan holds that does not depend on the domain it was built
+    for: the table a client is looked up in, the effects, the top record.
+    Domains whose trees compile alike (a provider's customers with the same
+    record) have equal shapes, and the store keeps one of them for all."""
 
-    domain: str
-    v6: bool
-    void_limit: int
-    starts: Sequence[int]  # first address of each elementary range
-    holders: tuple[tuple[int, ...], ...]  # steps matching it, in order
-    next_always: tuple[int, ...]  # per step index: next unconditional step
-    effects: tuple[Effect, ...]
-    expires: float  # when the first answer under it leaves the cache
-    record: str  # the domain's own record (policy's No_Mail reads it)
-    size: int = field(default=0, compare=False)
-    # Outcomes as the result cache keeps them, by (step, HELO check): the
-    # same object for every client a step decides for.
-    kept: dict[tuple[int, bool], SpfOutcome] = field(
-        default_factory=dict, compare=False, repr=False
-    )
+    __slots__ = (
+        "_hash", "effects", "holders", "kept", "next_always", "record", "size", "starts", "v6",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        v6: bool,
+        starts: Sequence[int],
+        holders: tuple[tuple[int, ...], ...],
+        next_always: tuple[int, ...],
+        effects: tuple[Effect, ...],
+        record: str,
+        size: int,
+    ) -> None:
+        self.v6 = v6
+        self.starts = starts  # first address of each elementary range
+        self.holders = holders  # steps matching it, in order
+        self.next_always = next_always  # per step index: next unconditional step
+        self.effects = effects
+        self.record = record  # the domain's own record (policy's No_Mail reads it)
+        self.size = size  # estimated bytes, counted once however many plans share it
+        # Outcomes as the result cache keeps them, by (step, HELO check): the
+        # same object for every client a step decides for, of any domain
+        # sharing the shape (that form keeps nothing of the domain).
+        self.kept: dict[tuple[int, bool], SpfOutcome] = {}
+        packed = bytes(starts) if isinstance(starts, array) else tuple(starts)
+        self._hash = hash((v6, packed, holders, next_always, effects, record))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Shape):
+            return NotImplemented
+        return (
+            self._hash == other._hash
+            and self.v6 == other.v6
+            and self.record == other.record
+            and self.effects == other.effects
+            and self.next_always == other.next_always
+            and self.holders == other.holders
+            and self.starts == other.starts
+        )
 
     def decide(self, address: int) -> int:
         """The step deciding for a client at ``address`` (its effect a
@@ -447,6 +480,27 @@ class Plan:
                 return -1 if effect is None else step
             position = effect
         return -1
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One domain's compiled tree for one address family and void limit."""
+
+    domain: str
+    void_limit: int
+    shape: Shape
+    expires: float  # when the first answer under it leaves the cache
+
+    @property
+    def v6(self) -> bool:
+        return self.shape.v6
+
+    @property
+    def record(self) -> str:
+        return self.shape.record
+
+    def decide(self, address: int) -> int:
+        return self.shape.decide(address)
 
 
 def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Plan | None:
@@ -480,7 +534,7 @@ def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Pla
     next_steps = tuple(next_always)
     record = sys.intern(compiler.top_record)
     size = (
-        _PLAN_OVERHEAD
+        _SHAPE_OVERHEAD
         + sys.getsizeof(packed)
         + sum(sys.getsizeof(start) for start in starts if v6)
         + sys.getsizeof(holders)
@@ -489,24 +543,16 @@ def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Pla
         + sys.getsizeof(record)
         + _KEPT_PER_STEP * len(effects)
     )
-    return Plan(
-        domain,
-        v6,
-        void_limit,
-        packed,
-        holders,
-        next_steps,
-        effects,
-        compiler.q.expires,
-        record,
-        size,
-    )
+    shape = Shape(v6, packed, holders, next_steps, effects, record, size)
+    return Plan(domain, void_limit, shape, compiler.q.expires)
 
 
-# The Plan object, its domain and kept-outcome dict when empty; per step,
-# room for the kept dict's entries.
-_PLAN_OVERHEAD = 650
+# Estimated bytes. A shape: its object and its kept-outcome dict when empty,
+# and per step, room for that dict's entries. A plan: its object, its key
+# in the store (a tuple and a dict slot) and its domain name.
+_SHAPE_OVERHEAD = 300
 _KEPT_PER_STEP = 24
+_PLAN_OVERHEAD = 280
 # Parts shared between plans (holder tuples, final effects): bounded, and
 # forgotten all at once when full (plans keep the objects they hold).
 MAX_SHARED_PARTS = 4096
@@ -589,6 +635,12 @@ class SpfPlans:
     ``outcome()`` answers a check from a valid plan, or returns None (no
     plan, or the plan says pyspf must decide). ``learn()`` builds the plan
     for a check pyspf has just evaluated without a temperror.
+
+    Equal shapes are kept once and counted once: thousands of domains that
+    include one provider in the same record cost one table, plus a small
+    plan each. When the bytes run out, the plan used least recently goes
+    (a hit moves its plan to the end of the store's order): a busy
+    domain's plan is not rebuilt while the long tail comes and goes.
     """
 
     def __init__(
@@ -605,7 +657,9 @@ class SpfPlans:
         self._clock = clock  # the resolver's: answers' expiry times are on it
         self._timer = timer  # for SpfOutcome.elapsed, as the evaluator's
         self.max_bytes = max_bytes
-        self._plans: dict[tuple[str, int, bool], Plan] = {}
+        self._plans: dict[tuple[str, int, bool], Plan] = {}  # least recently used first
+        # Each shape in use, once, with how many plans share it.
+        self._shapes: dict[Shape, tuple[Shape, int]] = {}
         # Keyed by the hash of (domain, void limit, family): an int costs a
         # tenth of the tuple and its strings; a collision only moves a
         # compilation one evaluation earlier or later.
@@ -642,13 +696,15 @@ class SpfPlans:
             return None
         address, v6 = client
         key = (self._domain(sender, helo), void_limit, v6)
-        plan = self._plans.get(key)
+        plans = self._plans
+        plan = plans.pop(key, None)
         if plan is None:
             return None
+        plans[key] = plan  # now the most recently used
         if plan.expires <= self._clock():
             self._drop(key)
             return None
-        step = plan.decide(address)
+        step = plan.shape.decide(address)
         if step < 0:
             self.fallbacks += 1
             return None
@@ -681,14 +737,15 @@ class SpfPlans:
             return None
         plan, step = decided
         memo = (step, not sender)
-        shaped = plan.kept.get(memo)
+        kept = plan.shape.kept
+        shaped = kept.get(memo)
         if shaped is None:
             shaped = shape(self._full(plan, step, sender, helo, 0.0))
-            plan.kept[memo] = shaped
+            kept[memo] = shaped
         return shaped, plan.expires - self._clock()
 
     def _full(self, plan: Plan, step: int, sender: str, helo: str, started: float) -> SpfOutcome:
-        effect = plan.effects[step]
+        effect = plan.shape.effects[step]
         assert type(effect) is Done
         result = effect.result
         if effect.error:
@@ -704,7 +761,7 @@ class SpfPlans:
             sender=sender or (f"postmaster@{helo}" if helo else ""),
             domain=plan.domain,
             lookups=effect.lookups,
-            record=plan.record,
+            record=plan.shape.record,
             ttl=plan.expires - self._clock(),
             elapsed=self._timer() - started if started else 0.0,
         )
@@ -735,7 +792,7 @@ class SpfPlans:
             return None
         self._seen.discard(token)
         plan = compile_plan(domain, self._fetch, void_limit=void_limit, v6=client[1])
-        if plan is None or plan.expires <= now or plan.size > self.max_bytes:
+        if plan is None or plan.expires <= now or plan.shape.size > self.max_bytes:
             self.unbuilt += 1
             if len(self._failed) >= 4096:
                 self._failed.clear()
@@ -743,21 +800,40 @@ class SpfPlans:
             return None
         self._failed.pop(token, None)
         self.builds += 1
-        self._store(key, plan)
-        return plan
+        return self._store(key, plan)
 
-    def _store(self, key: tuple[str, int, bool], plan: Plan) -> None:
+    def _store(self, key: tuple[str, int, bool], plan: Plan) -> Plan:
+        """Keep ``plan`` (on a shape equal to its own, if one is kept);
+        the plans used least recently go while the bytes are over."""
         self._drop(key)
-        self._plans[key] = plan
-        self.bytes += plan.size
+        shapes = self._shapes
+        shape = plan.shape
+        held = shapes.get(shape)
+        if held is None:
+            shapes[shape] = (shape, 1)
+            self.bytes += shape.size
+        else:
+            shape, users = held
+            shapes[shape] = (shape, users + 1)
+            plan = replace(plan, shape=shape)
         plans = self._plans
+        plans[key] = plan
+        self.bytes += _PLAN_OVERHEAD
         while self.bytes > self.max_bytes and plans:
-            self._drop(next(iter(plans)))  # the oldest built
+            self._drop(next(iter(plans)))  # the least recently used
+        return plan
 
     def _drop(self, key: tuple[str, int, bool]) -> None:
         plan = self._plans.pop(key, None)
-        if plan is not None:
-            self.bytes -= plan.size
+        if plan is None:
+            return
+        self.bytes -= _PLAN_OVERHEAD
+        shape, users = self._shapes[plan.shape]
+        if users > 1:
+            self._shapes[shape] = (shape, users - 1)
+        else:
+            del self._shapes[shape]
+            self.bytes -= shape.size
 
     def counters(self) -> dict[str, int]:
         return {
@@ -767,4 +843,5 @@ class SpfPlans:
             "plan_fallbacks": self.fallbacks,
             "plan_builds": self.builds,
             "plan_unbuilt": self.unbuilt,
+            "plan_shapes": len(self._shapes),
         }
