@@ -73,6 +73,23 @@ MAX_IP_TERMS = 1024
 _IP_TERMS: dict[str, Any] = {}
 
 
+def validated_term(mech: str, validate: Callable[[str], Any]) -> Any:
+    """``validate(mech)``, a strict pyspf query's validate_mechanism,
+    remembered for ip4:/ip6: terms: their parse depends on the term's text
+    alone (no macros, no domain, no lax-mode note), and the big providers'
+    records are long lists of them, parsed again in every evaluation (and
+    every plan compiled) otherwise. Errors are not remembered: they are
+    raised again."""
+    parsed = _IP_TERMS.get(mech)
+    if parsed is None:
+        parsed = validate(mech)
+        if parsed[1] in ("ip4", "ip6") and _IP_TERM.match(mech):
+            if len(_IP_TERMS) >= MAX_IP_TERMS:
+                _IP_TERMS.clear()
+            _IP_TERMS[mech] = parsed
+    return parsed
+
+
 @functools.lru_cache(maxsize=1024)
 def _network(ip: Any, prefix: int) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """What pyspf's cidrmatch() matches against: ``ip`` widened to ``prefix``."""
@@ -152,18 +169,7 @@ class _AsyncQuery(spf.query):
         return False
 
     def validate_mechanism(self, mech: str) -> Any:
-        """pyspf's, remembered for ip4:/ip6: terms: their parse depends on the
-        term's text alone (no macros, no domain, no lax-mode note), and the
-        big providers' records are long lists of them, parsed again in every
-        evaluation otherwise. Errors are not remembered: they are raised again."""
-        parsed = _IP_TERMS.get(mech)
-        if parsed is None:
-            parsed = super().validate_mechanism(mech)
-            if parsed[1] in ("ip4", "ip6") and _IP_TERM.match(mech):
-                if len(_IP_TERMS) >= MAX_IP_TERMS:
-                    _IP_TERMS.clear()
-                _IP_TERMS[mech] = parsed
-        return parsed
+        return validated_term(mech, super().validate_mechanism)
 
     def dns_spf(self, domain: str) -> Any:
         # The first record fetched is the checked domain's own: policy's

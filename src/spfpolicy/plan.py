@@ -53,7 +53,7 @@ from typing import Any, NoReturn
 
 import spf
 
-from spfpolicy.evaluator import lookup_name
+from spfpolicy.evaluator import lookup_name, validated_term
 from spfpolicy.resolver import DnsAnswer
 from spfpolicy.results import Identity, SpfOutcome, SpfResult
 
@@ -146,6 +146,9 @@ class _CompileQuery(spf.query):
         self.options: dict[str, Any] = {}
         self.lookups = 0
         self.void_lookups = 0
+
+    def validate_mechanism(self, mech: str) -> Any:
+        return validated_term(mech, super().validate_mechanism)
 
     def dns(
         self, name: Any, qtype: str, cnames: Any = None, ignore_void: bool = False
