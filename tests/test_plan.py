@@ -5,6 +5,7 @@ test_plan_differential.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Any
 
@@ -168,6 +169,11 @@ def test_the_plan_used_least_recently_goes_first() -> None:
     assert plans.outcome("10.49.0.1", "a@d49.test", "helo.test", 2) is not None
 
 
+def _slim(outcome: SpfOutcome) -> SpfOutcome:
+    # As kept() wants it: nothing of the sender, the domain, lookups, TTL, time.
+    return dataclasses.replace(outcome, sender="", domain="", lookups=0, ttl=None, elapsed=0.0)
+
+
 def test_domains_whose_trees_compile_alike_share_one_shape() -> None:
     # A provider's customers with the same record: one table, counted once,
     # and each domain's outcome still its own (pyspf's, domain and sender).
@@ -199,6 +205,20 @@ def test_domains_whose_trees_compile_alike_share_one_shape() -> None:
                 reference.explanation,
             )
             assert (planned.domain, planned.sender) == (reference.domain, reference.sender)
+    # An outcome kept for the result cache is kept on the shape, once for
+    # every domain sharing it, and counted.
+    before = plans.bytes
+    slim = []
+    for i in (0, 1, 2):
+        for ip in ("198.51.100.9", "198.51.100.10", "192.0.2.77"):
+            kept = plans.kept(ip, f"a@c{i}.test", "helo.test", 2, _slim)
+            assert kept is not None
+            slim.append(kept[0])
+    assert slim[0] is slim[1] is slim[3] is slim[7] and slim[2] is slim[8]  # pass, fail
+    grown = plans.bytes - before
+    assert grown > 0
+    plans.kept("198.51.100.11", "a@c3.test", "helo.test", 2, _slim)
+    assert plans.bytes - before == grown  # nothing new to keep
     # A shape goes with the last plan that used it; the bytes with it.
     dns.clock.now += 3601
     for i in range(20):

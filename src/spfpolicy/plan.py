@@ -429,7 +429,7 @@ class Shape:
         v6: bool,
         starts: Sequence[int],
         holders: tuple[tuple[int, ...], ...],
-        next_always: tuple[int, ...],
+        next_always: Sequence[int],
         effects: tuple[Effect, ...],
         record: str,
         size: int,
@@ -441,12 +441,12 @@ class Shape:
         self.effects = effects
         self.record = record  # the domain's own record (policy's No_Mail reads it)
         self.size = size  # estimated bytes, counted once however many plans share it
-        # Outcomes as the result cache keeps them, by (step, HELO check): the
-        # same object for every client a step decides for, of any domain
-        # sharing the shape (that form keeps nothing of the domain).
-        self.kept: dict[tuple[int, bool], SpfOutcome] = {}
+        # Outcomes as the result cache keeps them, by step * 2 + (HELO
+        # check): the same object for every client a step decides for, of
+        # any domain sharing the shape (that form keeps nothing of the domain).
+        self.kept: dict[int, SpfOutcome] = {}
         packed = bytes(starts) if isinstance(starts, array) else tuple(starts)
-        self._hash = hash((v6, packed, holders, next_always, effects, record))
+        self._hash = hash((v6, packed, holders, bytes(next_always), effects, record))
 
     def __hash__(self) -> int:
         return self._hash
@@ -534,7 +534,9 @@ def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Pla
     packed: Sequence[int] = starts if v6 else array("I", starts)
     holders = tuple(_shared(held) for held in holders)
     effects = tuple(_shared(effect) for effect in effects)
-    next_steps = tuple(next_always)
+    # Step numbers as 2-byte integers, 4 where there are more steps: a
+    # tuple would hold an 8-byte pointer each.
+    next_steps = array("H" if len(next_always) < 1 << 16 else "I", next_always)
     record = sys.intern(compiler.top_record)
     size = (
         _SHAPE_OVERHEAD
@@ -544,17 +546,20 @@ def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Pla
         + sys.getsizeof(next_steps)
         + sys.getsizeof(effects)
         + sys.getsizeof(record)
-        + _KEPT_PER_STEP * len(effects)
+        + _DONE * len({id(effect) for effect in effects if type(effect) is Done})
     )
     shape = Shape(v6, packed, holders, next_steps, effects, record, size)
     return Plan(domain, void_limit, shape, compiler.q.expires)
 
 
-# Estimated bytes. A shape: its object and its kept-outcome dict when empty,
-# and per step, room for that dict's entries. A plan: its object, its key
-# in the store (a tuple and a dict slot) and its domain name.
+# Estimated bytes (checked with tracemalloc, see docs/performance.md). A
+# shape: its object and its kept-outcome dict when empty; each distinct
+# final effect (a Done and its mechanism's text); each outcome it keeps (a
+# dict entry; the outcome itself is one object for all plans). A plan: its
+# object, its key in the store (a tuple and a dict slot) and its domain name.
 _SHAPE_OVERHEAD = 300
-_KEPT_PER_STEP = 24
+_DONE = 130
+_KEPT_ENTRY = 60
 _PLAN_OVERHEAD = 280
 # Parts shared between plans (holder tuples, final effects): bounded, and
 # forgotten all at once when full (plans keep the objects they hold).
@@ -739,12 +744,15 @@ class SpfPlans:
         if decided is None:
             return None
         plan, step = decided
-        memo = (step, not sender)
+        memo = step * 2 + (not sender)
         kept = plan.shape.kept
         shaped = kept.get(memo)
         if shaped is None:
             shaped = shape(self._full(plan, step, sender, helo, 0.0))
             kept[memo] = shaped
+            plan.shape.size += _KEPT_ENTRY
+            self.bytes += _KEPT_ENTRY
+            self._evict()
         return shaped, plan.expires - self._clock()
 
     def _full(self, plan: Plan, step: int, sender: str, helo: str, started: float) -> SpfOutcome:
@@ -819,12 +827,15 @@ class SpfPlans:
             shape, users = held
             shapes[shape] = (shape, users + 1)
             plan = replace(plan, shape=shape)
-        plans = self._plans
-        plans[key] = plan
+        self._plans[key] = plan
         self.bytes += _PLAN_OVERHEAD
+        self._evict()
+        return plan
+
+    def _evict(self) -> None:
+        plans = self._plans
         while self.bytes > self.max_bytes and plans:
             self._drop(next(iter(plans)))  # the least recently used
-        return plan
 
     def _drop(self, key: tuple[str, int, bool]) -> None:
         plan = self._plans.pop(key, None)
