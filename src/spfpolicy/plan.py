@@ -494,17 +494,6 @@ class Plan:
     shape: Shape
     expires: float  # when the first answer under it leaves the cache
 
-    @property
-    def v6(self) -> bool:
-        return self.shape.v6
-
-    @property
-    def record(self) -> str:
-        return self.shape.record
-
-    def decide(self, address: int) -> int:
-        return self.shape.decide(address)
-
 
 def compile_plan(domain: str, fetch: Fetch, *, void_limit: int, v6: bool) -> Plan | None:
     """The plan for checks of ``domain`` from one address family, or None
