@@ -13,6 +13,7 @@ import pytest
 
 from fakeclock import FakeClock
 from spfpolicy.bench.zone import PROVIDER_SOURCES, PROVIDERS, Kind, domain_for
+from spfpolicy.checks import DnsChecks
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.plan import SpfPlans, compile_plan
 from spfpolicy.resolver import DnsAnswer
@@ -281,17 +282,24 @@ PLANNED_KINDS = sorted(
 )
 
 
-@pytest.mark.parametrize("kind", PLANNED_KINDS, ids=str)
-def test_the_bench_kinds_go_through_plans(kind: Kind) -> None:
-    _dns, evaluator, plans = _world(_bench_dns())
-    domain = next(d for d in map(lambda i: domain_for(1, i), range(400)) if d.kind is kind)
-    sender = f"someone@{domain.name}"
+def _bench_clients(domain: Any) -> list[str]:
+    """A foreign client, one of the domain's own, an IPv6 one, one per
+    provider network: between them, every branch of the domain's tree."""
     clients = ["100.64.1.1", str(domain.own4.network_address + 1), "fd99::1"]
     clients += [
         str(ipaddress.ip_network(s).network_address + 5)
         for p in domain.providers
         for s in PROVIDER_SOURCES[p]
     ]
+    return clients
+
+
+@pytest.mark.parametrize("kind", PLANNED_KINDS, ids=str)
+def test_the_bench_kinds_go_through_plans(kind: Kind) -> None:
+    _dns, evaluator, plans = _world(_bench_dns())
+    domain = next(d for d in map(lambda i: domain_for(1, i), range(400)) if d.kind is kind)
+    sender = f"someone@{domain.name}"
+    clients = _bench_clients(domain)
     for ip in clients:  # every branch of the tree walked once: all cached
         _learn(evaluator, plans, ip, sender)
     for ip in clients:
@@ -323,12 +331,11 @@ def test_odd_client_addresses_get_pyspfs_answer_or_none(ip: str) -> None:
         assert (planned.result, planned.mechanism) == (reference.result, reference.mechanism)
 
 
+@pytest.mark.parametrize("method", ["kept", "learn", "build_due"])
 def test_a_failing_plan_turns_plans_off_and_pyspf_answers(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    method: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A bug in plan.py must cost neither an answer nor a traceback per check.
-    from spfpolicy.checks import DnsChecks
-
     _dns, evaluator, _plans = _world(ZONE)
     checks = DnsChecks(evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=0)
     assert checks.plans is not None
@@ -336,10 +343,87 @@ def test_a_failing_plan_turns_plans_off_and_pyspf_answers(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug in plan.py")
 
-    monkeypatch.setattr(checks.plans, "kept", broken)
+    monkeypatch.setattr(checks.plans, method, broken)
     answers = [checks.cached_spf(ip, "a@ex.test", "helo.test") for ip in ("192.0.2.1", "192.0.2.2")]
     reference = evaluator.check_now("192.0.2.1", "a@ex.test", "helo.test", void_limit=2)
     assert reference is not None
     assert [a.result if a else None for a in answers] == [reference.result] * 2
     assert checks.plans is None
     assert sum("plans are off" in r.getMessage() for r in caplog.records) == 1
+
+
+def _counting(evaluator: SpfEvaluator) -> list[str]:
+    """pyspf's evaluations from cached answers, by client, from now on."""
+    evaluated: list[str] = []
+    check_now = evaluator.check_now
+
+    def counted(ip: str, *args: Any, **kwargs: Any) -> SpfOutcome | None:
+        evaluated.append(ip)
+        return check_now(ip, *args, **kwargs)
+
+    evaluator.check_now = counted  # type: ignore[method-assign]
+    return evaluated
+
+
+def test_the_check_that_builds_a_plan_is_answered_by_it() -> None:
+    # Compiled at a domain's second evaluation (COMPILE_AFTER): before
+    # pyspf would run it, so that pyspf runs once per domain, not twice.
+    _dns, evaluator, _plans = _world(ZONE)
+    checks = DnsChecks(evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=0)
+    assert checks.plans is not None and checks.plans.compile_after == 2
+    evaluated = _counting(evaluator)
+    first = checks.cached_spf("192.0.2.1", "a@ex.test", "helo.test")
+    assert evaluated == ["192.0.2.1"] and len(checks.plans) == 0
+    second = checks.cached_spf("198.51.100.7", "a@ex.test", "helo.test")
+    assert evaluated == ["192.0.2.1"]  # the plan answered it
+    assert checks.plans.counters()["plan_builds"] == 1
+    assert checks.plans.hits == 1
+    reference = evaluator.check_now("198.51.100.7", "a@ex.test", "helo.test", void_limit=2)
+    assert first is not None and second is not None and reference is not None
+    assert (second.result, second.mechanism, second.explanation) == (
+        reference.result,
+        reference.mechanism,
+        reference.explanation,
+    )
+
+
+def test_a_domain_not_evaluated_before_is_not_built_early() -> None:
+    # build_due() neither builds nor counts a sighting: pyspf's evaluation
+    # after it is the domain's first.
+    _dns, evaluator, plans = _world(ZONE)
+    plans.compile_after = 2
+    assert not plans.build_due("192.0.2.1", "a@ex.test", "helo.test", 2)
+    assert not plans.build_due("192.0.2.1", "a@ex.test", "helo.test", 2)
+    _learn(evaluator, plans, "192.0.2.1", "a@ex.test")
+    assert len(plans) == 0
+    assert plans.build_due("192.0.2.2", "a@ex.test", "helo.test", 2)
+    assert len(plans) == 1
+
+
+@pytest.mark.parametrize("kind", PLANNED_KINDS, ids=str)
+def test_checks_with_plans_answer_as_checks_without(kind: Kind) -> None:
+    # Differential, through DnsChecks as decisions use it: the same checks
+    # in the same order, with plans (pyspf, then the build before the second
+    # evaluation, then the plan) and without (pyspf every time). The
+    # outcomes, as the result cache keeps them, are the same objects.
+    _dns, evaluator, _plans = _world(_bench_dns())
+    planned = DnsChecks(evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=0)
+    plain = DnsChecks(
+        evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=0, plans=False
+    )
+    domains = [d for d in map(lambda i: domain_for(1, i), range(400)) if d.kind is kind][:3]
+    for domain in domains:  # every branch of the tree walked once: all cached
+        sender = f"someone@{domain.name}"
+        for ip in _bench_clients(domain):
+            evaluator.check_now(ip, sender, "helo.test", void_limit=2)
+    for offset in range(1, 4):
+        for domain in domains:
+            sender = f"someone@{domain.name}"
+            for ip in _bench_clients(domain):
+                new = str(ipaddress.ip_address(ip) + offset)
+                for helo_check in (False, True):
+                    who, helo = ("", domain.name) if helo_check else (sender, "helo.test")
+                    got = planned.cached_spf(new, who, helo)
+                    want = plain.cached_spf(new, who, helo)
+                    assert got is want, (kind, new, helo_check, got, want)
+    assert planned.plans is not None and planned.plans.hits > 0

@@ -21,7 +21,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.evaluator import SpfEvaluator
@@ -126,6 +126,11 @@ class DnsChecks:
         domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
         if self.resolver.peek(domain, "TXT") is None:
             return None
+        if self._built_now(ip, sender, helo, void_limit):
+            planned = self._planned(ip, sender, helo, void_limit)
+            if planned is not None:
+                self.evaluated_now += 1
+                return self._store(key, *planned)
         full = self.evaluator.check_now(ip, sender, helo, void_limit=void_limit)
         if full is None:
             return None
@@ -148,18 +153,30 @@ class DnsChecks:
             return None
 
     def _learn(self, ip: str, sender: str, helo: str, void_limit: int, full: SpfOutcome) -> None:
-        # A plan for the next client of this domain; a cache failure (here,
-        # a compiler failure) never fails an answer.
+        # A plan for the next client of this domain.
         if self.plans is not None:
-            try:
-                self.plans.learn(ip, sender, helo, void_limit, full)
-            except Exception:
-                log.exception(
-                    "building an SPF plan for %r/%r failed; plans are off until a reload",
-                    sender,
-                    helo,
-                )
-                self.plans = None
+            self._building(sender, helo, self.plans.learn, ip, sender, helo, void_limit, full)
+
+    def _built_now(self, ip: str, sender: str, helo: str, void_limit: int) -> bool:
+        # The plan pyspf's evaluation of this check would build, built first.
+        plans = self.plans
+        if plans is None:
+            return False
+        built = self._building(sender, helo, plans.build_due, ip, sender, helo, void_limit)
+        return bool(built)
+
+    def _building(self, sender: str, helo: str, build: Callable[..., Any], *args: Any) -> Any:
+        # A cache failure (here, a compiler failure) never fails an answer.
+        try:
+            return build(*args)
+        except Exception:
+            log.exception(
+                "building an SPF plan for %r/%r failed; plans are off until a reload",
+                sender,
+                helo,
+            )
+            self.plans = None
+            return None
 
     def cached_lifetime(
         self,

@@ -770,9 +770,27 @@ class SpfPlans:
         self, ip: str, sender: str, helo: str, void_limit: int, outcome: SpfOutcome
     ) -> Plan | None:
         """Build the plan for this check's domain and family, after pyspf
-        evaluated it from cached answers (never after a temperror)."""
+        evaluated it from cached answers (never after a temperror): at the
+        domain's compile_after-th evaluation, counting this one."""
         if outcome.result is SpfResult.TEMPERROR:
             return None
+        return self._build(ip, sender, helo, void_limit, sighting=True)
+
+    def build_due(self, ip: str, sender: str, helo: str, void_limit: int) -> bool:
+        """Before pyspf evaluates a check from cached answers: if that
+        evaluation would build the domain's plan (``learn``), build it now
+        instead, so that the plan answers this check too and pyspf runs once
+        less; whether a plan is there. The plan is compiled from the cached
+        answers alone, as pyspf's evaluation would read them: a failed
+        lookup is not cached, so no plan is built over one."""
+        return self._build(ip, sender, helo, void_limit, sighting=False) is not None
+
+    def _build(
+        self, ip: str, sender: str, helo: str, void_limit: int, *, sighting: bool
+    ) -> Plan | None:
+        """The valid plan for this check's domain and family, built if it
+        is due; ``sighting``: this check counts as one of the domain's
+        evaluations (it was one)."""
         client = _client(ip)
         domain = self._domain(sender, helo)
         if client is None or not domain:
@@ -786,9 +804,10 @@ class SpfPlans:
         if self._failed.get(token, -math.inf) > now:
             return None
         if self.compile_after > 1 and token not in self._seen:
-            if len(self._seen) >= MAX_SIGHTINGS:
-                self._seen.clear()
-            self._seen.add(token)
+            if sighting:
+                if len(self._seen) >= MAX_SIGHTINGS:
+                    self._seen.clear()
+                self._seen.add(token)
             return None
         self._seen.discard(token)
         plan = compile_plan(domain, self._fetch, void_limit=void_limit, v6=client[1])
