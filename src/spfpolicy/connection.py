@@ -107,6 +107,7 @@ class Connection(asyncio.Protocol):
         self._closing = False  # nothing more will be read
         self._lost = False
         self._paused = False
+        self._loop: asyncio.AbstractEventLoop  # set by connection_made
         self._last_read = 0.0  # loop time of the last bytes received
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle_expired = False
@@ -136,7 +137,9 @@ class Connection(asyncio.Protocol):
             max_request_size=settings.max_request_size,
         )
         server.connections.add(self)
-        loop = asyncio.get_running_loop()
+        # Kept: on Python 3.11 each get_running_loop() is a getpid system
+        # call, and data_received wants the loop's time for every read.
+        self._loop = loop = asyncio.get_running_loop()
         # Idle_Timeout: one timer per connection, re-armed only when it fires
         # early (cheaper than a timeout around every wait for data).
         self._last_read = loop.time()
@@ -147,7 +150,7 @@ class Connection(asyncio.Protocol):
         parser = self._parser
         if parser is None or self._closing:
             return
-        self._last_read = asyncio.get_running_loop().time()
+        self._last_read = self._loop.time()
         # A ProtocolError is raised again by next_request(), after the
         # requests before it, where _answer_at_once reports it.
         with contextlib.suppress(ProtocolError):
