@@ -427,3 +427,21 @@ def test_checks_with_plans_answer_as_checks_without(kind: Kind) -> None:
                     want = plain.cached_spf(new, who, helo)
                     assert got is want, (kind, new, helo_check, got, want)
     assert planned.plans is not None and planned.plans.hits > 0
+
+
+def test_a_plan_that_leaves_a_client_to_pyspf_is_asked_once() -> None:
+    # A domain's plan is there but hands this client to pyspf (a ptr term):
+    # nothing to build, so the check goes to pyspf after one decision.
+    zone = {("ex.test", "TXT"): _txt("v=spf1 ip4:192.0.2.0/24 ptr -all")}
+    _dns, evaluator, _plans = _world(zone)
+    checks = DnsChecks(evaluator, void_limit=2, result_cache_size=100, result_cache_ttl=0)
+    assert checks.plans is not None
+    evaluated = _counting(evaluator)
+    for ip in ("192.0.2.1", "192.0.2.2"):  # pyspf, then the build: the plan answers
+        assert checks.cached_spf(ip, "a@ex.test", "helo.test") is not None
+    assert evaluated == ["192.0.2.1"] and checks.plans.counters()["plan_builds"] == 1
+    for ip in ("203.0.113.1", "203.0.113.2"):
+        assert checks.cached_spf(ip, "a@ex.test", "helo.test") is not None
+    assert evaluated == ["192.0.2.1", "203.0.113.1", "203.0.113.2"]
+    assert checks.plans.fallbacks == 2  # once per check
+    assert checks.plans.counters()["plan_builds"] == 1

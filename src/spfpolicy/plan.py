@@ -771,7 +771,8 @@ class SpfPlans:
     ) -> Plan | None:
         """Build the plan for this check's domain and family, after pyspf
         evaluated it from cached answers (never after a temperror): at the
-        domain's compile_after-th evaluation, counting this one."""
+        domain's compile_after-th evaluation, counting this one. The plan
+        built now, or None."""
         if outcome.result is SpfResult.TEMPERROR:
             return None
         return self._build(ip, sender, helo, void_limit, sighting=True)
@@ -780,17 +781,19 @@ class SpfPlans:
         """Before pyspf evaluates a check from cached answers: if that
         evaluation would build the domain's plan (``learn``), build it now
         instead, so that the plan answers this check too and pyspf runs once
-        less; whether a plan is there. The plan is compiled from the cached
-        answers alone, as pyspf's evaluation would read them: a failed
-        lookup is not cached, so no plan is built over one."""
+        less; whether it built one (a valid plan already there, which left
+        this check to pyspf, is not asked again). The plan is compiled from
+        the cached answers alone, as pyspf's evaluation would read them: a
+        failed lookup is not cached, so no plan is built over one."""
         return self._build(ip, sender, helo, void_limit, sighting=False) is not None
 
     def _build(
         self, ip: str, sender: str, helo: str, void_limit: int, *, sighting: bool
     ) -> Plan | None:
-        """The valid plan for this check's domain and family, built if it
-        is due; ``sighting``: this check counts as one of the domain's
-        evaluations (it was one)."""
+        """The plan for this check's domain and family, if one was due and
+        is built now (None when a valid one is there already);
+        ``sighting``: this check counts as one of the domain's evaluations
+        (it was one)."""
         client = _client(ip)
         domain = self._domain(sender, helo)
         if client is None or not domain:
@@ -799,7 +802,7 @@ class SpfPlans:
         now = self._clock()
         plan = self._plans.get(key)
         if plan is not None and plan.expires > now:
-            return plan
+            return None
         token = hash(key)
         if self._failed.get(token, -math.inf) > now:
             return None
