@@ -155,20 +155,21 @@ class DnsChecks:
     def _learn(self, ip: str, sender: str, helo: str, void_limit: int, full: SpfOutcome) -> None:
         # A plan for the next client of this domain.
         if self.plans is not None:
-            self._building(sender, helo, self.plans.learn, ip, sender, helo, void_limit, full)
+            self._building(self.plans.learn, ip, sender, helo, void_limit, full)
 
     def _built_now(self, ip: str, sender: str, helo: str, void_limit: int) -> bool:
         # The plan pyspf's evaluation of this check would build, built first.
         plans = self.plans
         if plans is None:
             return False
-        built = self._building(sender, helo, plans.build_due, ip, sender, helo, void_limit)
-        return bool(built)
+        return bool(self._building(plans.build_due, ip, sender, helo, void_limit))
 
-    def _building(self, sender: str, helo: str, build: Callable[..., Any], *args: Any) -> Any:
+    def _building(
+        self, build: Callable[..., Any], ip: str, sender: str, helo: str, *rest: Any
+    ) -> Any:
         # A cache failure (here, a compiler failure) never fails an answer.
         try:
-            return build(*args)
+            return build(ip, sender, helo, *rest)
         except Exception:
             log.exception(
                 "building an SPF plan for %r/%r failed; plans are off until a reload",
