@@ -1,6 +1,6 @@
 """CPU per upstream DNS lookup through Resolver.resolve, without SPF.
 
-    python benchmarks/lookups.py [--lookups N] [--concurrency C]
+    python benchmarks/lookups.py [--lookups N] [--concurrency C] [--floor]
 
 Starts the bench's DNS zone server (no delay) in a subprocess and resolves
 the TXT records of N sender domains no lookup has asked for before, C at a
@@ -9,6 +9,12 @@ the loop, and the garbage collector tuned, as the server runs them).
 Prints the process CPU per lookup over the timed part (after 200 warm-up
 lookups): the floor a cold request's ~2-3 upstream lookups put under its
 CPU, whatever SPF evaluation costs on top.
+
+With --floor, the same lookups go straight to c-ares through the thinnest
+call this project has (``cares.LoopResolver.query_reply``: c-ares driven
+from the loop, its reply read into a ``Reply``), with no cache, no
+single-flight and no answer conversion: what a lookup costs below
+resolver.py, the part no change to this project's own code can remove.
 """
 
 from __future__ import annotations
@@ -22,8 +28,12 @@ import sys
 import time
 from collections.abc import Iterator
 
+import aiodns
+import pycares
+
 from spfpolicy import eventloop
 from spfpolicy.bench.zone import domain_for
+from spfpolicy.cares import LoopResolver
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.resolver import DnsTempError, Resolver
 
@@ -35,9 +45,20 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _run(nameserver: str, lookups: int, concurrency: int) -> None:
+async def _run(nameserver: str, lookups: int, concurrency: int, floor: bool) -> None:
     resolver = Resolver([nameserver])
     names = [domain_for(1, 500_000 + i).name for i in range(lookups + WARMUP)]
+    channel = LoopResolver(
+        nameservers=[nameserver], loop=asyncio.get_running_loop(), timeout=2.0, tries=2
+    )
+
+    async def ask(name: str) -> None:
+        if floor:
+            with contextlib.suppress(aiodns.error.DNSError):
+                await channel.query_reply(name.encode("ascii"), pycares.QUERY_TYPE_TXT)
+        else:
+            with contextlib.suppress(DnsTempError):  # the zone's SERVFAIL domains
+                await resolver.resolve(name, "TXT")
 
     async def worker(queue: Iterator[str]) -> None:
         # C workers taking names from one iterator: as the server's requests
@@ -46,8 +67,7 @@ async def _run(nameserver: str, lookups: int, concurrency: int) -> None:
         # resolver's, and thousands of waiting tasks would make every
         # garbage collection walk them).
         for name in queue:
-            with contextlib.suppress(DnsTempError):  # the zone's SERVFAIL domains
-                await resolver.resolve(name, "TXT")
+            await ask(name)
 
     async def run(part: list[str]) -> None:
         queue = iter(part)
@@ -58,10 +78,13 @@ async def _run(nameserver: str, lookups: int, concurrency: int) -> None:
     cpu, wall = _cpu(), time.perf_counter()
     await run(names[WARMUP:])
     cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+    queries = "" if floor else f", {resolver.stats.upstream_queries - WARMUP} queries"
+    what = "c-ares alone (--floor)" if floor else "through Resolver.resolve"
     print(
-        f"{cpu / lookups * 1e6:.1f} us CPU per lookup, {lookups / wall:,.0f} lookups/s, "
-        f"{resolver.stats.upstream_queries - WARMUP} queries"
+        f"{cpu / lookups * 1e6:.1f} us CPU per lookup {what}, "
+        f"{lookups / wall:,.0f} lookups/s{queries}"
     )
+    channel.cancel()
     await resolver.close()
 
 
@@ -69,6 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lookups", type=int, default=8000)
     parser.add_argument("--concurrency", type=int, default=50)
+    parser.add_argument("--floor", action="store_true", help="c-ares alone, no Resolver")
     args = parser.parse_args()
     zone = subprocess.Popen(
         [sys.executable, "-m", "spfpolicy.bench.zone", "--delay", "0"],
@@ -79,7 +103,7 @@ def main() -> int:
         assert zone.stdout is not None
         nameserver = zone.stdout.readline().strip()
         with eventloop.runner() as runner:
-            runner.run(_run(nameserver, args.lookups, args.concurrency))
+            runner.run(_run(nameserver, args.lookups, args.concurrency, args.floor))
     finally:
         zone.terminate()
         zone.wait()

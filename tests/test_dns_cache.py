@@ -535,6 +535,25 @@ async def test_check_now_stops_at_the_first_lookup_not_cached(zone_server, resol
     assert server.queries == 1 and evaluator.in_flight == 0
 
 
+async def test_check_now_gives_nothing_when_a_swallowed_lookup_was_missing(
+    zone_server, resolvers
+) -> None:
+    # pyspf fetches the exp= text inside a bare "except:", so the missing
+    # answer's TempError never reaches check_now: the fail it returns has
+    # the default explanation, not the domain's. That verdict must be
+    # dropped, and check() must then give the domain's own text.
+    server = await zone_server(_NOW_ZONE)
+    resolver = resolvers(server)
+    evaluator = SpfEvaluator(resolver)
+    await resolver.resolve("exp.example", "TXT")  # the record, not its exp= text
+    assert evaluator.check_now("198.51.100.7", "a@exp.example", "h") is None
+    waited = await evaluator.check("198.51.100.7", "a@exp.example", "h")
+    assert waited.result is SpfResult.FAIL
+    assert waited.explanation == "198.51.100.7 is not one of exp.example's senders"
+    now = evaluator.check_now("198.51.100.7", "a@exp.example", "h")
+    assert now is not None and now.explanation == waited.explanation
+
+
 async def test_result_cache_fills_from_cached_dns_without_waiting(zone_server, resolvers) -> None:
     server = await zone_server(_NOW_ZONE)
     checks = DnsChecks(
