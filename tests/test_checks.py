@@ -10,6 +10,7 @@ names (RFC 7208 5.5), at most 10 of them, and A/AAAA addresses.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -214,3 +215,32 @@ async def test_confirmed_ptr_names_are_at_most_ten(make_checks: Any) -> None:
 async def test_addresses(make_checks: Any, name: str, ipv6: bool, expected: list[str]) -> None:
     _, make = make_checks
     assert await make().addresses(name, ipv6=ipv6, lookup_time=5) == expected
+
+
+def test_outcomes_kept_for_decisions_keep_what_decisions_read() -> None:
+    # _for_decisions builds the slim outcome field by field: a field added
+    # to SpfOutcome must be sorted there into kept or dropped.
+    from spfpolicy.checks import _for_decisions
+    from spfpolicy.results import NO_MAIL_RECORD, Identity, SpfOutcome
+
+    kept = {"result", "code", "explanation", "mechanism", "identity", "record"}
+    dropped = {"sender", "domain", "lookups", "ttl", "elapsed"}
+    assert {f.name for f in dataclasses.fields(SpfOutcome)} == kept | dropped
+    full = SpfOutcome(
+        SpfResult.FAIL,
+        550,
+        "not allowed",
+        mechanism="-all",
+        identity=Identity.HELO,
+        sender="postmaster@h.example",
+        domain="h.example",
+        lookups=3,
+        ttl=20.0,
+        elapsed=0.01,
+        record=NO_MAIL_RECORD,
+    )
+    slim = _for_decisions(full)
+    assert slim == dataclasses.replace(full, sender="", domain="", lookups=0, ttl=None, elapsed=0.0)
+    other = _for_decisions(dataclasses.replace(full, record="v=spf1 a -all", sender="x@y"))
+    assert other.record == "" and other.sender == ""
+    assert _for_decisions(dataclasses.replace(full, lookups=9)) is slim  # one object
