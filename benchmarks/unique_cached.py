@@ -1,0 +1,131 @@
+"""CPU per request of the unique workload when every DNS answer is cached.
+
+    python benchmarks/unique_cached.py [--requests N]
+
+Starts the bench's DNS zone server (no delay) in a subprocess, answers the
+first N requests of the `unique` workload once through a PolicyServer
+(Debian's default policyd-spf.conf as the bench uses it, debugLevel 1,
+logging to a file), so that every DNS answer they need is cached; then,
+three times, empties the SPF result cache, the verdict memo, the
+per-message memory and the plan store (plans off, as a domain seen once
+never gets one) and answers the same requests again, one at a time. Prints
+the process CPU per request of each round.
+
+What a unique request costs besides its upstream lookups: parsing, two
+pyspf evaluations per message from cached records, the decision, the log
+line. Add the lookups' own cost (`benchmarks/lookups.py --floor`, about
+1.9 per request) for what a cold request cannot cost less than with this
+code. The few SERVFAIL names are asked again each round (temperror
+answers are not cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from spfpolicy import logs
+from spfpolicy.bench.loadgen import BENCH_CONF
+from spfpolicy.bench.workloads import Workload, WorkloadKind
+from spfpolicy.checks import DnsChecks
+from spfpolicy.config import load_settings
+from spfpolicy.lifecycle import tune_garbage_collector
+from spfpolicy.memory import InstanceMemory, VerdictMemo
+from spfpolicy.protocol import PolicyRequest, RequestParser
+from spfpolicy.server import PolicyServer
+
+ROUNDS = 3
+
+
+def _cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def unique_requests(count: int) -> list[bytes]:
+    out: list[bytes] = []
+    for message in Workload(kind=WorkloadKind.UNIQUE, seed=1).messages():
+        out.extend(request.data for request in message.requests)
+        if len(out) >= count:
+            break
+    return out[:count]
+
+
+def parsed(data: list[bytes]) -> list[PolicyRequest]:
+    out = []
+    for chunk in data:
+        parser = RequestParser()
+        parser.feed(chunk)
+        request = parser.next_request()
+        assert request is not None
+        out.append(request)
+    return out
+
+
+async def measure(count: int, nameserver: str, workdir: Path) -> None:
+    conf = workdir / "spfpolicy.conf"
+    conf.write_text(f"{BENCH_CONF}Nameservers = {nameserver}\n")
+    settings = load_settings(conf)
+    server = PolicyServer(settings)
+    stderr = sys.stderr
+    sys.stderr = open(workdir / "log", "w", buffering=1)  # noqa: SIM115
+    logs.configure(settings.debug_level, ["stderr"])
+    data = unique_requests(count)
+    warm = parsed(data)
+    for start in range(0, len(warm), 50):  # 50 at a time, the lookups overlapping
+        await asyncio.gather(*(server.answer(r) for r in warm[start : start + 50]))
+    tune_garbage_collector()
+    asked = server.resolver.stats.upstream_queries
+    for round_ in range(ROUNDS):
+        server.checks = DnsChecks(
+            server.evaluator,
+            void_limit=settings.void_limit,
+            result_cache_size=settings.result_cache_size,
+            result_cache_ttl=settings.result_cache_ttl,
+            plans=False,
+        )
+        server.memo = VerdictMemo(settings, settings.result_cache_size)
+        server.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
+        requests = parsed(data)
+        cpu = _cpu()
+        for request in requests:
+            await server.answer(request)
+        cpu = _cpu() - cpu
+        print(
+            f"round {round_ + 1}: {cpu / len(requests) * 1e6:.1f} us CPU per request "
+            f"({len(requests)} requests, "
+            f"{server.resolver.stats.upstream_queries - asked} upstream queries since warm)",
+            file=stderr,
+        )
+    await server.close()
+    sys.stderr.close()
+    sys.stderr = stderr
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=6000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dns = subprocess.Popen(
+            [sys.executable, "-m", "spfpolicy.bench.zone", "--seed", "1", "--delay", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert dns.stdout is not None
+            nameserver = dns.stdout.readline().strip()
+            asyncio.run(measure(args.requests, nameserver, Path(tmp)))
+        finally:
+            dns.terminate()
+            dns.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
