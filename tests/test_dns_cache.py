@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import time
 import tracemalloc
+import weakref
+from typing import Any
 
 import pytest
+import spf
 
 from fakeclock import FakeClock
 from spfpolicy.cache import TtlLruCache
 from spfpolicy.checks import DnsChecks
-from spfpolicy.evaluator import SpfEvaluator
+from spfpolicy.evaluator import SpfEvaluator, _Runners
 from spfpolicy.resolver import DnsAnswer, DnsCache, DnsTempError
 from spfpolicy.results import SpfResult
 
@@ -375,6 +379,87 @@ async def test_cancelled_evaluation_leaves_nothing_suspended(zone_server, resolv
     with pytest.raises(asyncio.CancelledError):
         await task
     assert evaluator.in_flight == 0
+
+
+async def test_evaluations_reuse_their_greenlets(zone_server, resolvers) -> None:
+    # Each evaluation waits for lookups in a runner greenlet; a finished
+    # runner serves the next evaluation, and keeps none of it alive.
+    server = await zone_server(_NOW_ZONE)
+    evaluator = SpfEvaluator(resolvers(server))
+    made = []
+    make_query = evaluator._query
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        query = make_query(*args, **kwargs)
+        made.append(weakref.ref(query))
+        return query
+
+    evaluator._query = watched  # type: ignore[method-assign]
+    for ip, sender, helo in _NOW_CHECKS:
+        waited = await evaluator.check(ip, sender, helo)
+        await asyncio.sleep(0.05)  # the lookups' answers reach the cache
+        reference = SpfEvaluator(evaluator.resolver).check_now(ip, sender, helo)
+        assert reference is not None  # the check cached every answer it used
+        assert dataclasses.replace(waited, elapsed=0.0, ttl=None) == dataclasses.replace(
+            reference, elapsed=0.0, ttl=None
+        )
+        assert len(evaluator._runners) == 1  # the same runner each time
+    gc.collect()
+    assert made and all(ref() is None for ref in made)
+
+
+async def test_a_runner_cut_short_serves_the_next_evaluation(zone_server, resolvers) -> None:
+    server = await zone_server(
+        {
+            "hang.example.com": [{"TXT": "v=spf1 include:hang.example.net -all"}],
+            "hang.example.net": [{"TXT": "v=spf1 -all"}],
+            "ok.example.com": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}],
+        }
+    )
+    server.faults["hang.example.net"] = "timeout"
+    evaluator = SpfEvaluator(resolvers(server, timeout=30.0), lookup_time=30.0)
+    task = asyncio.ensure_future(evaluator.check("192.0.2.1", "a@hang.example.com", "h"))
+    await asyncio.sleep(0.2)  # suspended in the include's lookup
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert len(evaluator._runners) == 1  # finished by _abandon, and kept
+    outcome = await evaluator.check("192.0.2.1", "a@ok.example.com", "h")
+    assert outcome.result == SpfResult.PASS and outcome.mechanism == "ip4:192.0.2.0/24"
+    assert len(evaluator._runners) == 1
+
+
+async def test_pyspf_failing_in_a_runner_is_a_temperror_and_the_runner_goes_on(
+    zone_server, resolvers, monkeypatch, caplog
+) -> None:
+    server = await zone_server(_NOW_ZONE)
+    evaluator = SpfEvaluator(resolvers(server))
+    check1 = spf.query.check1
+
+    def failing(self: Any, record: Any, domain: str, recursion: int) -> Any:
+        if domain == "_spf.example.net":
+            raise RuntimeError("a pyspf bug")
+        return check1(self, record, domain, recursion)
+
+    monkeypatch.setattr(spf.query, "check1", failing)
+    outcome = await evaluator.check("192.0.2.5", "a@example.com", "h")
+    assert outcome.result == SpfResult.TEMPERROR
+    assert outcome.explanation == "SPF Temporary Error: internal error"
+    assert "a pyspf bug" in caplog.text  # logged with its traceback
+    monkeypatch.setattr(spf.query, "check1", check1)
+    assert len(evaluator._runners) == 1
+    outcome = await evaluator.check("192.0.2.5", "a@example.com", "h")
+    assert outcome.result == SpfResult.PASS
+
+
+async def test_idle_runners_are_bounded(zone_server, resolvers) -> None:
+    server = await zone_server({f"d{i}.example": [{"TXT": "v=spf1 a -all"}] for i in range(80)})
+    evaluator = SpfEvaluator(resolvers(server))
+    outcomes = await asyncio.gather(
+        *(evaluator.check("192.0.2.1", f"a@d{i}.example", "h") for i in range(80))
+    )
+    assert {o.result for o in outcomes} == {SpfResult.FAIL}
+    assert len(evaluator._runners) == _Runners.MAX_IDLE < 80
 
 
 async def test_void_limit_is_configurable(zone_server, resolvers) -> None:
