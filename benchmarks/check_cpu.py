@@ -18,8 +18,9 @@ import argparse
 import asyncio
 import logging
 import resource
-import subprocess
 import sys
+
+from benchsetup import zone_server
 
 from spfpolicy import eventloop
 from spfpolicy.bench.zone import domain_for
@@ -67,19 +68,8 @@ def main() -> int:
     parser.add_argument("--domains", type=int, default=300)
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the zone's failing names would be logged
-    zone = subprocess.Popen(
-        [sys.executable, "-m", "spfpolicy.bench.zone", "--delay", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert zone.stdout is not None
-        nameserver = zone.stdout.readline().strip()
-        with eventloop.runner() as runner:
-            runner.run(_run(nameserver, args.domains))
-    finally:
-        zone.terminate()
-        zone.wait()
+    with zone_server() as nameserver, eventloop.runner() as runner:
+        runner.run(_run(nameserver, args.domains))
     return 0
 
 

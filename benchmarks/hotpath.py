@@ -18,16 +18,14 @@ import asyncio
 import cProfile
 import itertools
 import pstats
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from spfpolicy import logs
-from spfpolicy.bench.loadgen import BENCH_CONF
+from benchsetup import bench_server, zone_server
+
 from spfpolicy.bench.workloads import Workload, WorkloadKind
-from spfpolicy.config import load_settings
 from spfpolicy.protocol import RequestParser, encode_response
 from spfpolicy.server import PolicyServer
 
@@ -57,14 +55,11 @@ def one_round(server: PolicyServer, data: list[bytes]) -> float:
 
 
 async def measure(args: argparse.Namespace, nameserver: str, workdir: Path) -> None:
-    conf = workdir / "spfpolicy.conf"
-    conf.write_text(f"{BENCH_CONF}Nameservers = {nameserver}\n")
-    settings = load_settings(conf)
-    server = PolicyServer(settings)
-    # Log_Target = stderr, as the bench runs the server, with stderr a file.
-    stderr = sys.stderr
-    sys.stderr = open(workdir / "log", "w", buffering=1)  # noqa: SIM115
-    logs.configure(settings.debug_level, ["stderr"])
+    async with bench_server(nameserver, workdir) as server:
+        await _measure(args, server)
+
+
+async def _measure(args: argparse.Namespace, server: PolicyServer) -> None:
     data = hot_requests(args.requests)
     # Warm-up: every distinct request through the full path, twice (the
     # second pass remembers each message's instance like a real run).
@@ -87,9 +82,6 @@ async def measure(args: argparse.Namespace, nameserver: str, workdir: Path) -> N
         one_round(server, [c.replace(b"\ninstance=", b"\ninstance=p.") for c in data])
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
-    await server.close()
-    sys.stderr.close()
-    sys.stderr = stderr
 
 
 def main() -> int:
@@ -97,19 +89,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        dns = subprocess.Popen(
-            [sys.executable, "-m", "spfpolicy.bench.zone", "--seed", "1", "--delay", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert dns.stdout is not None
-            nameserver = dns.stdout.readline().strip()
-            asyncio.run(measure(args, nameserver, Path(tmp)))
-        finally:
-            dns.terminate()
-            dns.wait()
+    with tempfile.TemporaryDirectory() as tmp, zone_server() as nameserver:
+        asyncio.run(measure(args, nameserver, Path(tmp)))
     return 0
 
 

@@ -23,13 +23,13 @@ import argparse
 import asyncio
 import contextlib
 import resource
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import aiodns
 import pycares
+from benchsetup import zone_server
 
 from spfpolicy import eventloop
 from spfpolicy.bench.zone import domain_for
@@ -94,19 +94,8 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--floor", action="store_true", help="c-ares alone, no Resolver")
     args = parser.parse_args()
-    zone = subprocess.Popen(
-        [sys.executable, "-m", "spfpolicy.bench.zone", "--delay", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert zone.stdout is not None
-        nameserver = zone.stdout.readline().strip()
-        with eventloop.runner() as runner:
-            runner.run(_run(nameserver, args.lookups, args.concurrency, args.floor))
-    finally:
-        zone.terminate()
-        zone.wait()
+    with zone_server() as nameserver, eventloop.runner() as runner:
+        runner.run(_run(nameserver, args.lookups, args.concurrency, args.floor))
     return 0
 
 

@@ -24,20 +24,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from spfpolicy import logs
-from spfpolicy.bench.loadgen import BENCH_CONF
+from benchsetup import bench_server, zone_server
+
 from spfpolicy.bench.workloads import Workload, WorkloadKind
 from spfpolicy.checks import DnsChecks
-from spfpolicy.config import load_settings
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.memory import InstanceMemory, VerdictMemo
 from spfpolicy.protocol import PolicyRequest, RequestParser
-from spfpolicy.server import PolicyServer
 
 ROUNDS = 3
 
@@ -68,62 +65,42 @@ def parsed(data: list[bytes]) -> list[PolicyRequest]:
 
 
 async def measure(count: int, nameserver: str, workdir: Path) -> None:
-    conf = workdir / "spfpolicy.conf"
-    conf.write_text(f"{BENCH_CONF}Nameservers = {nameserver}\n")
-    settings = load_settings(conf)
-    server = PolicyServer(settings)
-    stderr = sys.stderr
-    sys.stderr = open(workdir / "log", "w", buffering=1)  # noqa: SIM115
-    logs.configure(settings.debug_level, ["stderr"])
-    data = unique_requests(count)
-    warm = parsed(data)
-    for start in range(0, len(warm), 50):  # 50 at a time, the lookups overlapping
-        await asyncio.gather(*(server.answer(r) for r in warm[start : start + 50]))
-    tune_garbage_collector()
-    asked = server.resolver.stats.upstream_queries
-    for round_ in range(ROUNDS):
-        server.checks = DnsChecks(
-            server.evaluator,
-            void_limit=settings.void_limit,
-            result_cache_size=settings.result_cache_size,
-            result_cache_ttl=settings.result_cache_ttl,
-            plans=False,
-        )
-        server.memo = VerdictMemo(settings, settings.result_cache_size)
-        server.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
-        requests = parsed(data)
-        cpu = _cpu()
-        for request in requests:
-            await server.answer(request)
-        cpu = _cpu() - cpu
-        print(
-            f"round {round_ + 1}: {cpu / len(requests) * 1e6:.1f} us CPU per request "
-            f"({len(requests)} requests, "
-            f"{server.resolver.stats.upstream_queries - asked} upstream queries since warm)",
-            file=stderr,
-        )
-    await server.close()
-    sys.stderr.close()
-    sys.stderr = stderr
+    async with bench_server(nameserver, workdir) as server:
+        settings = server.settings
+        data = unique_requests(count)
+        warm = parsed(data)
+        for start in range(0, len(warm), 50):  # 50 at a time, the lookups overlapping
+            await asyncio.gather(*(server.answer(r) for r in warm[start : start + 50]))
+        tune_garbage_collector()
+        asked = server.resolver.stats.upstream_queries
+        for round_ in range(ROUNDS):
+            server.checks = DnsChecks(
+                server.evaluator,
+                void_limit=settings.void_limit,
+                result_cache_size=settings.result_cache_size,
+                result_cache_ttl=settings.result_cache_ttl,
+                plans=False,
+            )
+            server.memo = VerdictMemo(settings, settings.result_cache_size)
+            server.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
+            requests = parsed(data)
+            cpu = _cpu()
+            for request in requests:
+                await server.answer(request)
+            cpu = _cpu() - cpu
+            print(
+                f"round {round_ + 1}: {cpu / len(requests) * 1e6:.1f} us CPU per request "
+                f"({len(requests)} requests, "
+                f"{server.resolver.stats.upstream_queries - asked} upstream queries since warm)"
+            )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=6000)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        dns = subprocess.Popen(
-            [sys.executable, "-m", "spfpolicy.bench.zone", "--seed", "1", "--delay", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            assert dns.stdout is not None
-            nameserver = dns.stdout.readline().strip()
-            asyncio.run(measure(args.requests, nameserver, Path(tmp)))
-        finally:
-            dns.terminate()
-            dns.wait()
+    with tempfile.TemporaryDirectory() as tmp, zone_server() as nameserver:
+        asyncio.run(measure(args.requests, nameserver, Path(tmp)))
     return 0
 
 

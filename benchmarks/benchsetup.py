@@ -1,0 +1,56 @@
+"""What the in-process benchmark scripts share: the bench's DNS zone server
+in a subprocess, and a PolicyServer set up the way `spfpolicy bench` runs it.
+
+Imported by the scripts beside it (``python benchmarks/NAME.py`` puts this
+directory first on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from spfpolicy import logs
+from spfpolicy.bench.loadgen import BENCH_CONF
+from spfpolicy.config import load_settings
+from spfpolicy.server import PolicyServer
+
+
+@contextlib.contextmanager
+def zone_server(seed: int = 1, delay: float = 0.0) -> Iterator[str]:
+    """The bench's zone (``python -m spfpolicy.bench.zone``) answering on
+    loopback while the block runs: its nameserver address."""
+    zone = subprocess.Popen(
+        [sys.executable, "-m", "spfpolicy.bench.zone", "--seed", str(seed), "--delay", str(delay)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert zone.stdout is not None
+        yield zone.stdout.readline().strip()
+    finally:
+        zone.terminate()
+        zone.wait()
+
+
+@contextlib.asynccontextmanager
+async def bench_server(nameserver: str, workdir: Path) -> AsyncIterator[PolicyServer]:
+    """A PolicyServer with the bench's configuration (Debian's default
+    policyd-spf.conf, debugLevel 1), logging to a file in ``workdir`` as the
+    bench's server logs to its stderr; closed, and stderr given back, after."""
+    conf = workdir / "spfpolicy.conf"
+    conf.write_text(f"{BENCH_CONF}Nameservers = {nameserver}\n")
+    settings = load_settings(conf)
+    server = PolicyServer(settings)
+    stderr = sys.stderr
+    sys.stderr = open(workdir / "log", "w", buffering=1)  # noqa: SIM115
+    try:
+        logs.configure(settings.debug_level, ["stderr"])
+        yield server
+    finally:
+        await server.close()
+        sys.stderr.close()
+        sys.stderr = stderr
