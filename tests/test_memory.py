@@ -21,7 +21,7 @@ from policy_support import (
 from spfpolicy.config import Settings
 from spfpolicy.deciding import Known, decide, decide_now
 from spfpolicy.memory import InstanceMemory, VerdictMemo, replay
-from spfpolicy.policy import Act, MemoryEntry, Verdict
+from spfpolicy.policy import Act, MemoryEntry, Verdict, to_decision
 from spfpolicy.results import SpfResult
 
 
@@ -168,3 +168,38 @@ def test_memo_key_shares_a_recipient_domain_without_per_user() -> None:
     one = memo.key({"client_address": "192.0.2.1", "recipient": "b@example.net"})
     two = memo.key({"client_address": "192.0.2.1", "recipient": "c@example.net"})
     assert one == two == ("192.0.2.1", None, None, "@example.net")
+
+
+@pytest.mark.parametrize("queue_id_setting", [True, False])
+@pytest.mark.parametrize("queue_id", ["", "4Xy1Zq0AbC"])
+@pytest.mark.parametrize(
+    "act", [Act.PREPEND, Act.REJECT, Act.DEFER, Act.DUNNO, Act.RESULT_ONLY], ids=str
+)
+def test_memo_replays_what_to_decision_gives(
+    queue_id_setting: bool, queue_id: str, act: Act
+) -> None:
+    settings = Settings(queue_id=queue_id_setting, test_only=1)
+    memo = VerdictMemo(settings, 10)
+    memory = InstanceMemory()
+    memory.put("m", MemoryEntry(act, "550 Please see http://www.example/why"))
+    remembered = memory.get("m")
+    assert remembered is not None
+    expected = to_decision(settings, queue_id, replay(remembered))
+    first = memo.replayed(settings, queue_id, remembered)
+    assert first == expected
+    assert memo.replayed(settings, queue_id, remembered) == expected
+    other = Settings(queue_id=queue_id_setting, test_only=0)  # Per_User, say
+    assert memo.replayed(other, queue_id, remembered) == to_decision(
+        other, queue_id, replay(remembered)
+    )
+    assert memo.replayed(settings, queue_id, remembered) == expected
+
+
+def test_memo_replays_a_header_already_sent_with_one_decision() -> None:
+    settings = Settings()
+    memo = VerdictMemo(settings, 10)
+    memory = InstanceMemory()
+    memory.put("m", MemoryEntry(Act.PREPEND, "Received-SPF: Pass (mailfrom) ..."))
+    remembered = memory.get("m")
+    assert remembered is not None
+    assert memo.replayed(settings, "", remembered) is memo.replayed(settings, "", remembered)

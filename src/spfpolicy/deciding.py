@@ -300,7 +300,7 @@ def _decide(
         memo_key = memo.key(attributes)
         entry = memo.get(memo_key)
         if entry is not None:
-            answer = _decide_from_memo(entry, attributes, memory)
+            answer = _decide_from_memo(entry, attributes, memory, memo)
             if answer is not None:
                 return answer
     else:
@@ -328,7 +328,7 @@ def _decide(
 
 
 def _decide_from_memo(
-    entry: MemoEntry, attributes: Mapping[str, str], memory: InstanceMemory
+    entry: MemoEntry, attributes: Mapping[str, str], memory: InstanceMemory, memo: VerdictMemo
 ) -> Decision | None:
     """What ``_decide`` would answer, given a still valid memo entry; None
     when the message's memory asks for the full way (a Per_User recipient
@@ -340,12 +340,12 @@ def _decide_from_memo(
     if remembered is not None:
         if entry.per_user:
             return None
-        return to_decision(entry.settings, queue_id, replay(remembered))
+        return memo.replayed(entry.settings, queue_id, remembered)
     remember = entry.remember
     if remember is not None and key:
         memory.put(key, remember)
-    d = entry.decision
-    if not entry.settings.queue_id:
+    d = entry.decision  # kept without a queue id
+    if not (queue_id and entry.settings.queue_id):
         return d
     return Decision(
         d.kind, d.action, d.identity, d.result, d.reason, d.bypass, d.replayed, queue_id

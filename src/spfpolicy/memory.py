@@ -26,6 +26,7 @@ from spfpolicy.policy import (
     MemoryEntry,
     RequestView,
     Verdict,
+    to_decision,
 )
 
 __all__ = [
@@ -129,6 +130,9 @@ class VerdictMemo:
             max_entries, clock=clock
         )
         self._seen: set[int] = set()  # hashes of keys seen once (forgotten in bulk)
+        # The later recipients' answer after a header, for the last Settings
+        # asked (see replayed).
+        self._prepended: tuple[Settings, Decision] | None = None
         self.hits = 0
         self.checks_saved = 0  # SPF checks answered through the memo
 
@@ -152,6 +156,19 @@ class VerdictMemo:
             self.hits += 1
             self.checks_saved += entry.checks
         return entry
+
+    def replayed(self, settings: Settings, queue_id: str, remembered: MemoryEntry) -> Decision:
+        """``to_decision(settings, queue_id, replay(remembered))``: a later
+        recipient of a message something is remembered for. The usual one,
+        a message that got the header with no queue id to log, is the same
+        Decision every time: kept for the last ``settings`` asked (most
+        recipients of a mail stream after the first; 2 us each otherwise)."""
+        if remembered is not _PREPENDED or (queue_id and settings.queue_id):
+            return to_decision(settings, queue_id, replay(remembered))
+        kept = self._prepended
+        if kept is None or kept[0] is not settings:
+            kept = self._prepended = (settings, to_decision(settings, "", replay(remembered)))
+        return kept[1]
 
     def admit(self, key: tuple[str | None, ...]) -> bool:
         """Whether a verdict for ``key`` is to be kept now: the second time
