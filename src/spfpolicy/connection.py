@@ -152,9 +152,13 @@ class Connection(asyncio.Protocol):
             return
         self._last_read = self._loop.time()
         # A ProtocolError is raised again by next_request(), after the
-        # requests before it, where _answer_at_once reports it.
-        with contextlib.suppress(ProtocolError):
+        # requests before it, where _answer_at_once reports it. (try, not
+        # contextlib.suppress: this runs for every read, and the context
+        # manager costs 0.27 us where try costs 0.02, timeit.)
+        try:  # noqa: SIM105
             parser.feed(data)
+        except ProtocolError:
+            pass
         if self._reading is None:  # else the next requests wait for the one being read
             if self._waiting:
                 self._go_on()  # the fast path: answer without waking the task

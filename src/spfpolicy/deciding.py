@@ -336,7 +336,10 @@ def _decide_from_memo(
     instance = normal(attributes.get("instance", ""))
     key = message_key(instance, entry.client_address, entry.sender)
     remembered = memory.get(key) if key else None
-    queue_id = normal(attributes.get("queue_id", ""), keep_case=True)
+    # Read only when QueueID puts it in the log line.
+    queue_id = attributes.get("queue_id", "")
+    if queue_id and entry.settings.queue_id:
+        queue_id = normal(queue_id, keep_case=True)
     if remembered is not None:
         if entry.per_user:
             return None

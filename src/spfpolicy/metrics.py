@@ -52,7 +52,11 @@ def action_label(kind: ActionKind, restriction: str = "") -> str:
     """
     if kind is ActionKind.RESTRICTION:
         return restriction_label(restriction)
-    return kind.value
+    return _LABELS[kind]
+
+
+# Enum.value is a property lookup: read once per kind, not once per answer.
+_LABELS = {kind: kind.value for kind in ActionKind}
 
 
 def restriction_label(name: str) -> str:
