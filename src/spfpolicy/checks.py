@@ -117,19 +117,17 @@ class DnsChecks:
         if cached is not None:
             return cached
         planned = self._planned(ip, sender, helo, void_limit)
+        if planned is None:
+            # Not even the checked domain's TXT is cached: pyspf would stop
+            # at its first lookup, so do not start it.
+            domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
+            if self.resolver.peek(domain, "TXT") is None:
+                return None
+            if self._built_now(ip, sender, helo, void_limit):
+                planned = self._planned(ip, sender, helo, void_limit)
         if planned is not None:
             self.evaluated_now += 1
             return self._store(key, *planned)
-        # Not even the checked domain's TXT is cached: pyspf would stop at
-        # its first lookup, so do not start it.
-        domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
-        if self.resolver.peek(domain, "TXT") is None:
-            return None
-        if self._built_now(ip, sender, helo, void_limit):
-            planned = self._planned(ip, sender, helo, void_limit)
-            if planned is not None:
-                self.evaluated_now += 1
-                return self._store(key, *planned)
         full = self.evaluator.check_now(ip, sender, helo, void_limit=void_limit)
         if full is None:
             return None
