@@ -313,6 +313,8 @@ def _decide(
         verdict = Verdict(Act.NOTHING, note="no valid client address")
         return to_decision(settings, view.queue_id, verdict)
     if remembered is not None and not ctx.per_user:
+        if memo is not None:  # its kept replies, as for a memo hit
+            return memo.replayed(ctx.settings, view.queue_id, remembered)
         return to_decision(ctx.settings, view.queue_id, replay(remembered))
     verdict = evaluate(ctx, known)
     # Only now, with every answer in: a restart must not find itself remembered.
