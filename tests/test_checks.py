@@ -10,6 +10,7 @@ names (RFC 7208 5.5), at most 10 of them, and A/AAAA addresses.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +22,7 @@ from fakeclock import FakeClock
 from spfpolicy.checks import MAX_PTR_NAMES, DnsChecks
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.resolver import Resolver
-from spfpolicy.results import SpfResult
+from spfpolicy.results import SpfOutcome, SpfResult
 
 # Three void lookups before the ip4 term (RFC 7208 4.6.4): a permerror with a
 # void limit of 2, a pass from 3 on.
@@ -171,6 +172,151 @@ async def test_cached_spf_evaluates_from_cached_dns(make_checks: Any) -> None:
     # Both records are cached now: a failing client is worked out at once.
     failed = checks.cached_spf("203.0.113.1", "d@pass.example", "h")
     assert failed is not None and failed.result is SpfResult.FAIL
+
+
+# ------------------------------------------------- one evaluation per check in flight
+
+
+def _counting(checks: DnsChecks) -> list[tuple[str, str, str]]:
+    """The evaluations ``checks`` starts (pyspf's, waiting for DNS), as they start."""
+    started: list[tuple[str, str, str]] = []
+    check = checks.evaluator.check
+
+    async def counted(ip: str, sender: str, helo: str, **kwargs: Any) -> Any:
+        started.append((ip, sender, helo))
+        return await check(ip, sender, helo, **kwargs)
+
+    checks.evaluator.check = counted  # type: ignore[method-assign]
+    return started
+
+
+def _facts(outcome: Any) -> tuple[Any, ...]:
+    return (outcome.result, outcome.mechanism, outcome.explanation)
+
+
+@pytest.mark.parametrize(
+    ("sender", "void_limit", "expected"),
+    [
+        pytest.param("a@pass.example", 2, SpfResult.PASS, id="pass"),
+        pytest.param("a@void.example", 2, SpfResult.PERMERROR, id="permerror"),
+        pytest.param("a@broken.example", 2, SpfResult.TEMPERROR, id="temperror-not-cached"),
+    ],
+)
+async def test_concurrent_identical_checks_share_one_evaluation(
+    make_checks: Any, sender: str, void_limit: int, expected: SpfResult
+) -> None:
+    _, make = make_checks
+    checks = make()
+    started = _counting(checks)
+    ip = "192.0.2.1"
+    asked = [
+        checks.spf(ip, sender, "h.example", lookup_time=5, void_limit=void_limit) for _ in range(6)
+    ]
+    outcomes = await asyncio.gather(*asked)
+    assert started == [(ip, sender, "h.example")]
+    # The same outcome a check evaluated on its own gets (another DnsChecks,
+    # another resolver: nothing shared with the concurrent ones).
+    alone = await make().spf(ip, sender, "h.example", lookup_time=5, void_limit=void_limit)
+    assert alone.result is expected
+    assert all(_facts(outcome) == _facts(alone) for outcome in outcomes)
+    assert not checks._flights  # nothing left behind
+
+
+async def test_checks_that_differ_are_not_shared(make_checks: Any) -> None:
+    _, make = make_checks
+    checks = make()
+    started = _counting(checks)
+    ip, sender = "192.0.2.1", "a@void.example"
+    strict, loose, other_client, other_time = await asyncio.gather(
+        checks.spf(ip, sender, "h", lookup_time=5, void_limit=2),
+        checks.spf(ip, sender, "h", lookup_time=5, void_limit=3),
+        checks.spf("192.0.2.2", sender, "h", lookup_time=5, void_limit=2),
+        checks.spf(ip, sender, "h", lookup_time=4, void_limit=2),
+    )
+    assert len(started) == 4
+    assert (strict.result, loose.result) == (SpfResult.PERMERROR, SpfResult.PASS)
+    assert other_client.result is SpfResult.PERMERROR and other_time.result is SpfResult.PERMERROR
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never happened")
+
+
+async def test_a_waiting_check_goes_on_when_the_evaluating_request_goes_away(
+    zone_server: Any,
+) -> None:
+    server = await zone_server(ZONE, delay=0.05)
+    resolver = Resolver([server.nameserver], timeout=2, tries=1)
+    try:
+        checks = DnsChecks(
+            SpfEvaluator(resolver), void_limit=2, result_cache_size=100, result_cache_ttl=60
+        )
+        started = _counting(checks)
+        args = ("192.0.2.1", "a@pass.example", "h")
+        first = asyncio.create_task(checks.spf(*args, lookup_time=5))
+        await _until(lambda: len(started) == 1)
+        second = asyncio.create_task(checks.spf(*args, lookup_time=5))
+        third = asyncio.create_task(checks.spf(*args, lookup_time=5))
+        await asyncio.sleep(0.01)
+        assert len(started) == 1  # the two wait for the first one's outcome
+        first.cancel()  # its request's deadline, say
+        outcomes = await asyncio.gather(second, third)
+        assert first.cancelled()
+        # One of the two took the evaluation over; the other waited for it.
+        assert len(started) == 2
+        assert [o.result for o in outcomes] == [SpfResult.PASS, SpfResult.PASS]
+        assert not checks._flights
+    finally:
+        await resolver.close()
+
+
+async def test_a_waiting_check_cancelled_leaves_the_evaluation_alone(zone_server: Any) -> None:
+    server = await zone_server(ZONE, delay=0.05)
+    resolver = Resolver([server.nameserver], timeout=2, tries=1)
+    try:
+        checks = DnsChecks(
+            SpfEvaluator(resolver), void_limit=2, result_cache_size=100, result_cache_ttl=60
+        )
+        started = _counting(checks)
+        args = ("192.0.2.1", "a@pass.example", "h")
+        first = asyncio.create_task(checks.spf(*args, lookup_time=5))
+        await _until(lambda: len(started) == 1)
+        second = asyncio.create_task(checks.spf(*args, lookup_time=5))
+        await asyncio.sleep(0.01)
+        second.cancel()
+        outcome = await first
+        assert outcome.result is SpfResult.PASS and second.cancelled()
+        assert len(started) == 1
+    finally:
+        await resolver.close()
+
+
+async def test_a_failing_evaluation_lets_its_waiters_evaluate(make_checks: Any) -> None:
+    _, make = make_checks
+    checks = make()
+    check = checks.evaluator.check
+    calls = 0
+
+    async def failing_once(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("a bug")
+        return await check(*args, **kwargs)
+
+    checks.evaluator.check = failing_once
+    args = ("192.0.2.1", "a@pass.example", "h")
+    answers = await asyncio.gather(
+        checks.spf(*args, lookup_time=5), checks.spf(*args, lookup_time=5), return_exceptions=True
+    )
+    assert isinstance(answers[0], RuntimeError)
+    assert isinstance(answers[1], SpfOutcome) and answers[1].result is SpfResult.PASS
+    assert calls == 2
 
 
 # ------------------------------------------------------------ whitelist lookups

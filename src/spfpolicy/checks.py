@@ -81,6 +81,14 @@ class DnsChecks:
         # it; one left behind (a request that went away) costs at most one
         # Redis read skipped later. Cleared when full.
         self._shared_missed: set[str] = set()
+        # Checks being evaluated (or read from the shared level), by result
+        # key and lookup time: a request asking for one of them meanwhile
+        # waits for that outcome instead of evaluating it again. A client
+        # that opens several connections at once (bulk senders do) asks for
+        # the same HELO check on each before the first has its answer. (The
+        # bench's workloads send a client's messages one at a time, so they
+        # rarely make such repeats.)
+        self._flights: dict[tuple[_ResultKey, float], asyncio.Future[SpfOutcome]] = {}
         # Compiled plans of fully cached trees (plan.py): a new client of a
         # known domain without running pyspf.
         self.plans: SpfPlans | None = None
@@ -207,6 +215,34 @@ class DnsChecks:
         planned = self._planned(ip, sender, helo, void_limit)
         if planned is not None:
             return self._store(key, *planned)
+        flight_key = (key, lookup_time)
+        flights = self._flights
+        while (flight := flights.get(flight_key)) is not None:
+            try:
+                return await asyncio.shield(flight)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not flight.cancelled() or task is None or task.cancelling():
+                    raise  # this request's own cancellation
+                # The request evaluating it went away first: evaluate here.
+        flight = asyncio.get_running_loop().create_future()
+        flights[flight_key] = flight
+        try:
+            outcome = await self._evaluated(key, ip, sender, helo, lookup_time, void_limit)
+        except BaseException:
+            flight.cancel()  # its waiters evaluate it themselves
+            raise
+        finally:
+            if flights.get(flight_key) is flight:
+                del flights[flight_key]
+        flight.set_result(outcome)
+        return outcome
+
+    async def _evaluated(
+        self, key: _ResultKey, ip: str, sender: str, helo: str, lookup_time: float, void_limit: int
+    ) -> SpfOutcome:
+        """A check missing from the result cache and the plans: the shared
+        level's outcome, or pyspf's evaluation (kept)."""
         if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
             if key in self._shared_missed:
                 self._shared_missed.discard(key)  # just read, not there
