@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,7 @@ from policy_support import (
     settings_from,
     two_recipients,
 )
+from spfpolicy import deciding
 from spfpolicy.deciding import Known, decide, decide_now
 from spfpolicy.memory import InstanceMemory, VerdictMemo
 from spfpolicy.policy import MemoryEntry
@@ -98,14 +100,28 @@ class CountingChecks(FakeChecks):
         return None
 
 
-async def test_decide_now_leaves_a_missing_answer_to_decide(tmp_path: Path) -> None:
+async def test_decide_now_leaves_a_missing_answer_to_decide(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = settings_from(tmp_path, [])
     checks = CountingChecks(MEMO_SPF)  # nothing cached
     memory = InstanceMemory()
     known = Known(checks)
+    attempts = 0
+    attempt = deciding._decide
+
+    def counted(*args: Any) -> Any:
+        nonlocal attempts
+        attempts += 1
+        return attempt(*args)
+
+    monkeypatch.setattr(deciding, "_decide", counted)
     assert decide_now(request(), settings, known, memory) is None
     assert len(memory) == 0 and checks.calls == []
     decision = await decide(request(), settings, checks, memory, known=known)
+    # decide_now's attempt stopped at the HELO check: decide fetches it
+    # before its first attempt, which stops at MAIL FROM; the next decides.
+    assert attempts == 3
     assert decision.action.startswith("prepend Received-SPF: Softfail")
     # Each check asked once, in policyd-spf's order, despite the restarts.
     assert [c[2] for c in checks.calls] == ["", "a@example.org"]

@@ -123,6 +123,7 @@ class Known:
         "checks",
         "expected",
         "missing",
+        "stopped",
     )
 
     def __init__(self, checks: Checks) -> None:
@@ -132,8 +133,10 @@ class Known:
         self.expected: tuple[tuple[str, str, str], ...] = ()
         self._prefetched = False
         self._void_limit = 0  # of the expected checks
-        # The answer decide_now() stopped at (a key of answers), if it did.
+        # The answer decide_now() stopped at (a key of answers), if it did,
+        # and how to fetch it (decide() starts with that fetch).
         self.missing: tuple[object, ...] | None = None
+        self.stopped: _Missing | None = None
         self._view: RequestView | None = None
         # (settings, remembered, context) of the last attempt: a restart with
         # the same settings and memory needs no new context.
@@ -214,7 +217,7 @@ class Known:
         answers = self.answers
         for key in [key for key, answer in answers.items() if answer is _NOT_CACHED]:
             del answers[key]
-        self.missing = None
+        self.missing = self.stopped = None
 
     def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
         key = ("ptr", ip)
@@ -261,6 +264,12 @@ async def decide(
     """
     if known is None or known.checks is not checks:
         known = Known(checks)
+    stopped, known.stopped = known.stopped, None
+    if stopped is not None and known.answers.get(stopped.key, _NOT_CACHED) is _NOT_CACHED:
+        # decide_now() stopped at this answer: an attempt now would stop
+        # there again, so fetch it first.
+        known.prefetch_expected()
+        known.answers[stopped.key] = await stopped.fetch()
     while True:
         try:
             return _decide(request, settings, known, memory, memo)
@@ -282,6 +291,7 @@ def decide_now(
         return _decide(request, settings, known, memory, memo)
     except _Missing as missing:
         known.missing = missing.key
+        known.stopped = missing
         return None
 
 
