@@ -530,9 +530,14 @@ def planned_checks(ctx: Context) -> tuple[tuple[str, str, str], ...]:
 
 def mailfrom_needed(ctx: Context, helo: SpfOutcome | None) -> bool:
     """Whether ``spf_verdict`` will look at a MAIL FROM outcome."""
+    return _mailfrom_after(ctx, None if helo is None else _helo_stage(ctx, helo))
+
+
+def _mailfrom_after(ctx: Context, stage: _HeloStage | None) -> bool:
+    """``mailfrom_needed``, given the HELO outcome's stage (None: no HELO check)."""
     if not ctx.view.sender or ctx.settings.mail_from_reject is MailFromReject.NO_CHECK:
         return False
-    return helo is None or _helo_stage(ctx, helo).final is None
+    return stage is None or stage.final is None
 
 
 def spf_verdict(ctx: Context, helo: SpfOutcome | None, mfrom: SpfOutcome | None) -> Verdict:
@@ -541,9 +546,16 @@ def spf_verdict(ctx: Context, helo: SpfOutcome | None, mfrom: SpfOutcome | None)
     ``helo`` is None when HELO_reject = No_Check; ``mfrom`` is None when there
     is no sender, Mail_From_reject = No_Check, or the HELO result decided alone.
     """
+    stage = _helo_stage(ctx, helo) if helo is not None else None
+    return _spf_verdict(ctx, stage, helo, mfrom)
+
+
+def _spf_verdict(
+    ctx: Context, stage: _HeloStage | None, helo: SpfOutcome | None, mfrom: SpfOutcome | None
+) -> Verdict:
+    """``spf_verdict``, given the HELO outcome's stage (worked out once per evaluation)."""
     s = ctx.settings
     sender = ctx.view.sender
-    stage = _helo_stage(ctx, helo) if helo is not None else None
     if stage is not None and stage.final is not None:
         return _own(ctx, stage.final)
     remember = stage.remember if stage is not None else None
@@ -684,14 +696,16 @@ def evaluate(ctx: Context, checks: Answers) -> Verdict:
     checks.expect(planned_checks(ctx), void_limit=void_limit)
     lookup_time = float(s.lookup_time)
     helo: SpfOutcome | None = None
+    stage: _HeloStage | None = None
     if s.helo_reject is not HeloReject.NO_CHECK:
         helo = checks.spf(ctx.ip, "", ctx.helo, lookup_time=lookup_time, void_limit=void_limit)
+        stage = _helo_stage(ctx, helo)
     mfrom: SpfOutcome | None = None
-    if mailfrom_needed(ctx, helo):
+    if _mailfrom_after(ctx, stage):
         mfrom = checks.spf(
             ctx.ip, ctx.view.sender, ctx.helo, lookup_time=lookup_time, void_limit=void_limit
         )
-    return spf_verdict(ctx, helo, mfrom)
+    return _spf_verdict(ctx, stage, helo, mfrom)
 
 
 def fallback_decision(settings: Settings, request: PolicyRequest) -> Decision:
