@@ -1,11 +1,16 @@
 """``host[:port]`` (spfpolicy.address.HostPort): one parser and one printer
-for the configuration, the command line, the resolver and the bench."""
+for the configuration, the command line, the resolver and the bench; and
+``ip_or_none``, the client address parser, held to ``ipaddress.ip_address``."""
 
 from __future__ import annotations
 
-import pytest
+import ipaddress
 
-from spfpolicy.address import HostPort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spfpolicy.address import HostPort, ip_or_none
 from spfpolicy.config import ListenAddress, ListenFamily, Nameserver
 
 
@@ -54,3 +59,38 @@ def test_the_configurations_addresses_print_through_it() -> None:
     assert Nameserver.parse("192.0.2.53", default_port=53) == Nameserver("192.0.2.53")
     inet = ListenAddress(ListenFamily.INET, host="::1", port=9000)
     assert str(inet) == "inet:[::1]:9000"
+
+
+def _ipaddress_or_none(text: str) -> object:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+# Near-misses of a dotted quad, and a few IPv6 shapes.
+_OCTET = st.one_of(
+    st.integers(0, 255).map(str),
+    st.text("0123456789", min_size=0, max_size=4),
+    st.sampled_from(["00", "01", "0x1", "-1", "+1", " 1", "1 ", "\u0661", "1\x00", "\n"]),
+)
+
+
+@settings(max_examples=2000, derandomize=True, deadline=None)
+@given(st.lists(_OCTET, min_size=1, max_size=6).map(".".join))
+def test_ip_or_none_takes_what_ipaddress_takes_for_dotted_quads(text: str) -> None:
+    assert ip_or_none(text) == _ipaddress_or_none(text)
+
+
+@settings(max_examples=500, derandomize=True, deadline=None)
+@given(st.text("0123456789abcdef.:%x ", max_size=20))
+def test_ip_or_none_takes_what_ipaddress_takes(text: str) -> None:
+    assert ip_or_none(text) == _ipaddress_or_none(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["192.0.2.1", "0.0.0.0", "255.255.255.255", "2001:db8::1", "::ffff:192.0.2.1"]
+)
+def test_ip_or_none_parses_addresses(text: str) -> None:
+    assert ip_or_none(text) == ipaddress.ip_address(text)
+    assert type(ip_or_none(text)) is type(ipaddress.ip_address(text))

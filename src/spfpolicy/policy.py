@@ -64,6 +64,7 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from spfpolicy.address import ip_or_none
 from spfpolicy.config import HeaderType, HeloReject, MailFromReject, Settings
 from spfpolicy.headers import (
     Bypass,
@@ -296,7 +297,7 @@ class Context:
     address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "address", _ip(self.ip))  # parsed once per request
+        object.__setattr__(self, "address", ip_or_none(self.ip))  # parsed once per request
 
     @property
     def helo(self) -> str:
@@ -333,13 +334,6 @@ def context_for(
 # ------------------------------------------------------------------ bypasses
 
 
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
-
-
 def bypass_verdict(ctx: Context, bypass: Bypass) -> Verdict:
     """The trace header for a skipped check, once per message."""
     if ctx.last_prepended:
@@ -373,7 +367,7 @@ def address_bypass(ctx: Context) -> Verdict | None:
 def helo_whitelisted(ctx: Context, addresses: list[str]) -> bool:
     """HELO_Whitelist: the client address is among the HELO name's A/AAAA records."""
     client = ctx.address
-    return client is not None and any(_ip(a) == client for a in addresses)
+    return client is not None and any(ip_or_none(a) == client for a in addresses)
 
 
 def ptr_matches(names: list[str], domains: tuple[str, ...]) -> bool:

@@ -43,6 +43,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
+from spfpolicy.address import ip_or_none
 from spfpolicy.resolver import DnsAnswer, Record, Resolver
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,8 @@ def reached_terms(terms: tuple[Term, ...], client: Address | None) -> tuple[Term
 
 def client_address(ip: str) -> Address | None:
     """The client address as ip4/ip6 terms compare it (v4-mapped as v4)."""
-    try:
-        address = ipaddress.ip_address(ip.split("%", 1)[0])
-    except ValueError:
+    address = ip_or_none(ip.split("%", 1)[0])
+    if address is None:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
         return address.ipv4_mapped
