@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import logging
 import signal
 import sys
 import time
@@ -110,6 +111,36 @@ async def test_second_recipient_of_a_message_gets_no_second_header(policy_server
     assert await client.ask(second) == "dunno"
     # A new message from the same client gets its header again.
     assert await client.ask(request(ip=GOOD_IP, instance="msg.2")) == PASS
+
+
+async def test_answers_the_memo_keeps_are_logged_for_each_request(
+    policy_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The memo's kept answers are given to many requests (the header's
+    # replay to every later recipient, from any client); the server keeps
+    # their log lines, which must still name each request's own client.
+    running = await policy_server()
+    client = await running.connect()
+    caplog.set_level(logging.INFO, logger="spfpolicy")
+    other = "192.0.2.11"
+    lines: dict[tuple[int, str], list[str]] = {}
+    for round_ in range(3):  # the memo keeps a verdict on the second, answers the third
+        for ip in (GOOD_IP, other):
+            instance = f"m{round_}.{ip}"
+            caplog.clear()
+            assert await client.ask(request(ip=ip, instance=instance)) == header(
+                "Pass", "a@pass.example", ip
+            )
+            second = request(ip=ip, instance=instance, recipient="b@rcpt.example")
+            assert await client.ask(second) == "dunno"
+            logged = [r.getMessage() for r in caplog.records if " client=" in r.getMessage()]
+            assert len(logged) == 2
+            assert all(f"client={ip} helo={HELO!r} sender='a@pass.example'" in x for x in logged)
+            lines[(round_, ip)] = logged
+    for ip in (GOOD_IP, other):
+        assert lines[(0, ip)] == lines[(1, ip)] == lines[(2, ip)]
+    assert running.server.memo.hits >= 2
+    assert running.server._rendered  # the kept answers' lines were kept
 
 
 @pytest.mark.parametrize("kind", [pytest.param("junk", id="other"), pytest.param("", id="empty")])

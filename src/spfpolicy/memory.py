@@ -167,7 +167,8 @@ class VerdictMemo:
             return to_decision(settings, queue_id, replay(remembered))
         kept = self._prepended
         if kept is None or kept[0] is not settings:
-            kept = self._prepended = (settings, to_decision(settings, "", replay(remembered)))
+            answer = dataclasses.replace(to_decision(settings, "", replay(remembered)), kept=True)
+            kept = self._prepended = (settings, answer)
         return kept[1]
 
     def admit(self, key: tuple[str | None, ...]) -> bool:
@@ -201,7 +202,7 @@ class VerdictMemo:
         rests on ``checks`` SPF checks."""
         entry = MemoEntry(
             verdict.remember,
-            dataclasses.replace(decision, queue_id=""),
+            dataclasses.replace(decision, queue_id="", kept=True),
             ctx.settings,
             ctx.per_user,
             ctx.view.client_address,

@@ -67,6 +67,11 @@ def restriction_label(name: str) -> str:
     return word.lower()
 
 
+def outcome_labels(kind: ActionKind, result: str | None, restriction: str = "") -> tuple[str, str]:
+    """An answer's (action, result) labels in ``ServerStats.by_outcome``."""
+    return action_label(kind, restriction), result or NOT_CHECKED
+
+
 @dataclass
 class ServerStats:
     """What the server counts itself; monotonic for the process's life."""
@@ -84,7 +89,11 @@ class ServerStats:
         self, kind: ActionKind, result: str | None, seconds: float, restriction: str = ""
     ) -> None:
         """One answer: its kind (and restriction name), SPF result and latency."""
-        self.by_outcome[(action_label(kind, restriction), result or NOT_CHECKED)] += 1
+        self.count(outcome_labels(kind, result, restriction), seconds)
+
+    def count(self, outcome: tuple[str, str], seconds: float) -> None:
+        """One answer, by its ``outcome_labels`` and latency."""
+        self.by_outcome[outcome] += 1
         self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
 

@@ -213,6 +213,9 @@ class Decision:
     bypass: Bypass | None = None
     replayed: bool = False
     queue_id: str = ""  # empty when QueueID = False
+    # Kept by the verdict memo and given again to every request its entry
+    # answers (server.PolicyServer keeps what it renders of such a one).
+    kept: bool = field(default=False, compare=False, repr=False)
 
     @property
     def restriction(self) -> str:

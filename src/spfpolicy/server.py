@@ -43,6 +43,7 @@ from spfpolicy.metrics import (
     MetricsUnavailable,
     ServerStats,
     Snapshot,
+    outcome_labels,
 )
 from spfpolicy.policy import ActionKind, Decision, fallback_decision
 from spfpolicy.protocol import REQUEST_TYPE, PolicyRequest
@@ -77,6 +78,25 @@ RESTART_ONLY = {
 }
 
 
+# A memo hit's rendering (its counters' labels, its domain, its log line)
+# is kept for this many decisions the memo keeps; forgotten all at once.
+MAX_RENDERED = 256
+
+_Rendered = tuple[tuple[str, str], str, str]
+
+
+def _render(decision: Decision, client: str, helo: str, sender: str) -> _Rendered:
+    """What ``_answered`` counts and logs of ``decision``, answered to a
+    request from ``client`` with this HELO name and sender: its
+    (action, result) labels, the domain it is counted under, its log line."""
+    result = None if decision.result is None else str(decision.result)
+    return (
+        outcome_labels(decision.kind, result, decision.restriction),
+        domain_of(sender, helo),
+        f"{decision.log_message()} client={client or '-'} helo={helo!r} sender={sender!r}",
+    )
+
+
 class PolicyServer:
     """Serves Postfix's policy protocol on unix and inet sockets."""
 
@@ -105,6 +125,10 @@ class PolicyServer:
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._result_hits_before = 0  # of result caches replaced by reloads
         self._read_watch: asyncio.TimerHandle | None = None  # see _watch_reads
+        # What _answered renders of a Decision the verdict memo keeps (and
+        # gives to every request its entry answers), for the client, HELO
+        # name and sender it was rendered for: by id(decision).
+        self._rendered: dict[int, tuple[Decision, tuple[str, str, str], *_Rendered]] = {}
 
     # Counters the tests and the old API read directly.
     @property
@@ -343,19 +367,25 @@ class PolicyServer:
 
     def _answered(self, request: PolicyRequest, decision: Decision, started: float) -> str:
         """Count and log a decision; its action."""
-        result = None if decision.result is None else str(decision.result)
-        self.stats.record(
-            decision.kind, result, time.perf_counter() - started, decision.restriction
-        )
+        get = request.attributes.get
+        asked = (get("client_address", ""), get("helo_name", ""), get("sender", ""))
+        if decision.kept:
+            rendered = self._rendered.get(id(decision))
+            if rendered is None or rendered[0] is not decision or rendered[1] != asked:
+                if len(self._rendered) >= MAX_RENDERED:
+                    self._rendered.clear()
+                rendered = self._rendered[id(decision)] = (
+                    decision,
+                    asked,
+                    *_render(decision, *asked),
+                )
+            _, _, outcome, domain, line = rendered
+        else:
+            outcome, domain, line = _render(decision, *asked)
+        self.stats.count(outcome, time.perf_counter() - started)
         if self.domains is not None:
-            self.domains.record(
-                domain_of(request.sender, request.helo_name), decision.result, decision.kind
-            )
-        logs.info(
-            log,
-            f"{decision.log_message()} client={request.client_address or '-'} "
-            f"helo={request.helo_name!r} sender={request.sender!r}",
-        )
+            self.domains.record(domain, decision.result, decision.kind)
+        logs.info(log, line)
         return decision.action
 
     # -- reload -------------------------------------------------------------
