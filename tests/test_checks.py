@@ -213,7 +213,7 @@ async def test_concurrent_identical_checks_share_one_evaluation(
         checks.spf(ip, sender, "h.example", lookup_time=5, void_limit=void_limit) for _ in range(6)
     ]
     outcomes = await asyncio.gather(*asked)
-    assert started == [(ip, sender, "h.example")]
+    assert started == [(ip, sender, "h.example")] and checks.joined == 5
     # The same outcome a check evaluated on its own gets (another DnsChecks,
     # another resolver: nothing shared with the concurrent ones).
     alone = await make().spf(ip, sender, "h.example", lookup_time=5, void_limit=void_limit)

@@ -75,6 +75,7 @@ class DnsChecks:
         )
         self.result_hits = 0
         self.evaluated_now = 0  # checks evaluated without waiting (cached DNS)
+        self.joined = 0  # checks that waited for the same check's evaluation
         self.shared: SharedCache | None = None  # the second level, if any
         # Checks whose read (read_shared) found no outcome in the shared
         # level: their evaluation, next, goes straight to DNS. Taken out by
@@ -218,6 +219,7 @@ class DnsChecks:
         flight_key = (key, lookup_time)
         flights = self._flights
         while (flight := flights.get(flight_key)) is not None:
+            self.joined += 1
             try:
                 return await asyncio.shield(flight)
             except asyncio.CancelledError:
