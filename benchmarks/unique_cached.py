@@ -1,6 +1,6 @@
 """CPU per request of the unique workload when every DNS answer is cached.
 
-    python benchmarks/unique_cached.py [--requests N]
+    python benchmarks/unique_cached.py [--requests N] [--keep-results]
 
 Starts the bench's DNS zone server (no delay) in a subprocess, answers the
 first N requests of the `unique` workload once through a PolicyServer
@@ -17,6 +17,11 @@ line. Add the lookups' own cost (`benchmarks/lookups.py --floor`, about
 1.9 per request) for what a cold request cannot cost less than with this
 code. The few SERVFAIL names are asked again each round (temperror
 answers are not cached).
+
+With --keep-results the SPF result cache stays too: each round is then
+new messages whose checks' outcomes are known (no pyspf, no plan), the
+way a second MX host answers them from the shared cache, less the Redis
+read.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def parsed(data: list[bytes]) -> list[PolicyRequest]:
     return out
 
 
-async def measure(count: int, nameserver: str, workdir: Path) -> None:
+async def measure(count: int, nameserver: str, workdir: Path, *, keep_results: bool) -> None:
     async with bench_server(nameserver, workdir) as server:
         settings = server.settings
         data = unique_requests(count)
@@ -74,13 +79,16 @@ async def measure(count: int, nameserver: str, workdir: Path) -> None:
         tune_garbage_collector()
         asked = server.resolver.stats.upstream_queries
         for round_ in range(ROUNDS):
-            server.checks = DnsChecks(
-                server.evaluator,
-                void_limit=settings.void_limit,
-                result_cache_size=settings.result_cache_size,
-                result_cache_ttl=settings.result_cache_ttl,
-                plans=False,
-            )
+            if keep_results:
+                server.checks.plans = None
+            else:
+                server.checks = DnsChecks(
+                    server.evaluator,
+                    void_limit=settings.void_limit,
+                    result_cache_size=settings.result_cache_size,
+                    result_cache_ttl=settings.result_cache_ttl,
+                    plans=False,
+                )
             server.memo = VerdictMemo(settings, settings.result_cache_size)
             server.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
             requests = parsed(data)
@@ -98,9 +106,10 @@ async def measure(count: int, nameserver: str, workdir: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=6000)
+    parser.add_argument("--keep-results", action="store_true", help="keep the SPF result cache")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, zone_server() as nameserver:
-        asyncio.run(measure(args.requests, nameserver, Path(tmp)))
+        asyncio.run(measure(args.requests, nameserver, Path(tmp), keep_results=args.keep_results))
     return 0
 
 
