@@ -246,53 +246,58 @@ async def _until(condition: Callable[[], bool]) -> None:
     raise AssertionError("never happened")
 
 
+@pytest.fixture
+async def slow_checks(zone_server: Any) -> AsyncIterator[tuple[DnsChecks, list[Any]]]:
+    """DnsChecks over the zone answering 50 ms late (so that evaluations
+    overlap), and the evaluations it starts (``_counting``)."""
+    server = await zone_server(ZONE, delay=0.05)
+    resolver = Resolver([server.nameserver], timeout=2, tries=1)
+    checks = DnsChecks(
+        SpfEvaluator(resolver), void_limit=2, result_cache_size=100, result_cache_ttl=60
+    )
+    yield checks, _counting(checks)
+    await resolver.close()
+
+
+PASS_CHECK = ("192.0.2.1", "a@pass.example", "h")
+
+
+async def _evaluating(checks: DnsChecks, started: list[Any]) -> asyncio.Task[Any]:
+    """A check whose evaluation has started (``PASS_CHECK``)."""
+    first = asyncio.create_task(checks.spf(*PASS_CHECK, lookup_time=5))
+    await _until(lambda: len(started) == 1)
+    return first
+
+
 async def test_a_waiting_check_goes_on_when_the_evaluating_request_goes_away(
-    zone_server: Any,
+    slow_checks: tuple[DnsChecks, list[Any]],
 ) -> None:
-    server = await zone_server(ZONE, delay=0.05)
-    resolver = Resolver([server.nameserver], timeout=2, tries=1)
-    try:
-        checks = DnsChecks(
-            SpfEvaluator(resolver), void_limit=2, result_cache_size=100, result_cache_ttl=60
-        )
-        started = _counting(checks)
-        args = ("192.0.2.1", "a@pass.example", "h")
-        first = asyncio.create_task(checks.spf(*args, lookup_time=5))
-        await _until(lambda: len(started) == 1)
-        second = asyncio.create_task(checks.spf(*args, lookup_time=5))
-        third = asyncio.create_task(checks.spf(*args, lookup_time=5))
-        await asyncio.sleep(0.01)
-        assert len(started) == 1  # the two wait for the first one's outcome
-        first.cancel()  # its request's deadline, say
-        outcomes = await asyncio.gather(second, third)
-        assert first.cancelled()
-        # One of the two took the evaluation over; the other waited for it.
-        assert len(started) == 2
-        assert [o.result for o in outcomes] == [SpfResult.PASS, SpfResult.PASS]
-        assert not checks._flights
-    finally:
-        await resolver.close()
+    checks, started = slow_checks
+    first = await _evaluating(checks, started)
+    second = asyncio.create_task(checks.spf(*PASS_CHECK, lookup_time=5))
+    third = asyncio.create_task(checks.spf(*PASS_CHECK, lookup_time=5))
+    await asyncio.sleep(0.01)
+    assert len(started) == 1  # the two wait for the first one's outcome
+    first.cancel()  # its request's deadline, say
+    outcomes = await asyncio.gather(second, third)
+    assert first.cancelled()
+    # One of the two took the evaluation over; the other waited for it.
+    assert len(started) == 2
+    assert [o.result for o in outcomes] == [SpfResult.PASS, SpfResult.PASS]
+    assert not checks._flights
 
 
-async def test_a_waiting_check_cancelled_leaves_the_evaluation_alone(zone_server: Any) -> None:
-    server = await zone_server(ZONE, delay=0.05)
-    resolver = Resolver([server.nameserver], timeout=2, tries=1)
-    try:
-        checks = DnsChecks(
-            SpfEvaluator(resolver), void_limit=2, result_cache_size=100, result_cache_ttl=60
-        )
-        started = _counting(checks)
-        args = ("192.0.2.1", "a@pass.example", "h")
-        first = asyncio.create_task(checks.spf(*args, lookup_time=5))
-        await _until(lambda: len(started) == 1)
-        second = asyncio.create_task(checks.spf(*args, lookup_time=5))
-        await asyncio.sleep(0.01)
-        second.cancel()
-        outcome = await first
-        assert outcome.result is SpfResult.PASS and second.cancelled()
-        assert len(started) == 1
-    finally:
-        await resolver.close()
+async def test_a_waiting_check_cancelled_leaves_the_evaluation_alone(
+    slow_checks: tuple[DnsChecks, list[Any]],
+) -> None:
+    checks, started = slow_checks
+    first = await _evaluating(checks, started)
+    second = asyncio.create_task(checks.spf(*PASS_CHECK, lookup_time=5))
+    await asyncio.sleep(0.01)
+    second.cancel()
+    outcome = await first
+    assert outcome.result is SpfResult.PASS and second.cancelled()
+    assert len(started) == 1
 
 
 async def test_a_failing_evaluation_lets_its_waiters_evaluate(make_checks: Any) -> None:
