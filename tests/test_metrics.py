@@ -154,6 +154,7 @@ async def test_prometheus_endpoint(metrics_server: PolicyServer, tmp_path: Path)
     assert value("spfpolicy_request_duration_seconds_sum") > 0
     assert value("spfpolicy_result_cache_hits_total") >= 1  # the repeated GOOD_IP check
     assert value("spfpolicy_result_cache_entries") >= 2
+    assert value("spfpolicy_checks_joined_total") == 0  # one request at a time
     assert value("spfpolicy_dns_cache_misses_total") >= 1
     assert value("spfpolicy_dns_cache_entries") >= 1
     assert value("spfpolicy_dns_upstream_queries_total") >= 1
@@ -226,5 +227,5 @@ async def test_periodic_stats_line(zone_server: Any, tmp_path: Path) -> None:
             await proc.wait()
     assert line.startswith("INFO spfpolicy.stats: stats: requests=1 errors=0 actions[550=1]")
     assert "dns_cache[entries=" in line
-    assert "result_cache[entries=2 hits=0]" in line  # HELO and MAIL FROM checks
+    assert "result_cache[entries=2 hits=0 joined=0]" in line  # HELO and MAIL FROM checks
     assert " plans[entries=0 shapes=0 " in line  # each domain evaluated once: no plan yet

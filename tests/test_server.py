@@ -237,6 +237,21 @@ async def test_result_cache_answers_a_repeated_check(policy_server: Any) -> None
     assert running.dns.queries == queries
 
 
+async def test_a_client_on_two_connections_at_once_gets_one_evaluation(
+    policy_server: Any,
+) -> None:
+    # A sender's two messages on two connections, before either check has
+    # an answer: the second request waits for the first one's evaluations.
+    running = await policy_server(delay=0.05)
+    first, second = await running.connect(), await running.connect()
+    answers = await asyncio.gather(first.ask(request(ip=GOOD_IP)), second.ask(request(ip=GOOD_IP)))
+    assert answers == [PASS, PASS]
+    # The HELO check, asked by both before either had its answer. (The MAIL
+    # FROM check may be worked out at once from the prefetched records by
+    # the first request, and then found in the result cache by the second.)
+    assert running.server.snapshot().checks_joined >= 1
+
+
 async def test_known_domain_new_client_is_answered_without_a_task(policy_server: Any) -> None:
     running = await policy_server()
     client = await running.connect()

@@ -123,6 +123,7 @@ class Snapshot:
     domain_changes: int = 0  # result changes it has seen
     shared: dict[str, Any] | None = None  # SharedCache.counters(), when Shared_Cache is set
     plans: dict[str, int] | None = None  # SpfPlans.counters() (plan.py), since the last reload
+    checks_joined: int = 0  # SPF checks that waited for another request's evaluation of them
 
 
 def summary_line(snap: Snapshot) -> str:
@@ -143,9 +144,8 @@ def summary_line(snap: Snapshot) -> str:
         f"upstream[queries={dns['upstream_queries']} failures={dns['upstream_failures']}] "
         f"slow_names[held={dns['slow_names_held']} holds={dns['slow_holds']} "
         f"held_lookups={dns['slow_held_lookups']}] "
-        f"result_cache[entries={snap.result_cache_entries} hits={snap.result_cache_hits}]"
-        + _plans_summary(snap.plans)
-        + _shared_summary(snap.shared)
+        f"result_cache[entries={snap.result_cache_entries} hits={snap.result_cache_hits} "
+        f"joined={snap.checks_joined}]" + _plans_summary(snap.plans) + _shared_summary(snap.shared)
     )
 
 
@@ -304,6 +304,11 @@ class _Collector:
         )
         yield gauge(
             "spfpolicy_result_cache_entries", "SPF results cached", snap.result_cache_entries
+        )
+        yield counter(
+            "spfpolicy_checks_joined",
+            "SPF checks that waited for the same check's evaluation for another request",
+            snap.checks_joined,
         )
         plans = snap.plans
         if plans is not None:

@@ -177,6 +177,7 @@ class PolicyServer:
             domain_bytes=0 if self.domains is None else self.domains.memory(),
             domain_changes=0 if self.domains is None else self.domains.changes_seen,
             plans=None if self.checks.plans is None else self.checks.plans.counters(),
+            checks_joined=self.checks.joined,
         )
 
     def domain_report(self, top: int) -> dict[str, Any] | None:
@@ -409,6 +410,7 @@ class PolicyServer:
         if new.result_cache_size == old.result_cache_size:
             # Results are keyed by everything they depend on (Void_Limit too).
             checks.results = self.checks.results
+        checks.joined = self.checks.joined  # a counter for the process's life
         self._result_hits_before += self.checks.result_hits
         self.checks = checks
         if (new.instance_cache_size, new.instance_ttl) != (
