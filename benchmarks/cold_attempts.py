@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import sys
 import tempfile
 from collections import Counter
@@ -29,7 +28,7 @@ from typing import Any
 
 import uvloop
 from benchsetup import bench_server, zone_server
-from unique_cached import parsed, unique_requests
+from unique_cached import _cpu, parsed, unique_requests
 
 from spfpolicy import deciding
 from spfpolicy.evaluator import SpfEvaluator
@@ -59,11 +58,6 @@ def _count_attempts() -> None:
         return await check(self, *args, **kwargs)
 
     SpfEvaluator.check = evaluated  # type: ignore[method-assign]
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def measure(count: int, nameserver: str, workdir: Path) -> None:

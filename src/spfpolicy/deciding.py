@@ -122,7 +122,6 @@ class Known:
         "answers",
         "checks",
         "expected",
-        "missing",
         "stopped",
     )
 
@@ -133,9 +132,8 @@ class Known:
         self.expected: tuple[tuple[str, str, str], ...] = ()
         self._prefetched = False
         self._void_limit = 0  # of the expected checks
-        # The answer decide_now() stopped at (a key of answers), if it did,
+        # The answer decide_now() stopped at, if it did: its key in answers
         # and how to fetch it (decide() starts with that fetch).
-        self.missing: tuple[object, ...] | None = None
         self.stopped: _Missing | None = None
         self._view: RequestView | None = None
         # (settings, remembered, context) of the last attempt: a restart with
@@ -204,11 +202,11 @@ class Known:
         that read started, and ``done`` will get whether it found the
         outcome (a new attempt may then decide); False when there is no
         such read (``done`` is never called): the request waits as usual."""
-        missing = self.missing
-        if missing is None or missing[0] != "spf":
+        stopped = self.stopped
+        if stopped is None or stopped.key[0] != "spf":
             return False
         self.prefetch_expected()  # the request's other checks
-        _, ip, sender, helo, void_limit = cast(_SpfKey, missing)
+        _, ip, sender, helo, void_limit = cast(_SpfKey, stopped.key)
         return self.checks.read_shared(ip, sender, helo, void_limit=void_limit, settled=done)
 
     def forget_missing(self) -> None:
@@ -217,7 +215,7 @@ class Known:
         answers = self.answers
         for key in [key for key, answer in answers.items() if answer is _NOT_CACHED]:
             del answers[key]
-        self.missing = self.stopped = None
+        self.stopped = None
 
     def confirmed_ptr_names(self, ip: str, *, lookup_time: float) -> list[str]:
         key = ("ptr", ip)
@@ -290,7 +288,6 @@ def decide_now(
     try:
         return _decide(request, settings, known, memory, memo)
     except _Missing as missing:
-        known.missing = missing.key
         known.stopped = missing
         return None
 
