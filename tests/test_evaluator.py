@@ -7,13 +7,15 @@ from typing import Any
 
 import pytest
 import spf
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spfpolicy.evaluator import _AsyncQuery
 from spfpolicy.resolver import Resolver
 
 
-def queries(ip: str) -> tuple[_AsyncQuery, spf.query]:
-    ours = _AsyncQuery(
+def our_query(ip: str) -> _AsyncQuery:
+    return _AsyncQuery(
         ip,
         "a@example.com",
         "mail.example.com",
@@ -23,7 +25,49 @@ def queries(ip: str) -> tuple[_AsyncQuery, spf.query]:
         deadline=time.monotonic() + 10,
         clock=time.monotonic,
     )
-    return ours, spf.query(ip, "a@example.com", "mail.example.com")
+
+
+def queries(ip: str) -> tuple[_AsyncQuery, spf.query]:
+    return our_query(ip), spf.query(ip, "a@example.com", "mail.example.com")
+
+
+_ADDRESS_FIELDS = ("iplist", "ipaddr", "c", "i", "A", "v", "cidrmax")
+
+
+def client_fields(make: Any, ip: str) -> object:
+    """What pyspf keeps of the client address, or the PermError it raises."""
+    try:
+        query = make(ip)
+    except spf.PermError as exc:
+        return ("PermError", str(exc))
+    fields = [getattr(query, name, "(unset)") for name in _ADDRESS_FIELDS]
+    return [(type(value), value) for value in fields]
+
+
+def pyspf_query(ip: str) -> spf.query:
+    return spf.query(ip, "a@example.com", "mail.example.com")
+
+
+# Dotted quads and their near misses, IPv6 and IPv4-mapped shapes, and
+# pyspf's "list" modes.
+_OCTET = st.one_of(
+    st.integers(0, 255).map(str),
+    st.text("0123456789", max_size=4),
+    st.sampled_from(["00", "01", "0x1", "-1", "+1", " 1", "1 ", "\u0661", "1\x00", "\n"]),
+)
+_CLIENT = st.one_of(
+    st.lists(_OCTET, min_size=1, max_size=6).map(".".join),
+    st.text("0123456789abcdef.:", max_size=24),
+    st.builds("::ffff:{}".format, st.lists(_OCTET, min_size=4, max_size=4).map(".".join)),
+    st.sampled_from(["list", "LIST", "list6", "2001:db8::1", "::1", "::"]),
+)
+
+
+@settings(max_examples=2500, derandomize=True, deadline=None)
+@given(_CLIENT)
+def test_set_ip_is_pyspfs(ip: str) -> None:
+    expected = client_fields(pyspf_query, ip)
+    assert client_fields(our_query, ip) == expected
 
 
 def outcome(query: spf.query, addresses: list[Any], prefix: int) -> object:

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import greenlet
 import spf
 
+from spfpolicy.address import ip_or_none
 from spfpolicy.config import DEFAULTS
 from spfpolicy.prefetch import SpfPrefetcher
 from spfpolicy.resolver import CnameChainTooLong, DnsAnswer, DnsTempError, Resolver
@@ -156,6 +157,24 @@ class _AsyncQuery(spf.query):
         # an answer not cached is then a TempError, and ``missed`` says so.
         self.cached_only = False
         self.missed = False
+
+    def set_ip(self, i: str) -> None:
+        """pyspf's ``set_ip`` (called by its ``__init__``), with a dotted quad
+        parsed by ``ip_or_none``'s inet_pton: 0.4 against 3.4 us, and its text
+        kept as ``c`` and ``i`` rather than printed again (inet_pton takes
+        only canonical dotted quads, which print as they are written).
+        Anything else, IPv6 and pyspf's "list" modes included, is pyspf's."""
+        if ":" not in i:
+            address = ip_or_none(i)
+            if address is not None:
+                self.iplist = False
+                self.ipaddr = address
+                self.c = self.i = i
+                self.A = "A"
+                self.v = "in-addr"
+                self.cidrmax = 32
+                return
+        super().set_ip(i)
 
     def cidrmatch(self, ipaddrs: Any, n: int) -> bool:
         """pyspf's match of the client address against ``ipaddrs``/``n``, with
