@@ -87,6 +87,29 @@ def test_any_bytes_decode_or_raise_undecodable(qtype: str, data: bytes) -> None:
         decode(qtype, data)
 
 
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        pytest.param([b""], [None, None, None], id="all-written"),
+        pytest.param([b"ERR no", 2], [None, "ERR no", None], id="one-refused"),
+        pytest.param([b"OOM", 1, 2, 3], ["OOM", "OOM", "OOM"], id="all-refused"),
+    ],
+)
+def test_write_results_read_the_scripts_reply(reply: list[Any], expected: list[Any]) -> None:
+    results = sharedcache.write_results(reply, 3)
+    assert [None if r is None else str(r) for r in results] == expected
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"OK", [], [""], [b"", 0], [b"", 4], [b"", "1"], [b"", True], None],
+    ids=["bytes", "empty", "text", "position-0", "past-the-end", "text-position", "bool", "none"],
+)
+def test_write_results_refuse_a_reply_not_the_scripts(reply: Any) -> None:
+    with pytest.raises(sharedcache.redis.exceptions.ResponseError):
+        sharedcache.write_results(reply, 3)
+
+
 # -- a real Redis ---------------------------------------------------------------
 
 
@@ -290,6 +313,40 @@ async def test_a_burst_of_writes_goes_in_few_pipelines(
         assert (stats.writes, stats.writes_dropped, stats.write_errors) == (count, 0, 0)
         assert sum(stats.latency_counts) == 4  # trips
         assert int(redis.command("DBSIZE")) == count
+    finally:
+        await cache.close()
+
+
+@pytest.mark.parametrize("scripts", [True, False], ids=["script", "pipelined-sets"])
+async def test_writes_by_script_and_by_sets_count_and_keep_alike(
+    scripts: bool, redis_server: Callable[..., RedisProcess], caplog: pytest.LogCaptureFixture
+) -> None:
+    """One batch of writes, one of them refused by Redis (an expiry of 0),
+    by the script and by pipelined SETs (a Redis that refuses scripts): the
+    same keys kept with the same values and expiries, the same counts, and
+    the refusal logged."""
+    redis = redis_server()
+    cache = SharedCache(redis.url, timeout=1.0)
+    cache._scripts = scripts
+    batch = [
+        (b"spfpolicy:t:a", b"first", 300_000, False),
+        (b"spfpolicy:t:b", b"refused", 0, True),
+        (b"spfpolicy:t:c", b"third", 60_000, True),
+    ]
+    try:
+        await cache._write(batch)
+        stats = cache.stats
+        assert (stats.writes, stats.result_writes, stats.write_errors) == (1, 1, 1)
+        assert (stats.errors, stats.outages) == (1, 0)
+        assert not cache.down
+        assert redis.command("GET", "spfpolicy:t:a") == b"first"
+        assert redis.command("GET", "spfpolicy:t:c") == b"third"
+        assert int(redis.command("EXISTS", "spfpolicy:t:b")) == 0
+        assert 299_000 < int(redis.command("PTTL", "spfpolicy:t:a")) <= 300_000
+        assert 59_000 < int(redis.command("PTTL", "spfpolicy:t:c")) <= 60_000
+        refusals = [r.getMessage() for r in caplog.records if "refuses writes" in r.getMessage()]
+        assert len(refusals) == 1 and "expire" in refusals[0]
+        assert cache._scripts is scripts
     finally:
         await cache.close()
 
