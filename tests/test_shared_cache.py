@@ -110,6 +110,34 @@ def test_write_results_refuse_a_reply_not_the_scripts(reply: Any) -> None:
         sharedcache.write_results(reply, 3)
 
 
+_ARGUMENT = st.one_of(
+    st.binary(max_size=64),
+    st.binary(min_size=6000, max_size=9000),  # past redis-py's buffer cutoff
+    st.text(max_size=32),
+    st.integers(-(2**63), 2**63 - 1),
+)
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["EVALSHA", "SET", "GET", b"PTTL"]), st.lists(_ARGUMENT)),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_commands_are_packed_as_redis_py_packs_them(
+    commands: list[tuple[Any, list[Any]]],
+) -> None:
+    conn = sharedcache.redis.asyncio.Connection()
+    packed = [(name, *arguments) for name, arguments in commands]
+    assert sharedcache._packed(conn, *packed) == b"".join(conn.pack_commands(packed))
+
+
+def test_hiredis_packs_the_commands() -> None:
+    # Where it no longer can, redis-py's packer is used: slower, not wrong.
+    assert sharedcache._PACK is not None
+
+
 # -- a real Redis ---------------------------------------------------------------
 
 
