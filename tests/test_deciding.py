@@ -5,7 +5,9 @@ prefetch plan, and the void limit as part of a check's key."""
 
 from __future__ import annotations
 
+import gc
 import math
+import types
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,39 @@ async def test_decide_now_leaves_a_missing_answer_to_decide(
     # the restart in decide() goes straight to the fetch.
     assert checks.cached_calls == ["", "a@example.org"]
     assert len(memory) == 1
+
+
+@pytest.mark.parametrize("then_decide", [False, True], ids=["stopped", "decided"])
+async def test_a_request_that_waits_leaves_no_reference_cycle(
+    tmp_path: Path, then_decide: bool
+) -> None:
+    """What decide_now keeps of the answer it stopped at holds neither the
+    attempt's frames nor its Known: at 1,000 connections such cycles, one
+    per waiting request, were left for the collector to find."""
+    settings = settings_from(tmp_path, [])
+    checks = CountingChecks(MEMO_SPF)  # nothing cached
+    memory = InstanceMemory()
+    gc.collect()
+    gc.disable()
+    try:
+        known = Known(checks)
+        assert decide_now(request(), settings, known, memory) is None
+        if then_decide:
+            await decide(request(), settings, checks, memory, known=known)
+        del known
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        found = [
+            type(o).__name__
+            for o in gc.garbage
+            if isinstance(o, (Known, deciding._Missing))
+            or (isinstance(o, types.FrameType) and o.f_code.co_filename.endswith("deciding.py"))
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert found == []
 
 
 # -- prefetch: only the identities the settings check ----------------------------
