@@ -832,26 +832,53 @@ class SharedCache:
         one script call (one command to pack and one reply to parse, however
         many keys), or, where Redis refuses scripts, GET and PTTL pipelined."""
         if self._scripts:
-            conn = await self._connection(op)
-            try:
-                replies = await self._scripted(conn, keys, op)
-            except redis.exceptions.ResponseError as exc:
-                self._give_back(conn)  # an error reply: the connection is in step
-                refused = isinstance(exc, redis.exceptions.NoPermissionError)
-                if not refused and "unknown command" not in str(exc):
-                    raise
-                self._scripts = False
-                log.warning(
-                    "shared cache: Redis refuses scripts (%s); reads go as GET and PTTL", exc
-                )
-            except BaseException:
-                self._give_back(conn, broken=True)
-                raise
-            else:
-                self._give_back(conn)
-                return replies
+            replies = await self._script(
+                op, _READ_SCRIPT, _READ_SHA, keys, [], instead="reads go as GET and PTTL"
+            )
+            if replies is not None:
+                if isinstance(replies, list) and len(replies) == 2 * len(keys):
+                    return replies
+                raise redis.exceptions.ResponseError(f"the read script gave {replies!r:.60}")
         commands = [(command, key) for key in keys for command in ("GET", "PTTL")]
         return await self._pipelined(commands, op)
+
+    async def _script(
+        self,
+        op: _Op,
+        script: str,
+        sha: str,
+        keys: list[bytes],
+        args: list[Any],
+        *,
+        instead: str,
+    ) -> Any:
+        """The reply of ``script`` over ``keys`` and ``args``: EVALSHA, or
+        EVAL where Redis has not loaded it yet. None, and scripts off from
+        now on, where Redis refuses scripts (``instead`` says what goes
+        instead); any other error reply is raised."""
+        conn = await self._connection(op)
+        command = (len(keys), *keys, *args)
+        try:
+            try:
+                op.sent = asyncio.get_running_loop().time()
+                await conn.send_packed_command(_packed(conn, ("EVALSHA", sha, *command)))
+                reply = await conn.read_response()
+            except redis.exceptions.NoScriptError:  # a new Redis: EVAL caches it
+                await conn.send_packed_command(_packed(conn, ("EVAL", script, *command)))
+                reply = await conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            self._give_back(conn)  # an error reply: the connection is in step
+            refused = isinstance(exc, redis.exceptions.NoPermissionError)
+            if not refused and "unknown command" not in str(exc):
+                raise
+            self._scripts = False
+            log.warning("shared cache: Redis refuses scripts (%s); %s", exc, instead)
+            return None
+        except BaseException:
+            self._give_back(conn, broken=True)
+            raise
+        self._give_back(conn)
+        return reply
 
     async def _pipelined(self, commands: list[tuple[Any, ...]], op: _Op) -> list[Any]:
         """The replies to ``commands``, sent together; an error reply in its
@@ -972,19 +999,6 @@ class SharedCache:
                 self._connections.add(conn)
                 self._idle.append(conn)
 
-    @staticmethod
-    async def _scripted(conn: Any, keys: list[bytes], op: _Op) -> list[Any]:
-        try:
-            op.sent = asyncio.get_running_loop().time()
-            await conn.send_packed_command(_packed(conn, ("EVALSHA", _READ_SHA, len(keys), *keys)))
-            replies = await conn.read_response()
-        except redis.exceptions.NoScriptError:  # a new Redis: EVAL caches it
-            await conn.send_packed_command(_packed(conn, ("EVAL", _READ_SCRIPT, len(keys), *keys)))
-            replies = await conn.read_response()
-        if isinstance(replies, list) and len(replies) == 2 * len(keys):
-            return replies
-        raise redis.exceptions.ResponseError(f"the read script gave {replies!r:.60}")
-
     # -- writes -------------------------------------------------------------
 
     def put(self, name: str, qtype: str, ttl: float, records: Records, remaining: float) -> None:
@@ -1077,42 +1091,18 @@ class SharedCache:
         with which Redis refused it. One script call, or, where Redis
         refuses scripts, SETs pipelined."""
         if self._scripts:
-            conn = await self._connection(op)
+            keys = [key for key, _, _, _ in batch]
+            values = [part for _, value, ms, _ in batch for part in (value, ms)]
             try:
-                reply = await self._scripted_write(conn, batch, op)
+                reply = await self._script(
+                    op, _WRITE_SCRIPT, _WRITE_SHA, keys, values, instead="writes go as SETs"
+                )
             except redis.exceptions.ResponseError as exc:
-                self._give_back(conn)  # an error reply: the connection is in step
-                refused = isinstance(exc, redis.exceptions.NoPermissionError)
-                if not refused and "unknown command" not in str(exc):
-                    return [exc] * len(batch)  # OOM, say: every write refused
-                self._scripts = False
-                log.warning("shared cache: Redis refuses scripts (%s); writes go as SETs", exc)
-            except BaseException:
-                self._give_back(conn, broken=True)
-                raise
-            else:
-                self._give_back(conn)
+                return [exc] * len(batch)  # OOM, say: every write refused
+            if reply is not None:
                 return write_results(reply, len(batch))
         commands = [("SET", key, value, "PX", ms) for key, value, ms, _ in batch]
         return await self._pipelined(commands, op)
-
-    @staticmethod
-    async def _scripted_write(
-        conn: Any, batch: list[tuple[bytes, bytes, int, bool]], op: _Op
-    ) -> Any:
-        keys = [key for key, _, _, _ in batch]
-        values = [part for _, value, ms, _ in batch for part in (value, ms)]
-        try:
-            op.sent = asyncio.get_running_loop().time()
-            await conn.send_packed_command(
-                _packed(conn, ("EVALSHA", _WRITE_SHA, len(keys), *keys, *values))
-            )
-            return await conn.read_response()
-        except redis.exceptions.NoScriptError:  # a new Redis: EVAL caches it
-            await conn.send_packed_command(
-                _packed(conn, ("EVAL", _WRITE_SCRIPT, len(keys), *keys, *values))
-            )
-            return await conn.read_response()
 
     # -- outages ------------------------------------------------------------
 
