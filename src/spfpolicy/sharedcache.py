@@ -16,7 +16,7 @@ Rules:
   validated field by field when read; its Redis TTL is the entry's remaining
   TTL, read back with PTTL;
 - reads wanted in one turn of the event loop go to Redis together, one
-  pipeline (one round trip) for all of them; a key already being read is
+  script call (one round trip) for all of them; a key already being read is
   not read twice;
 - it never costs an answer: each operation has Shared_Cache_Timeout, and an
   error, a timeout, a refused connection, a wrong password, an out-of-memory
@@ -24,8 +24,10 @@ Rules:
   per outage; after a connection failure (or two timeouts without a
   success between them) Redis is left alone for a backoff (0.5 s doubling to 30 s),
   then tried again;
-- writes never wait: they are queued, and a task sends them pipelined a
-  moment later, after the answers that needed them.
+- writes never wait: they are queued, and a task sends them a moment
+  later, after the answers that needed them, a batch per script call;
+- where Redis refuses scripts (an ACL without @scripting), reads go as GET
+  and PTTL, writes as SET, pipelined.
 """
 
 from __future__ import annotations
@@ -69,12 +71,13 @@ MAX_ENTRY = 65536
 # Writes queued and not yet sent; more are dropped (and counted) while Redis
 # is slow, so the queue cannot grow without bound.
 MAX_PENDING = 10_000
-# Commands per write pipeline. Writes go one pipeline after another, so
-# their rate is at most WRITE_BATCH per round trip, and a round trip is as
-# long as a turn of a busy loop: with 100, a host at 1,000 connections
-# (40-50 ms a trip) filled the queue and dropped a quarter of its writes.
+# Entries per write (one script call, or a pipeline of SETs). Writes go one
+# batch after another, so their rate is at most WRITE_BATCH per round trip,
+# and a round trip is as long as a turn of a busy loop: with 100, a host at
+# 1,000 connections (40-50 ms a trip) filled the queue and dropped a quarter
+# of its writes.
 WRITE_BATCH = 500
-READ_BATCH = 200  # keys per read trip (two commands each: GET, PTTL)
+READ_BATCH = 200  # keys per read trip
 # Read trips out at once; more wanted reads wait to go together when one is
 # back. Each holds a connection: a busy process opens no more than this many
 # (plus one for writes), instead of making new ones while it is slowest.
