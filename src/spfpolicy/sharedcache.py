@@ -326,8 +326,9 @@ _READ_SCRIPT = (
 _READ_SHA = hashlib.sha1(_READ_SCRIPT.encode("ascii")).hexdigest()
 
 # Writes: a batch's SETs (each with its PX) by one script call, one reply
-# for the batch instead of one per SET (redis-py reads a reply in about 5 us,
-# so a pipeline of SETs cost 10.5 us of CPU per entry against 2-3 here).
+# for the batch instead of one per SET (redis-py reads a reply in about 5 us:
+# an entry written cost 8-12 us of CPU in a pipeline of SETs, 3-5 this way,
+# benchmarks/shared_writes.py).
 # Each SET's error is its own (pcall): the reply is the first error's text
 # ("" when none) and the positions of the refused entries. A Redis over
 # maxmemory with noeviction refuses the whole call (OOM), as it would every
@@ -347,8 +348,8 @@ _JUNK = (b"", -3)
 
 GRACE_TURNS = 8  # turns of the loop a reply already in our socket gets
 
-# redis-py's asyncio connection packs commands in Python, a fifth of the
-# shared cache's CPU under load; hiredis, the parser it reads replies with,
+# redis-py's asyncio connection packs commands in Python, a sixth of the
+# shared cache's CPU under load (py-spy, zipf); hiredis, the parser it reads replies with,
 # packs them in C into the same bytes (tests/test_shared_cache.py holds them
 # equal), 0.1 against 0.8 us per key of a read. Where an older hiredis has no
 # packer, redis-py's is used.
