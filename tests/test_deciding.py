@@ -138,8 +138,9 @@ async def test_a_request_that_waits_leaves_no_reference_cycle(
     tmp_path: Path, then_decide: bool
 ) -> None:
     """What decide_now keeps of the answer it stopped at holds neither the
-    attempt's frames nor its Known: at 1,000 connections such cycles, one
-    per waiting request, were left for the collector to find."""
+    attempt's frames nor its Known: a waiting request kept them alive (at
+    1,000 connections, thousands of frames), and they made a cycle for the
+    collector when no decide() followed."""
     settings = settings_from(tmp_path, [])
     checks = CountingChecks(MEMO_SPF)  # nothing cached
     memory = InstanceMemory()

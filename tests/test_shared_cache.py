@@ -324,12 +324,11 @@ async def test_a_restarted_redis_costs_no_outage(
     assert running.server.errors == 0
 
 
-async def test_a_burst_of_writes_goes_in_few_pipelines(
+async def test_a_burst_of_writes_goes_in_few_batches(
     redis_server: Callable[..., RedisProcess],
 ) -> None:
-    """Writes go one pipeline after another: a burst larger than one (a
-    busy host's backlog) is sent in pipelines of WRITE_BATCH, nothing
-    dropped."""
+    """Writes go one batch after another: a burst larger than one (a busy
+    host's backlog) is sent in batches of WRITE_BATCH, nothing dropped."""
     redis = redis_server()
     cache = SharedCache(redis.url, timeout=1.0)
     count = 4 * sharedcache.WRITE_BATCH
