@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import resource
 import sys
 import time
 from collections.abc import Iterator
@@ -38,11 +37,6 @@ from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.resolver import DnsTempError, Resolver
 
 WARMUP = 200
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def _run(nameserver: str, lookups: int, concurrency: int, floor: bool) -> None:
@@ -75,9 +69,9 @@ async def _run(nameserver: str, lookups: int, concurrency: int, floor: bool) -> 
 
     await run(names[:WARMUP])
     tune_garbage_collector()  # as the server does once started
-    cpu, wall = _cpu(), time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     await run(names[WARMUP:])
-    cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     queries = "" if floor else f", {resolver.stats.upstream_queries - WARMUP} queries"
     what = "c-ares alone (--floor)" if floor else "through Resolver.resolve"
     print(

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from spfpolicy import sharedcache
@@ -28,22 +28,17 @@ from spfpolicy.sharedcache import SharedCache
 RECORD = ((b"v=spf1 include:_spf.bigmail.example ~all",),)
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 async def _run(url: str, entries: int, rounds: int, scripts: bool) -> None:
     cache = SharedCache(url, timeout=1.0)
     cache._scripts = scripts
     try:
         for round_ in range(rounds):
-            cpu = _cpu()
+            cpu = time.process_time()
             for i in range(entries):
                 cache.put(f"d{round_}-{i}.example", "TXT", 300.0, RECORD, 300.0)
             while cache._pending or cache._flusher is not None:
                 await asyncio.sleep(0.001)
-            cpu = _cpu() - cpu
+            cpu = time.process_time() - cpu
             print(f"round {round_ + 1}: {cpu / entries * 1e6:.2f} us CPU per written entry")
         stats = cache.stats
         print(

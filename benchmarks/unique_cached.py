@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import resource
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchsetup import bench_server, zone_server
@@ -42,11 +42,6 @@ from spfpolicy.memory import InstanceMemory, VerdictMemo
 from spfpolicy.protocol import PolicyRequest, RequestParser
 
 ROUNDS = 3
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def unique_requests(count: int) -> list[bytes]:
@@ -92,10 +87,10 @@ async def measure(count: int, nameserver: str, workdir: Path, *, keep_results: b
             server.memo = VerdictMemo(settings, settings.result_cache_size)
             server.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
             requests = parsed(data)
-            cpu = _cpu()
+            cpu = time.process_time()
             for request in requests:
                 await server.answer(request)
-            cpu = _cpu() - cpu
+            cpu = time.process_time() - cpu
             print(
                 f"round {round_ + 1}: {cpu / len(requests) * 1e6:.1f} us CPU per request "
                 f"({len(requests)} requests, "
