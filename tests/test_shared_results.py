@@ -575,6 +575,33 @@ async def test_a_miss_in_redis_goes_to_dns_after_one_read(
     assert not running.server.checks._shared_missed  # each went to DNS once
 
 
+async def test_a_new_client_of_a_domain_known_here_is_not_read_from_redis(
+    redis_server: Callable[..., RedisProcess], policy_server: Callable[..., Awaitable[Running]]
+) -> None:
+    """Once a domain's record is cached here, a check of it for a new client
+    (a new key) is evaluated from the cached records, with no Redis read and
+    no DNS query, and answers as a server without the shared level does."""
+    redis = redis_server()
+    running = await policy_server(zone=ZONE, shared_cache=redis.url)
+    alone = await policy_server(zone=ZONE)
+    client, control = await running.connect(), await alone.connect()
+    for sender, ip in (("a@pass.example", GOOD_IP), ("a@fail.example", BAD_IP)):
+        asked = request(sender, ip=ip)
+        assert await client.ask(asked) == await control.ask(asked)
+    stats = shared(running).stats
+    read, queries = (stats.read_keys, stats.result_misses), running.dns.queries
+    assert read[1] >= 3  # the first checks of each domain were read
+    for sender, ip in (("a@pass.example", BAD_IP), ("a@fail.example", "192.0.2.7")):
+        for helo in (HELO, "new-helo.example"):
+            asked = request(sender, ip=ip, helo=helo)
+            assert await client.ask(asked) == await control.ask(asked)
+    # Only the first check of the HELO name not known here was read (the
+    # check, then its TXT); its second, for another client, found the TXT.
+    assert stats.result_misses == read[1] + 1
+    assert stats.read_keys == read[0] + 2
+    assert running.dns.queries == queries + 1  # new-helo.example's TXT
+
+
 @pytest.mark.parametrize("end", ["client-eof", "server-stop"])
 async def test_a_request_waiting_for_its_read_is_answered_at_the_end(
     end: str,

@@ -8,8 +8,9 @@ only what is left of its TTL), nor ``Result_Cache_TTL``; an outcome with no
 time left, and a temperror, are not cached, so a DNS hiccup is not remembered.
 
 With Shared_Cache set, a miss there asks the shared level (Redis, through
-``sharedcache.py``) before evaluating, and a fresh outcome goes there too,
-after the answer, for what is left of its time.
+``sharedcache.py``) before evaluating, unless the checked domain's record is
+cached here already (a new client of a known domain: evaluated here); a
+fresh outcome goes there too, after the answer, for what is left of its time.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ MAX_SHARED_OUTCOMES = 4096
 # Bound of DnsChecks._shared_missed: checks in flight, not a cache.
 MAX_SHARED_MISSED = 4096
 _SHARED: dict[SpfOutcome, SpfOutcome] = {}
+
+
+def _checked_domain(sender: str, helo: str) -> str:
+    """The domain whose record a check evaluates first."""
+    return (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
 
 
 class DnsChecks:
@@ -129,8 +135,7 @@ class DnsChecks:
         if planned is None:
             # Not even the checked domain's TXT is cached: pyspf would stop
             # at its first lookup, so do not start it.
-            domain = (sender.rpartition("@")[2] if sender else helo).rstrip(".").lower()
-            if self.resolver.peek(domain, "TXT") is None:
+            if self.resolver.peek(_checked_domain(sender, helo), "TXT") is None:
                 return None
             if self._built_now(ip, sender, helo, void_limit):
                 planned = self._planned(ip, sender, helo, void_limit)
@@ -248,7 +253,7 @@ class DnsChecks:
         if self.shared is not None and isinstance(key, str) and self.result_cache_ttl > 0:
             if key in self._shared_missed:
                 self._shared_missed.discard(key)  # just read, not there
-            else:
+            elif not self._known_here(sender, helo):
                 cached = await self._from_shared(key)
                 if cached is not None:
                     return cached
@@ -277,6 +282,20 @@ class DnsChecks:
         # A decoded outcome is already as decisions read it (sharedcache's
         # decode_outcome fills no other field), and one object per value.
         return None if found is None else found[0]
+
+    def _known_here(self, sender: str, helo: str) -> bool:
+        """Whether the checked domain's record is cached here, or on its
+        way: then its check is evaluated here (from cached answers, or a
+        plan, or with the few lookups left, each through the shared
+        level), not read from the shared level. A new client of a known
+        domain is a check Redis rarely holds (its key is the client's
+        address), and reading it would cost a round trip and its CPU for
+        what the cached records answer in microseconds."""
+        domain = _checked_domain(sender, helo)
+        resolver = self.resolver
+        return (
+            resolver.peek(domain, "TXT") is not None or resolver.pending(domain, "TXT") is not None
+        )
 
     def _keep_shared(self, key: str, outcome: SpfOutcome, remaining: float) -> None:
         ttl = min(remaining, self.result_cache_ttl)
@@ -324,6 +343,8 @@ class DnsChecks:
             return False
         # The key's parts (its HELO lowercased) name the Redis entry.
         ip, sender, helo, limit = key.split("\0")
+        if self._known_here(sender, helo):
+            return False
         return self.shared.want_outcome(
             ip,
             sender,
