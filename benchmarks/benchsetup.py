@@ -37,12 +37,15 @@ def zone_server(seed: int = 1, delay: float = 0.0) -> Iterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def bench_server(nameserver: str, workdir: Path) -> AsyncIterator[PolicyServer]:
+async def bench_server(
+    nameserver: str, workdir: Path, extra: str = ""
+) -> AsyncIterator[PolicyServer]:
     """A PolicyServer with the bench's configuration (Debian's default
-    policyd-spf.conf, debugLevel 1), logging to a file in ``workdir`` as the
-    bench's server logs to its stderr; closed, and stderr given back, after."""
+    policyd-spf.conf, debugLevel 1) and the ``extra`` lines, logging to a
+    file in ``workdir`` as the bench's server logs to its stderr; closed,
+    and stderr given back, after."""
     conf = workdir / "spfpolicy.conf"
-    conf.write_text(f"{BENCH_CONF}Nameservers = {nameserver}\n")
+    conf.write_text(f"{BENCH_CONF}Nameservers = {nameserver}\n{extra}")
     settings = load_settings(conf)
     server = PolicyServer(settings)
     stderr = sys.stderr

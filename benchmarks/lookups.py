@@ -1,6 +1,6 @@
 """CPU per upstream DNS lookup through Resolver.resolve, without SPF.
 
-    python benchmarks/lookups.py [--lookups N] [--concurrency C] [--floor]
+    python benchmarks/lookups.py [--lookups N] [--concurrency C] [--floor | --shared]
 
 Starts the bench's DNS zone server (no delay) in a subprocess and resolves
 the TXT records of N sender domains no lookup has asked for before, C at a
@@ -15,6 +15,11 @@ call this project has (``cares.LoopResolver.query_reply``: c-ares driven
 from the loop, its reply read into a ``Reply``), with no cache, no
 single-flight and no answer conversion: what a lookup costs below
 resolver.py, the part no change to this project's own code can remove.
+
+With --shared, the Resolver has a shared level on a throwaway redis-server
+(Debian's, on a unix socket) that holds none of the names: each lookup reads
+Redis, misses, asks DNS and writes the answer back, the shared level's cost
+at a hit rate of 0 (issue 14), to compare with a run without it.
 """
 
 from __future__ import annotations
@@ -23,24 +28,33 @@ import argparse
 import asyncio
 import contextlib
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import aiodns
 import pycares
 from benchsetup import zone_server
 
 from spfpolicy import eventloop
+from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.bench.zone import domain_for
 from spfpolicy.cares import LoopResolver
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.resolver import DnsTempError, Resolver
+from spfpolicy.sharedcache import SharedCache
 
 WARMUP = 200
 
 
-async def _run(nameserver: str, lookups: int, concurrency: int, floor: bool) -> None:
+async def _run(
+    nameserver: str, lookups: int, concurrency: int, floor: bool, shared_url: str
+) -> None:
     resolver = Resolver([nameserver])
+    if shared_url:
+        resolver.shared = SharedCache(shared_url)
+        await resolver.shared.connect()
     names = [domain_for(1, 500_000 + i).name for i in range(lookups + WARMUP)]
     channel = LoopResolver(
         nameservers=[nameserver], loop=asyncio.get_running_loop(), timeout=2.0, tries=2
@@ -74,6 +88,9 @@ async def _run(nameserver: str, lookups: int, concurrency: int, floor: bool) -> 
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     queries = "" if floor else f", {resolver.stats.upstream_queries - WARMUP} queries"
     what = "c-ares alone (--floor)" if floor else "through Resolver.resolve"
+    if shared_url:
+        stats = resolver.shared.stats  # type: ignore[union-attr]
+        what += f" with a shared level ({stats.misses} misses, {stats.hits} hits)"
     print(
         f"{cpu / lookups * 1e6:.1f} us CPU per lookup {what}, "
         f"{lookups / wall:,.0f} lookups/s{queries}"
@@ -86,10 +103,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lookups", type=int, default=8000)
     parser.add_argument("--concurrency", type=int, default=50)
-    parser.add_argument("--floor", action="store_true", help="c-ares alone, no Resolver")
+    how = parser.add_mutually_exclusive_group()
+    how.add_argument("--floor", action="store_true", help="c-ares alone, no Resolver")
+    how.add_argument("--shared", action="store_true", help="a shared level holding nothing")
     args = parser.parse_args()
-    with zone_server() as nameserver, eventloop.runner() as runner:
-        runner.run(_run(nameserver, args.lookups, args.concurrency, args.floor))
+    with contextlib.ExitStack() as stack:
+        shared_url = ""
+        if args.shared:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            shared_url = stack.enter_context(RedisProcess(Path(tmp))).url
+        nameserver = stack.enter_context(zone_server())
+        runner = stack.enter_context(eventloop.runner())
+        runner.run(_run(nameserver, args.lookups, args.concurrency, args.floor, shared_url))
     return 0
 
 
