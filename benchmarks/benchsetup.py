@@ -1,5 +1,6 @@
 """What the in-process benchmark scripts share: the bench's DNS zone server
-in a subprocess, and a PolicyServer set up the way `spfpolicy bench` runs it.
+in a subprocess, a PolicyServer set up the way `spfpolicy bench` runs it, and
+requests answered the way a connection answers them.
 
 Imported by the scripts beside it (``python benchmarks/NAME.py`` puts this
 directory first on ``sys.path``).
@@ -7,6 +8,7 @@ directory first on ``sys.path``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 from spfpolicy import logs
 from spfpolicy.bench.loadgen import BENCH_CONF
 from spfpolicy.config import load_settings
+from spfpolicy.protocol import PolicyRequest
 from spfpolicy.server import PolicyServer
 
 
@@ -57,3 +60,19 @@ async def bench_server(
         await server.close()
         sys.stderr.close()
         sys.stderr = stderr
+
+
+async def answer_all(server: PolicyServer, messages: list[list[PolicyRequest]]) -> None:
+    """Answer ``messages``, 100 at a time, a message's recipients one after
+    another, each request tried with ``answer_now`` first and then
+    ``answer``, as a connection does (no sockets)."""
+    slots = asyncio.Semaphore(100)
+
+    async def one(message: list[PolicyRequest]) -> None:
+        async with slots:
+            for request in message:
+                now = server.answer_now(request)
+                if not isinstance(now, str):
+                    await server.answer(request, now or None)
+
+    await asyncio.gather(*(one(m) for m in messages))

@@ -19,7 +19,6 @@ the same check, and plan builds. The zone server's CPU is its own process's.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from benchsetup import bench_server, zone_server
+from benchsetup import answer_all, bench_server, zone_server
 from unique_cached import parsed, unique_requests
 
 from spfpolicy import deciding
@@ -67,18 +66,9 @@ async def measure(count: int, nameserver: str, workdir: Path) -> None:
         messages: dict[str, list[PolicyRequest]] = {}
         for request in parsed(unique_requests(count)):
             messages.setdefault(request.instance, []).append(request)
-        slots = asyncio.Semaphore(100)
-
-        async def one(message: list[PolicyRequest]) -> None:
-            async with slots:
-                for request in message:
-                    now = server.answer_now(request)
-                    if not isinstance(now, str):
-                        await server.answer(request, now or None)
-
         _count_attempts()
         cpu = time.process_time()
-        await asyncio.gather(*(one(m) for m in messages.values()))
+        await answer_all(server, list(messages.values()))
         cpu = time.process_time() - cpu
         plans = server.checks.plans
         builds = plans.builds if plans is not None else 0

@@ -27,7 +27,6 @@ written: SPF outcomes only), ``outcomes`` (DNS answers only), ``writes``
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import statistics
 import sys
@@ -36,14 +35,13 @@ import time
 from pathlib import Path
 
 import uvloop
-from benchsetup import bench_server, zone_server
+from benchsetup import answer_all, bench_server, zone_server
 from unique_cached import parsed
 
 from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.bench.workloads import Workload, WorkloadKind
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.protocol import PolicyRequest
-from spfpolicy.server import PolicyServer
 
 
 def zipf_messages(count: int) -> list[list[PolicyRequest]]:
@@ -61,19 +59,6 @@ def zipf_messages(count: int) -> list[list[PolicyRequest]]:
 def per_chunk(signed: list[float]) -> list[float]:
     """on - off per chunk, from each chunk's two signed figures in turn."""
     return [signed[i] + signed[i + 1] for i in range(0, len(signed) - 1, 2)]
-
-
-async def answer_all(server: PolicyServer, messages: list[list[PolicyRequest]]) -> None:
-    slots = asyncio.Semaphore(100)
-
-    async def one(message: list[PolicyRequest]) -> None:
-        async with slots:
-            for request in message:
-                now = server.answer_now(request)
-                if not isinstance(now, str):
-                    await server.answer(request, now or None)
-
-    await asyncio.gather(*(one(m) for m in messages))
 
 
 async def measure(
