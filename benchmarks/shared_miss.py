@@ -10,7 +10,8 @@ without Shared_Cache and one with it on a throwaway redis-server (Debian's,
 on a unix socket) that only it writes to, answer the same requests of the
 `zipf` workload from a cold start, K chunks each, taking turns chunk by
 chunk (100 messages at a time, a message's recipients one after another,
-``answer_now`` then ``answer``, as a connection does; no sockets of ours).
+``answer_now``, the read of an outcome Redis may hold, then ``answer``, as a
+connection does: ``benchsetup.answer_all``; no sockets of ours).
 The server with the shared level misses in Redis for all but what it wrote
 itself and has in its first level already: the bench's `--shared-cache -w
 zipf` case. Prints the process CPU per request of each chunk for both and
