@@ -602,6 +602,36 @@ async def test_a_new_client_of_a_domain_known_here_is_not_read_from_redis(
     assert running.dns.queries == queries + 1  # new-helo.example's TXT
 
 
+async def test_a_check_whose_domain_is_being_fetched_here_is_not_read_from_redis(
+    redis_server: Callable[..., RedisProcess], zone_server: Any
+) -> None:
+    """While the checked domain's TXT lookup is in flight here, its check
+    waits for that lookup rather than reading Redis; a domain neither
+    cached nor in flight is read."""
+    from spfpolicy.evaluator import SpfEvaluator
+    from spfpolicy.resolver import Resolver
+
+    server = await zone_server(ZONE, delay=0.2)
+    resolver = Resolver([server.nameserver], timeout=2, tries=1)
+    cache = SharedCache(redis_server().url)
+    try:
+        checks = DnsChecks(
+            SpfEvaluator(resolver), void_limit=2, result_cache_size=100, result_cache_ttl=60
+        )
+        checks.shared = cache
+        lookup = resolver.prefetch("fail.example", "TXT")
+        assert lookup is not None and not lookup.done()
+        settled: list[bool] = []
+        assert not checks.read_shared(BAD_IP, "a@fail.example", HELO, settled=settled.append)
+        assert checks.read_shared(BAD_IP, "a@soft.example", HELO, settled=settled.append)
+        await wait_for(lambda: settled == [False])  # read, and missed
+        assert cache.stats.result_misses == 1
+        await lookup
+    finally:
+        await cache.close()
+        await resolver.close()
+
+
 @pytest.mark.parametrize("end", ["client-eof", "server-stop"])
 async def test_a_request_waiting_for_its_read_is_answered_at_the_end(
     end: str,
