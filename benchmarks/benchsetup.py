@@ -1,6 +1,7 @@
 """What the in-process benchmark scripts share: the bench's DNS zone server
-in a subprocess, a PolicyServer set up the way `spfpolicy bench` runs it, and
-requests answered the way a connection answers them.
+in a subprocess, a throwaway redis-server, a PolicyServer set up the way
+`spfpolicy bench` runs it, and requests answered the way a connection
+answers them.
 
 Imported by the scripts beside it (``python benchmarks/NAME.py`` puts this
 directory first on ``sys.path``).
@@ -12,12 +13,14 @@ import asyncio
 import contextlib
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from spfpolicy import logs
 from spfpolicy.bench.loadgen import BENCH_CONF
+from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.config import load_settings
 from spfpolicy.deciding import Known
 from spfpolicy.protocol import PolicyRequest
@@ -39,6 +42,14 @@ def zone_server(seed: int = 1, delay: float = 0.0) -> Iterator[str]:
     finally:
         zone.terminate()
         zone.wait()
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """Debian's redis-server on a unix socket in a temporary directory, no
+    persistence, while the block runs: its URL."""
+    with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)) as redis:
+        yield redis.url
 
 
 @contextlib.asynccontextmanager

@@ -28,17 +28,14 @@ import argparse
 import asyncio
 import contextlib
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiodns
 import pycares
-from benchsetup import zone_server
+from benchsetup import redis_server, zone_server
 
 from spfpolicy import eventloop
-from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.bench.zone import domain_for
 from spfpolicy.cares import LoopResolver
 from spfpolicy.lifecycle import tune_garbage_collector
@@ -110,8 +107,7 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         shared_url = ""
         if args.shared:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory())
-            shared_url = stack.enter_context(RedisProcess(Path(tmp))).url
+            shared_url = stack.enter_context(redis_server())
         nameserver = stack.enter_context(zone_server())
         runner = stack.enter_context(eventloop.runner())
         runner.run(_run(nameserver, args.lookups, args.concurrency, args.floor, shared_url))

@@ -36,10 +36,9 @@ import time
 from pathlib import Path
 
 import uvloop
-from benchsetup import answer_all, bench_server, zone_server
+from benchsetup import answer_all, bench_server, redis_server, zone_server
 from unique_cached import parsed
 
-from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.bench.workloads import Workload, WorkloadKind
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.protocol import PolicyRequest
@@ -129,11 +128,11 @@ def main() -> int:
     args = parser.parse_args()
     with (
         tempfile.TemporaryDirectory() as tmp,
-        RedisProcess(Path(tmp) / "redis") as redis,
+        redis_server() as redis_url,
         zone_server(delay=args.dns_delay) as nameserver,
     ):
         uvloop.run(
-            measure(args.requests, args.chunks, nameserver, redis.url, Path(tmp), args.without)
+            measure(args.requests, args.chunks, nameserver, redis_url, Path(tmp), args.without)
         )
     return 0
 

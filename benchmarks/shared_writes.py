@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from benchsetup import redis_server
 
 from spfpolicy import sharedcache
-from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.sharedcache import SharedCache
 
 RECORD = ((b"v=spf1 include:_spf.bigmail.example ~all",),)
@@ -55,8 +54,8 @@ def main() -> int:
     parser.add_argument("--no-scripts", action="store_true", help="pipelined SETs")
     args = parser.parse_args()
     entries = min(args.entries, sharedcache.MAX_PENDING)
-    with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)) as redis:
-        asyncio.run(_run(redis.url, entries, args.rounds, not args.no_scripts))
+    with redis_server() as url:
+        asyncio.run(_run(url, entries, args.rounds, not args.no_scripts))
     return 0
 
 
