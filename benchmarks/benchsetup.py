@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 from spfpolicy import logs
@@ -23,7 +23,7 @@ from spfpolicy.bench.loadgen import BENCH_CONF
 from spfpolicy.bench.redisserver import RedisProcess
 from spfpolicy.config import load_settings
 from spfpolicy.deciding import Known
-from spfpolicy.protocol import PolicyRequest
+from spfpolicy.protocol import PolicyRequest, RequestParser, encode_response
 from spfpolicy.server import PolicyServer
 
 
@@ -59,33 +59,49 @@ async def bench_server(
     """A PolicyServer with the bench's configuration (Debian's default
     policyd-spf.conf, debugLevel 1) and the ``extra`` lines, logging to a
     file in ``workdir`` as the bench's server logs to its stderr; closed,
-    and stderr given back, after."""
+    and stderr given back (logging too), after."""
     conf = workdir / "spfpolicy.conf"
     conf.write_text(f"{BENCH_CONF}Nameservers = {nameserver}\n{extra}")
     settings = load_settings(conf)
-    server = PolicyServer(settings)
     stderr = sys.stderr
     sys.stderr = open(workdir / "log", "w", buffering=1)  # noqa: SIM115
     try:
         logs.configure(settings.debug_level, ["stderr"])
-        yield server
+        server = PolicyServer(settings)
+        try:
+            yield server
+        finally:
+            await server.close()
     finally:
-        await server.close()
         sys.stderr.close()
         sys.stderr = stderr
+        logs.configure(settings.debug_level, ["stderr"])  # not the closed file
 
 
-async def answer_all(server: PolicyServer, messages: list[list[PolicyRequest]]) -> None:
+async def answer_all(
+    server: PolicyServer, messages: Sequence[Sequence[PolicyRequest | bytes]]
+) -> None:
     """Answer ``messages``, 100 at a time, a message's recipients one after
     another, as a connection does (no sockets): ``answer_now`` first; for
     a request left waiting for an SPF outcome the shared cache may hold,
-    its read (``answer_later``) and ``answer_read``; then ``answer``."""
+    its read (``answer_later``) and ``answer_read``; then ``answer``.
+    A request given as its bytes is parsed here (one RequestParser per
+    message, as a connection keeps one) and its answer encoded, so that
+    the caller's timing holds the connection's parsing too."""
     slots = asyncio.Semaphore(100)
     loop = asyncio.get_running_loop()
 
-    async def one(message: list[PolicyRequest]) -> None:
+    async def one(message: Sequence[PolicyRequest | bytes]) -> None:
+        parser = RequestParser()
         async with slots:
-            for request in message:
+            for item in message:
+                if isinstance(item, PolicyRequest):
+                    request = item
+                else:
+                    parser.feed(item)
+                    parsed = parser.next_request()
+                    assert parsed is not None
+                    request = parsed
                 now = server.answer_now(request)
                 if isinstance(now, Known):
                     read: asyncio.Future[bool] = loop.create_future()
@@ -93,6 +109,8 @@ async def answer_all(server: PolicyServer, messages: list[list[PolicyRequest]]) 
                         started = time.perf_counter()
                         now = server.answer_read(request, now, await read, started)
                 if not isinstance(now, str):
-                    await server.answer(request, now or None)
+                    now = await server.answer(request, now or None)
+                if not isinstance(item, PolicyRequest):
+                    encode_response(now)
 
     await asyncio.gather(*(one(m) for m in messages))
