@@ -8,12 +8,14 @@ first N requests of the `unique` workload once through a PolicyServer
 logging to a file), so that every DNS answer they need is cached; then,
 three times, empties the SPF result cache, the verdict memo, the
 per-message memory and the plan store (plans off, as a domain seen once
-never gets one) and answers the same requests again, one at a time. Prints
-the process CPU per request of each round.
+never gets one) and answers the same requests again, one at a time, the
+way a connection answers them: their bytes fed to a RequestParser,
+``answer_now``, ``answer`` for a request that has to wait, and the
+response encoded. Prints the process CPU per request of each round.
 
-What a unique request costs besides its upstream lookups: parsing, two
-pyspf evaluations per message from cached records, the decision, the log
-line. Add the lookups' own cost (`benchmarks/lookups.py --floor`, about
+What a unique request costs besides its upstream lookups and its socket
+calls: parsing, two pyspf evaluations per message from cached records, the
+decision, the log line. Add the lookups' own cost (`benchmarks/lookups.py --floor`, about
 1.9 per request) for what a cold request cannot cost less than with this
 code. The few SERVFAIL names are asked again each round (temperror
 answers are not cached).
@@ -39,7 +41,7 @@ from spfpolicy.bench.workloads import Workload, WorkloadKind
 from spfpolicy.checks import DnsChecks
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.memory import InstanceMemory, VerdictMemo
-from spfpolicy.protocol import PolicyRequest, RequestParser
+from spfpolicy.protocol import PolicyRequest, RequestParser, encode_response
 
 ROUNDS = 3
 
@@ -86,14 +88,20 @@ async def measure(count: int, nameserver: str, workdir: Path, *, keep_results: b
                 )
             server.memo = VerdictMemo(settings, settings.result_cache_size)
             server.memory = InstanceMemory(settings.instance_cache_size, settings.instance_ttl)
-            requests = parsed(data)
+            parser = RequestParser()
             cpu = time.process_time()
-            for request in requests:
-                await server.answer(request)
+            for chunk in data:  # as a connection answers them, one at a time
+                parser.feed(chunk)
+                request = parser.next_request()
+                assert request is not None
+                now = server.answer_now(request)
+                if not isinstance(now, str):
+                    now = await server.answer(request, now or None)
+                encode_response(now)
             cpu = time.process_time() - cpu
             print(
-                f"round {round_ + 1}: {cpu / len(requests) * 1e6:.1f} us CPU per request "
-                f"({len(requests)} requests, "
+                f"round {round_ + 1}: {cpu / len(data) * 1e6:.1f} us CPU per request "
+                f"({len(data)} requests, "
                 f"{server.resolver.stats.upstream_queries - asked} upstream queries since warm)"
             )
 
