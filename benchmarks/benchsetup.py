@@ -21,10 +21,24 @@ from pathlib import Path
 from spfpolicy import logs
 from spfpolicy.bench.loadgen import BENCH_CONF
 from spfpolicy.bench.redisserver import RedisProcess
+from spfpolicy.bench.workloads import Workload, WorkloadKind
 from spfpolicy.config import load_settings
 from spfpolicy.deciding import Known
 from spfpolicy.protocol import PolicyRequest, RequestParser, encode_response
 from spfpolicy.server import PolicyServer
+
+
+def workload_messages(kind: WorkloadKind, count: int) -> list[list[bytes]]:
+    """The first ``count`` requests (at least) of the workload with seed 1,
+    by message: each message's requests as the load generator sends them."""
+    messages: list[list[bytes]] = []
+    total = 0
+    for message in Workload(kind=kind, seed=1).messages():
+        messages.append([request.data for request in message.requests])
+        total += len(messages[-1])
+        if total >= count:
+            break
+    return messages
 
 
 @contextlib.contextmanager

@@ -32,25 +32,13 @@ import time
 from pathlib import Path
 
 import uvloop
-from benchsetup import answer_all, bench_server, redis_server, zone_server
+from benchsetup import answer_all, bench_server, redis_server, workload_messages, zone_server
 from unique_cached import parsed
 
-from spfpolicy.bench.workloads import Workload, WorkloadKind
+from spfpolicy.bench.workloads import WorkloadKind
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.memory import InstanceMemory, VerdictMemo
 from spfpolicy.server import PolicyServer
-
-
-def unique_messages(count: int) -> list[list[bytes]]:
-    """The first ``count`` requests of the unique workload, by message."""
-    messages: list[list[bytes]] = []
-    total = 0
-    for message in Workload(kind=WorkloadKind.UNIQUE, seed=1).messages():
-        messages.append([request.data for request in message.requests])
-        total += len(messages[-1])
-        if total >= count:
-            break
-    return messages
 
 
 async def timed(server: PolicyServer, messages: list[list[bytes]]) -> float:
@@ -63,7 +51,7 @@ async def timed(server: PolicyServer, messages: list[list[bytes]]) -> float:
 async def measure(
     count: int, rounds: int, nameserver: str, redis_url: str, workdir: Path, *, local: bool
 ) -> None:
-    messages = unique_messages(count)
+    messages = workload_messages(WorkloadKind.UNIQUE, count)
     requests = sum(len(m) for m in messages)
     extra = f"Shared_Cache = {redis_url}\n"
     (workdir / "first").mkdir()

@@ -36,24 +36,11 @@ import time
 from pathlib import Path
 
 import uvloop
-from benchsetup import answer_all, bench_server, redis_server, zone_server
+from benchsetup import answer_all, bench_server, redis_server, workload_messages, zone_server
 from unique_cached import parsed
 
-from spfpolicy.bench.workloads import Workload, WorkloadKind
+from spfpolicy.bench.workloads import WorkloadKind
 from spfpolicy.lifecycle import tune_garbage_collector
-from spfpolicy.protocol import PolicyRequest
-
-
-def zipf_messages(count: int) -> list[list[PolicyRequest]]:
-    """The first ``count`` requests of the zipf workload, by message."""
-    messages: list[list[PolicyRequest]] = []
-    total = 0
-    for message in Workload(kind=WorkloadKind.ZIPF, seed=1).messages():
-        messages.append(parsed([request.data for request in message.requests]))
-        total += len(messages[-1])
-        if total >= count:
-            break
-    return messages
 
 
 def per_chunk(signed: list[float]) -> list[float]:
@@ -64,7 +51,7 @@ def per_chunk(signed: list[float]) -> list[float]:
 async def measure(
     count: int, chunks: int, nameserver: str, redis_url: str, workdir: Path, without: str
 ) -> None:
-    messages = zipf_messages(count)
+    messages = [parsed(m) for m in workload_messages(WorkloadKind.ZIPF, count)]
     size = -(-len(messages) // chunks)
     parts = [messages[i : i + size] for i in range(0, len(messages), size)]
     (workdir / "off").mkdir()
@@ -82,7 +69,7 @@ async def measure(
         elif without == "outcomes":
             on.checks.shared = None
         elif without == "writes":
-            shared._queue = lambda *entry: None  # type: ignore[method-assign]
+            shared._queue = lambda *entry: None
         tune_garbage_collector()
         totals = {"off": [0.0, 0], "on": [0.0, 0]}
         differences = []
