@@ -15,9 +15,9 @@ response encoded. Prints the process CPU per request of each round.
 
 What a unique request costs besides its upstream lookups and its socket
 calls: parsing, two pyspf evaluations per message from cached records, the
-decision, the log line. Add the lookups' own cost (`benchmarks/lookups.py --floor`, about
-1.9 per request) for what a cold request cannot cost less than with this
-code. The few SERVFAIL names are asked again each round (temperror
+decision, the log line. Add the lookups' own cost (`benchmarks/lookups.py
+--floor`, about 1.9 per request) for what a cold request cannot cost less
+than with this code. The few SERVFAIL names are asked again each round (temperror
 answers are not cached).
 
 With --keep-results the SPF result cache stays too: each round is then
@@ -35,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchsetup import bench_server, zone_server
+from benchsetup import bench_server, workload_messages, zone_server
 
-from spfpolicy.bench.workloads import Workload, WorkloadKind
+from spfpolicy.bench.workloads import WorkloadKind
 from spfpolicy.checks import DnsChecks
 from spfpolicy.lifecycle import tune_garbage_collector
 from spfpolicy.memory import InstanceMemory, VerdictMemo
@@ -47,12 +47,9 @@ ROUNDS = 3
 
 
 def unique_requests(count: int) -> list[bytes]:
-    out: list[bytes] = []
-    for message in Workload(kind=WorkloadKind.UNIQUE, seed=1).messages():
-        out.extend(request.data for request in message.requests)
-        if len(out) >= count:
-            break
-    return out[:count]
+    """The first ``count`` requests of the unique workload."""
+    messages = workload_messages(WorkloadKind.UNIQUE, count)
+    return [data for message in messages for data in message][:count]
 
 
 def parsed(data: list[bytes]) -> list[PolicyRequest]:
