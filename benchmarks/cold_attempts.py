@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import uvloop
-from benchsetup import answer_all, bench_server, zone_server
-from unique_cached import parsed, unique_requests
+from benchsetup import answer_all, bench_server, workload_messages, zone_server
+from unique_cached import parsed
 
 from spfpolicy import deciding
+from spfpolicy.bench.workloads import WorkloadKind
 from spfpolicy.evaluator import SpfEvaluator
 from spfpolicy.lifecycle import tune_garbage_collector
-from spfpolicy.protocol import PolicyRequest
 
 COUNTS: Counter[str] = Counter()
 
@@ -63,12 +63,11 @@ def _count_attempts() -> None:
 async def measure(count: int, nameserver: str, workdir: Path) -> None:
     async with bench_server(nameserver, workdir) as server:
         tune_garbage_collector()
-        messages: dict[str, list[PolicyRequest]] = {}
-        for request in parsed(unique_requests(count)):
-            messages.setdefault(request.instance, []).append(request)
+        messages = [parsed(m) for m in workload_messages(WorkloadKind.UNIQUE, count)]
+        count = sum(len(m) for m in messages)
         _count_attempts()
         cpu = time.process_time()
-        await answer_all(server, list(messages.values()))
+        await answer_all(server, messages)
         cpu = time.process_time() - cpu
         plans = server.checks.plans
         builds = plans.builds if plans is not None else 0
